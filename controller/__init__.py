@@ -1,0 +1,1 @@
+"""The pcipt operator program (kopf): schedules PassthroughVMs onto free PciDevices."""

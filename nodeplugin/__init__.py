@@ -1,0 +1,1 @@
+"""The pcipt node agent (DaemonSet): discovers host PCI devices and runs VMs in libvirt."""

@@ -1,0 +1,1 @@
+"""The pcipt API, by version. v1alpha1 is the only one."""

@@ -1,0 +1,381 @@
+"""PassthroughVM: a virtual machine with requests for host PCI devices and SR-IOV networks.
+
+Tenants write spec; the controller writes the scheduling part of status (node, devices,
+networks, Scheduled/DevicesBound), the node plugin the domain part (DomainReady, phase).
+Types and per-object rules only.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
+
+from pcipt import constants as c
+from pcipt.api.v1alpha1.meta import (
+    QUANTITY_RULE,
+    ApiModel,
+    Conditions,
+    RequestName,
+    ResourceKind,
+    cel,
+    cel_matches,
+    cel_value_message,
+    check_quantity,
+    k8s,
+    printer_column,
+)
+from pcipt.api.v1alpha1.pcidevice import PciAddressStr, check_address
+from pcipt.api.v1alpha1.pciflavor import NumaPolicy
+from pcipt.api.v1alpha1.selector import DeviceSelector
+
+MAC_PATTERN = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"
+IMAGE_SCHEMES = ("file:///", "http://", "https://")
+DNS_SUBDOMAIN_MAX = 253
+
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra=k8s(QUANTITY_RULE, int_or_string=True)),
+    AfterValidator(check_quantity),
+]
+
+FlavorName = Annotated[str, Field(min_length=1, max_length=DNS_SUBDOMAIN_MAX)]
+
+
+class CpuSpec(ApiModel):
+    """Virtual CPUs and how they are placed on the host."""
+
+    cores: int = Field(default=1, ge=1, le=512)
+    """Number of vCPUs."""
+    pinning: Literal["auto", "none"] = "auto"
+    """auto: pin vCPUs and memory to the NUMA node of the VM's devices when a request's NUMA
+    policy asks for locality; none: let the host scheduler place them."""
+
+
+class Disk(ApiModel):
+    """A disk image attached to the VM."""
+
+    name: RequestName
+    """Name of the disk, unique in the VM."""
+    image: str = Field(
+        min_length=1,
+        max_length=2048,
+        json_schema_extra=k8s(
+            cel(
+                "self.startsWith('file:///') || self.startsWith('http://') || "
+                "self.startsWith('https://')",
+                message_expression=cel_value_message(
+                    "is not a disk image location: use file:///path or an http(s):// URL"
+                ),
+            )
+        ),
+    )
+    """The image: file:///path/on/the/host.qcow2, or an http:// or https:// URL."""
+    bus: Literal["virtio", "sata", "scsi", "usb"] = "virtio"
+    """The bus the guest sees the disk on."""
+    read_only: bool = False
+    """Attach the disk read-only."""
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not v.startswith(IMAGE_SCHEMES):
+            raise ValueError(
+                f"'{v}' is not a disk image location: use file:///path or an http(s):// URL"
+            )
+        return v
+
+
+class DeviceRequest(ApiModel):
+    """A request for PCI devices of one flavor."""
+
+    model_config = ConfigDict(
+        json_schema_extra=k8s(
+            cel(
+                "!has(self.address) || self.count == 1",
+                "address pins one device, so count must be 1",
+                field_path=".address",
+            )
+        )
+    )
+
+    name: RequestName
+    """Name of the request, unique among the VM's devices and networks."""
+    flavor: FlavorName
+    """The PciFlavor to take devices from."""
+    count: int = Field(default=1, ge=1, le=16)
+    """How many devices of the flavor."""
+    optional: bool = False
+    """Boot without the devices when none are free, instead of staying Pending; status.skipped
+    says so."""
+    numa_policy: NumaPolicy | None = None
+    """Overrides the flavor's NUMA policy for this request: none, preferred or required."""
+    selector: DeviceSelector | None = None
+    """Extra constraints on top of the flavor's selector, e.g. a product ID or an attribute."""
+    address: PciAddressStr | None = None
+    """Pin one specific device by PCI address (with spec.nodeSelector to choose the host)."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        return None if v is None else check_address(v)
+
+    @model_validator(mode="after")
+    def _pin_is_single(self) -> Self:
+        if self.address is not None and self.count != 1:
+            raise ValueError("address pins one device, so count must be 1")
+        return self
+
+
+class NetworkRequest(ApiModel):
+    """A request for an SR-IOV virtual function on a physical network."""
+
+    name: RequestName
+    """Name of the network, unique among the VM's devices and networks."""
+    flavor: FlavorName
+    """The PciFlavor (of deviceType nic) to take the VF from."""
+    physical_network: str | None = Field(default=None, min_length=1, max_length=253)
+    """The physical network the VF's port must be cabled to, e.g. physnet2."""
+    vlan: int | None = Field(default=None, ge=1, le=4094)
+    """VLAN ID the VF is put on (1-4094); absent means untagged."""
+    mac: str | None = Field(
+        default=None,
+        max_length=17,
+        json_schema_extra=k8s(
+            cel(
+                cel_matches(MAC_PATTERN),
+                message_expression=cel_value_message(
+                    "is not a unicast MAC address: use six hex pairs separated by colons, "
+                    "e.g. 52:54:00:12:34:56"
+                ),
+            )
+        ),
+    )
+    """MAC address for the guest's interface; absent means one is generated."""
+    mode: Literal["hostdev", "macvtap"] = "hostdev"
+    """hostdev: the VF is passed to the guest; macvtap: the guest gets a virtio NIC on a macvtap
+    in passthrough mode over the VF's netdev (slower, but live-migratable)."""
+    trusted: bool = False
+    """Trusted VF: the guest may change its MAC and enter promiscuous mode. The flavor must
+    allow it."""
+    spoof_check: bool = True
+    """MAC spoof checking on the VF. Turning it off needs the flavor's permission."""
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(MAC_PATTERN, v):
+            raise ValueError(
+                f"'{v}' is not a unicast MAC address: use six hex pairs separated by colons, "
+                "e.g. 52:54:00:12:34:56"
+            )
+        return v
+
+
+class Placement(ApiModel):
+    """Constraints across requests."""
+
+    same_numa: list[RequestName] | None = Field(
+        default=None, alias="sameNUMA", max_length=48, json_schema_extra=k8s(list_type="set")
+    )
+    """Names of device and network requests whose devices must all be on one NUMA node."""
+
+
+_UNIQUE_NAMES = cel(
+    "!has(self.devices) || !has(self.networks) || "
+    "self.devices.all(d, !self.networks.exists(n, n.name == d.name))",
+    "request names must be unique across devices and networks",
+)
+_SAME_NUMA_KNOWN = cel(
+    "!has(self.placement) || !has(self.placement.sameNUMA) || self.placement.sameNUMA.all(r, "
+    "(has(self.devices) && self.devices.exists(d, d.name == r)) || "
+    "(has(self.networks) && self.networks.exists(n, n.name == r)))",
+    "placement.sameNUMA may only name requests listed in devices or networks",
+    field_path=".placement.sameNUMA",
+)
+
+
+class PassthroughVMSpec(ApiModel):
+    """The VM the tenant wants: size, disks, devices, networks and placement."""
+
+    model_config = ConfigDict(json_schema_extra=k8s(_UNIQUE_NAMES, _SAME_NUMA_KNOWN))
+
+    running: bool = True
+    """Whether the VM should run. false stops it but keeps its devices bound."""
+    cpu: CpuSpec = Field(default_factory=CpuSpec)
+    """vCPUs and their placement."""
+    memory: Quantity
+    """Guest memory, e.g. 8Gi."""
+    disks: list[Disk] = Field(
+        default_factory=list, max_length=16, json_schema_extra=k8s(list_map_keys=["name"])
+    )
+    """Disk images, the first one boots."""
+    node_selector: dict[str, str] | None = None
+    """Node labels the host must have, e.g. kubernetes.io/hostname: node-a."""
+    devices: list[DeviceRequest] = Field(
+        default_factory=list, max_length=32, json_schema_extra=k8s(list_map_keys=["name"])
+    )
+    """PCI devices to pass through."""
+    networks: list[NetworkRequest] = Field(
+        default_factory=list, max_length=16, json_schema_extra=k8s(list_map_keys=["name"])
+    )
+    """SR-IOV networks to attach."""
+    placement: Placement | None = None
+    """Constraints across requests, such as a shared NUMA node."""
+
+    @model_validator(mode="after")
+    def _cross_request_rules(self) -> Self:
+        for field, items in (
+            ("disks", self.disks),
+            ("devices", self.devices),
+            ("networks", self.networks),
+        ):
+            seen: set[str] = set()
+            for item in items:
+                if item.name in seen:
+                    raise ValueError(f"{field}: duplicate name '{item.name}'")
+                seen.add(item.name)
+        device_names = {d.name for d in self.devices}
+        network_names = {n.name for n in self.networks}
+        if device_names & network_names:
+            raise ValueError("request names must be unique across devices and networks")
+        for name in (self.placement.same_numa or []) if self.placement else []:
+            if name not in device_names | network_names:
+                raise ValueError(
+                    "placement.sameNUMA may only name requests listed in devices or networks"
+                )
+        return self
+
+    def request_names(self) -> list[str]:
+        return [d.name for d in self.devices] + [n.name for n in self.networks]
+
+
+Phase = Literal["Pending", "Scheduled", "Starting", "Running", "Stopped", "Failed", "Terminating"]
+
+
+class DeviceBinding(ApiModel):
+    """A device bound to the VM."""
+
+    request: str
+    """The device request it satisfies."""
+    pci_device: str
+    """Name of the PciDevice object."""
+    address: str
+    """PCI address on the node."""
+    numa_node: int = -1
+    """NUMA node of the device (-1 unknown)."""
+    companion: bool = False
+    """True when bound only because it shares an IOMMU group with a requested device."""
+
+
+class NetworkBinding(ApiModel):
+    """An SR-IOV VF bound to the VM for a network request."""
+
+    name: str
+    """The network request."""
+    pci_device: str
+    """Name of the PciDevice object (the VF)."""
+    address: str
+    """PCI address of the VF on the node."""
+    numa_node: int = -1
+    """NUMA node of the VF (-1 unknown)."""
+    mac: str | None = None
+    """MAC address given to the guest's interface."""
+    netdev: str | None = None
+    """Host interface name of the VF (for macvtap mode)."""
+    vlan: int | None = None
+    """VLAN ID the VF is on."""
+
+
+class SkippedRequest(ApiModel):
+    """An optional request the VM booted without."""
+
+    request: str
+    """The request."""
+    reason: str
+    """Why no device was given."""
+
+
+class NodeRefusal(ApiModel):
+    """Why one node could not take the VM."""
+
+    node_name: str
+    """The node."""
+    reasons: list[str] = Field(default_factory=list)
+    """Each constraint the node failed, in words."""
+
+
+class SchedulingStatus(ApiModel):
+    """The scheduler's last verdict on a VM it could not place."""
+
+    message: str = ""
+    """Aggregated reasons, e.g. '0/5 nodes are available: 3 node(s) have only 1 free a100
+    (need 2); 2 node(s) not alive'."""
+    nodes: list[NodeRefusal] = Field(default_factory=list)
+    """Per-node reasons, capped (see truncated)."""
+    truncated: bool = False
+    """True when more nodes were refused than are listed."""
+    last_attempt_time: datetime | None = None
+    """When the scheduler last tried."""
+
+
+class DomainStatus(ApiModel):
+    """The libvirt domain that runs the VM."""
+
+    name: str | None = None
+    """Domain name on the host."""
+    uuid: str | None = None
+    """Domain UUID."""
+    state: str | None = None
+    """libvirt's state of the domain: running, shut off, paused, ..."""
+
+
+class PassthroughVMStatus(ApiModel):
+    """Where the VM is, what it was given, and why it is not running yet."""
+
+    phase: Phase = "Pending"
+    """Pending, Scheduled, Starting, Running, Stopped, Failed or Terminating."""
+    node_name: str | None = None
+    """The node the VM is placed on."""
+    devices: list[DeviceBinding] = Field(default_factory=list)
+    """Devices bound to the VM, IOMMU companions included."""
+    networks: list[NetworkBinding] = Field(default_factory=list)
+    """VFs bound for the network requests."""
+    skipped: list[SkippedRequest] = Field(default_factory=list)
+    """Optional requests the VM was placed without."""
+    device_summary: str | None = None
+    """Bound/requested device count, e.g. 2/2, for kubectl get."""
+    scheduling: SchedulingStatus | None = None
+    """Why the VM is not placed yet, when it is Pending."""
+    domain: DomainStatus | None = None
+    """The libvirt domain."""
+    conditions: Conditions
+    """Scheduled, DevicesBound, DomainReady and Ready, each with reason and message."""
+    observed_generation: int | None = None
+    """The metadata.generation this status was computed for."""
+
+
+class PassthroughVM(ResourceKind):
+    """A virtual machine with host PCI devices and SR-IOV networks passed through."""
+
+    crd_plural: ClassVar[str] = c.PLURAL_PASSTHROUGHVM
+    crd_scope: ClassVar[Literal["Cluster", "Namespaced"]] = "Namespaced"
+    crd_short_names: ClassVar[list[str]] = ["ptvm"]
+    crd_description: ClassVar[str] = (
+        "PassthroughVM is a virtual machine with host PCI devices (GPUs, NVMe drives, FPGAs) "
+        "and SR-IOV networks passed through. The controller places it on a node and binds "
+        "free PciDevices to it; the node plugin runs it as a libvirt domain."
+    )
+    crd_printer_columns: ClassVar[list[dict[str, Any]]] = [
+        printer_column("Phase", ".status.phase"),
+        printer_column("Node", ".status.nodeName"),
+        printer_column("Devices", ".status.deviceSummary"),
+        printer_column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+        printer_column("Age", ".metadata.creationTimestamp", type="date"),
+        printer_column("Reason", '.status.conditions[?(@.type=="Ready")].message', priority=1),
+    ]
+
+    spec: PassthroughVMSpec
+    status: PassthroughVMStatus = Field(default_factory=PassthroughVMStatus)

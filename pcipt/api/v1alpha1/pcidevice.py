@@ -1,0 +1,209 @@
+"""PciDevice: one PCI function on one host that may be passed through to a VM.
+
+The node plugin creates it and writes its status; the controller writes spec.claimRef; an
+admin may set spec.unschedulable. Types and naming rules only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from pcipt import constants as c
+from pcipt.api.v1alpha1.meta import (
+    ApiModel,
+    Conditions,
+    ResourceKind,
+    cel,
+    cel_matches,
+    cel_value_message,
+    k8s,
+    printer_column,
+)
+from pcipt.api.v1alpha1.selector import SriovRole
+from pcipt.pci import ADDRESS_HINT, ADDRESS_PATTERN, PciAddress, is_canonical_address
+
+PciAddressStr = Annotated[
+    str,
+    Field(
+        max_length=12,
+        json_schema_extra=k8s(
+            cel(
+                cel_matches(ADDRESS_PATTERN),
+                message_expression=cel_value_message(f"is not a PCI address: use {ADDRESS_HINT}"),
+            )
+        ),
+    ),
+]
+"""A PCI address in the kernel's canonical form: 0000:3b:00.0."""
+
+
+def check_address(v: str) -> str:
+    if not is_canonical_address(v):
+        raise ValueError(f"'{v}' is not a PCI address: use {ADDRESS_HINT}")
+    return v
+
+
+def pcidevice_name(node_name: str, address: str) -> str:
+    """The PciDevice object name for a function: `<node>.<address with ':' and '.' as '-'>`."""
+    return f"{node_name}.{PciAddress.parse(address).dashed()}"
+
+
+class ClaimRef(ApiModel):
+    """The VM a device is bound to. Written only by the controller, with a precondition."""
+
+    namespace: str = Field(min_length=1, max_length=63)
+    """Namespace of the PassthroughVM."""
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the PassthroughVM."""
+    uid: str = Field(min_length=1, max_length=64)
+    """UID of the PassthroughVM, so a VM re-created under the same name is a different owner."""
+    request: str = Field(min_length=1, max_length=63)
+    """The VM's device or network request this device satisfies."""
+    companion: bool = False
+    """True when claimed only because it shares an IOMMU group with a requested device."""
+    claimed_at: datetime | None = None
+    """When the claim was written; the audit gives half-done claims a grace period from here."""
+
+
+class PciDeviceSpec(ApiModel):
+    """What the device is (node and address) and who may use it."""
+
+    model_config = ConfigDict(
+        json_schema_extra=k8s(
+            cel(
+                "self.nodeName == oldSelf.nodeName", "nodeName is immutable", field_path=".nodeName"
+            ),
+            cel("self.address == oldSelf.address", "address is immutable", field_path=".address"),
+        )
+    )
+
+    node_name: str = Field(min_length=1, max_length=253)
+    """The node (host) the device is in."""
+    address: PciAddressStr
+    """The PCI address on that node, domain:bus:device.function, e.g. 0000:3b:00.0."""
+    unschedulable: bool = False
+    """Admin maintenance switch: when true no new VM is given this device (existing claims stay)."""
+    claim_ref: ClaimRef | None = None
+    """The VM this device is bound to; absent when free. Set and cleared only by the controller."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return check_address(v)
+
+
+class SriovInfo(ApiModel):
+    """The device's place in SR-IOV."""
+
+    role: SriovRole = "None"
+    """PF for a physical function with SR-IOV capability, VF for a virtual function, else None."""
+    phys_fn: str | None = None
+    """For a VF: the address of its PF."""
+    vf_index: int | None = None
+    """For a VF: its index under the PF (virtfnN)."""
+    total_vfs: int | None = Field(default=None, alias="totalVFs")
+    """For a PF: how many VFs the hardware supports (sriov_totalvfs)."""
+    num_vfs: int | None = Field(default=None, alias="numVFs")
+    """For a PF: how many VFs are enabled now (sriov_numvfs)."""
+
+
+Health = Literal["Healthy", "Unhealthy", "Missing"]
+
+
+class PciDeviceStatus(ApiModel):
+    """What the node plugin discovered about the device, and its health."""
+
+    vendor_id: str | None = Field(default=None, alias="vendorID")
+    """PCI vendor ID, 4 hex digits."""
+    product_id: str | None = Field(default=None, alias="productID")
+    """PCI device ID, 4 hex digits."""
+    subsystem_vendor_id: str | None = Field(default=None, alias="subsystemVendorID")
+    """PCI subsystem vendor ID, 4 hex digits."""
+    subsystem_id: str | None = Field(default=None, alias="subsystemID")
+    """PCI subsystem device ID, 4 hex digits."""
+    vendor_name: str | None = None
+    """Vendor name from the pci.ids database, when the host has it."""
+    product_name: str | None = None
+    """Device name from the pci.ids database, when the host has it."""
+    class_code: str | None = None
+    """PCI class code, 6 hex digits (class, subclass, programming interface)."""
+    class_name: str | None = None
+    """Name of the class from the pci.ids database, e.g. 3D controller."""
+    driver: str | None = None
+    """Kernel driver bound to the device now; absent when none is."""
+    numa_node: int = -1
+    """NUMA node of the device; -1 when the platform does not say."""
+    iommu_group: int | None = None
+    """IOMMU group number; absent when the host has no IOMMU enabled."""
+    iommu_group_peers: list[str] = Field(default_factory=list)
+    """Addresses of the other functions in the same IOMMU group (passed through together)."""
+    sriov: SriovInfo | None = None
+    """SR-IOV facts for PFs and VFs."""
+    netdev: str | None = None
+    """Network interface name on the host, for NICs that have one (e.g. ens1f0)."""
+    physical_network: str | None = None
+    """The physical network the port is cabled to, as the host's device spec declares."""
+    attributes: dict[str, str] = Field(default_factory=dict)
+    """Free attributes from the host's device spec, for flavor and request selectors."""
+    health: Health = "Healthy"
+    """Healthy, Unhealthy (present but not usable) or Missing (gone from the host)."""
+    conditions: Conditions
+    """Details of the device's state."""
+    last_seen: datetime | None = None
+    """When the node plugin last found the device on the host."""
+
+
+class PciDevice(ResourceKind):
+    """A PCI function on a host that pcipt may pass through to a PassthroughVM."""
+
+    crd_plural: ClassVar[str] = c.PLURAL_PCIDEVICE
+    crd_scope: ClassVar[Literal["Cluster", "Namespaced"]] = "Cluster"
+    crd_short_names: ClassVar[list[str]] = ["pcidev"]
+    crd_description: ClassVar[str] = (
+        "PciDevice is one PCI function on one host that may be passed through to a "
+        "PassthroughVM. The node plugin publishes it (spec.nodeName, spec.address, status); "
+        "the controller binds it to a VM (spec.claimRef); an admin may cordon it "
+        "(spec.unschedulable). Its name is <node>.<address with ':' and '.' as '-'>."
+    )
+    crd_printer_columns: ClassVar[list[dict[str, Any]]] = [
+        printer_column("Node", ".spec.nodeName"),
+        printer_column("Address", ".spec.address"),
+        printer_column("Vendor", ".status.vendorName"),
+        printer_column("Product", ".status.productName"),
+        printer_column("Driver", ".status.driver"),
+        printer_column("NUMA", ".status.numaNode", type="integer"),
+        printer_column("Claimed-By", ".spec.claimRef.name"),
+        printer_column("Health", ".status.health"),
+        printer_column("Claim-Namespace", ".spec.claimRef.namespace", priority=1),
+        printer_column("Vendor-ID", ".status.vendorID", priority=1),
+        printer_column("Product-ID", ".status.productID", priority=1),
+        printer_column("IOMMU", ".status.iommuGroup", type="integer", priority=1),
+        printer_column("Unschedulable", ".spec.unschedulable", type="boolean", priority=1),
+        printer_column("Age", ".metadata.creationTimestamp", type="date"),
+    ]
+    crd_validations: ClassVar[list[dict[str, str]]] = [
+        cel(
+            "self.metadata.name == self.spec.nodeName + '.' + "
+            "self.spec.address.replace(':', '-').replace('.', '-')",
+            message_expression=(
+                "\"metadata.name must be <node>.<address with ':' and '.' as '-'>, here '\" + "
+                "self.spec.nodeName + '.' + self.spec.address.replace(':', '-').replace('.', '-')"
+                ' + "\'"'
+            ),
+        )
+    ]
+
+    spec: PciDeviceSpec
+    status: PciDeviceStatus = Field(default_factory=PciDeviceStatus)
+
+    @model_validator(mode="after")
+    def _name_follows_node_and_address(self) -> Self:
+        expected = pcidevice_name(self.spec.node_name, self.spec.address)
+        if self.metadata.name and self.metadata.name != expected:
+            raise ValueError(
+                f"metadata.name must be <node>.<address with ':' and '.' as '-'>, here '{expected}'"
+            )
+        return self
