@@ -1,0 +1,294 @@
+"""A real Kubernetes control plane on loopback: etcd and kube-apiserver, no kubelet.
+
+This is what integration tests, benchmarks and the demo run against (envtest-style). Both
+servers listen on 127.0.0.1 on free ports, with freshly generated certificates and an admin
+kubeconfig. `up` leaves them running in the background until `down`; the state folder records
+their process IDs, ports and logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from pcipt.devcluster import binaries, certs
+
+Log = Callable[[str], None]
+CONTEXT_NAME = "pcipt-devcluster"
+
+
+class ClusterError(RuntimeError):
+    """The control plane did not come up; the message carries the servers' last log lines."""
+
+
+@dataclass
+class ClusterState:
+    state_dir: str
+    kubeconfig: str
+    server: str
+    etcd_pid: int
+    apiserver_pid: int
+    etcd_url: str
+    kubernetes_version: str
+    started_at: float
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int, expect: str) -> bool:
+    """Whether pid is still the process we started (guards against PID reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+    return expect.encode() in cmdline
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def write_kubeconfig(path: Path, server: str, pki: certs.Pki) -> None:
+    def b64(p: Path) -> str:
+        return base64.b64encode(p.read_bytes()).decode()
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": CONTEXT_NAME,
+                "cluster": {"server": server, "certificate-authority-data": b64(pki.ca_cert)},
+            }
+        ],
+        "users": [
+            {
+                "name": "pcipt-admin",
+                "user": {
+                    "client-certificate-data": b64(pki.admin_cert),
+                    "client-key-data": b64(pki.admin_key),
+                },
+            }
+        ],
+        "contexts": [
+            {"name": CONTEXT_NAME, "context": {"cluster": CONTEXT_NAME, "user": "pcipt-admin"}}
+        ],
+        "current-context": CONTEXT_NAME,
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+
+
+class LocalCluster:
+    """etcd + kube-apiserver in `state_dir`. Safe to construct for a cluster that already runs."""
+
+    def __init__(self, state_dir: Path, *, fsync: bool = False, log: Log = _stderr) -> None:
+        self.state_dir = state_dir
+        self.fsync = fsync
+        self.log = log
+        # Processes this object started, by name: poll() is the reliable liveness test for them
+        # (right after exec, /proc/<pid>/cmdline can still show the parent's command line).
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    def state(self) -> ClusterState | None:
+        try:
+            return ClusterState(**json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def is_running(self) -> bool:
+        st = self.state()
+        return (
+            st is not None
+            and _alive(st.etcd_pid, "etcd")
+            and _alive(st.apiserver_pid, "kube-apiserver")
+            and self._ready()
+        )
+
+    def _ssl(self) -> ssl.SSLContext:
+        pki = self.state_dir / "pki"
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        return ctx
+
+    def _ready(self) -> bool:
+        st = self.state()
+        if st is None:
+            return False
+        try:
+            with urllib.request.urlopen(f"{st.server}/readyz", context=self._ssl(), timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError, ssl.SSLError):
+            return False
+
+    def up(self, timeout: float = 120.0) -> ClusterState:
+        """Start the control plane (or return the running one) and wait until it is ready."""
+        if self.is_running():
+            st = self.state()
+            assert st is not None
+            return st
+        if self.state_file.exists():
+            self.down()
+        bins = binaries.ensure(self.log)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        pki = certs.generate(self.state_dir / "pki")
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        server = f"https://127.0.0.1:{api_port}"
+        etcd_cmd = [
+            str(bins.etcd),
+            "--name=pcipt",
+            f"--data-dir={self.state_dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=pcipt=http://127.0.0.1:{peer_port}",
+            "--listen-metrics-urls=",
+            "--log-level=warn",
+            "--quota-backend-bytes=8589934592",
+        ]
+        if not self.fsync:
+            # Like Kubernetes' own integration tests: durability is not what is under test.
+            etcd_cmd.append("--unsafe-no-fsync")
+        apiserver_cmd = [
+            str(bins.kube_apiserver),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--cert-dir={self.state_dir / 'pki'}",
+            f"--tls-cert-file={pki.serving_cert}",
+            f"--tls-private-key-file={pki.serving_key}",
+            f"--client-ca-file={pki.ca_cert}",
+            f"--service-account-issuer={server}",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--authorization-mode=RBAC",
+            "--allow-privileged=true",
+            "--endpoint-reconciler-type=none",
+            "--max-requests-inflight=800",
+            "--max-mutating-requests-inflight=400",
+            "--v=1",
+        ]
+        etcd_pid = self._spawn("etcd", etcd_cmd)
+        apiserver_pid = self._spawn("kube-apiserver", apiserver_cmd)
+        write_kubeconfig(self.kubeconfig, server, pki)
+        st = ClusterState(
+            state_dir=str(self.state_dir),
+            kubeconfig=str(self.kubeconfig),
+            server=server,
+            etcd_pid=etcd_pid,
+            apiserver_pid=apiserver_pid,
+            etcd_url=etcd_url,
+            kubernetes_version=binaries.KUBERNETES_VERSION,
+            started_at=time.time(),
+        )
+        self.state_file.write_text(json.dumps(asdict(st), indent=2))
+        self._wait_ready(st, timeout)
+        return st
+
+    def _spawn(self, name: str, cmd: list[str]) -> int:
+        with open(self.state_dir / f"{name}.log", "ab") as fh:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=self.state_dir,
+                start_new_session=True,
+            )
+        self._procs[name] = proc
+        return proc.pid
+
+    def _wait_ready(self, st: ClusterState, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self._procs.items():
+                if (code := proc.poll()) is not None:
+                    self._fail(f"{name} exited during start-up with status {code}", f"{name}.log")
+            if self._ready():
+                return
+            time.sleep(0.2)
+        self._fail(f"kube-apiserver was not ready within {timeout:.0f}s", "kube-apiserver.log")
+
+    def _fail(self, what: str, log_name: str) -> None:
+        tail = _tail(self.state_dir / log_name)
+        self.down(keep_logs=True)
+        raise ClusterError(f"{what}. Last lines of {self.state_dir / log_name}:\n{tail}")
+
+    def down(self, *, keep_logs: bool = False) -> None:
+        """Stop both servers and delete the state (data, certificates, kubeconfig)."""
+        st = self.state()
+        if st is not None:
+            for pid, name in ((st.apiserver_pid, "kube-apiserver"), (st.etcd_pid, "etcd")):
+                _stop(pid, name)
+        for proc in self._procs.values():
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+        self._procs.clear()
+        if keep_logs:
+            for child in self.state_dir.iterdir() if self.state_dir.exists() else []:
+                if child.suffix != ".log":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def env(self) -> dict[str, str]:
+        return {"KUBECONFIG": str(self.kubeconfig)}
+
+
+def _stop(pid: int, name: str, grace: float = 10.0) -> None:
+    if not _alive(pid, name):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid, name):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    # Reap it if it is our own child (the pytest fixture starts it in-process).
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
