@@ -1,0 +1,52 @@
+# pcipt: make test (every gate, on a fresh machine too) and make demo.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Go is only needed to build the control-plane binaries once; find it where Go installs itself.
+export PATH := $(PATH):/usr/local/go/bin:$(HOME)/go/bin
+
+.PHONY: test unit integration lint crds crds-check controlplane system-deps venv clean help
+
+help:
+	@echo "make test    install what is missing, then run every gate and test"
+	@echo "make crds    regenerate crds/ from the models"
+
+system-deps:
+	@bash hack/install-system-deps.sh
+
+$(STAMP): pyproject.toml | system-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+controlplane: $(STAMP)
+	$(PY) -m pcipt.devcluster build
+
+crds: $(STAMP)
+	$(PY) -m pcipt.crdgen
+
+crds-check: $(STAMP)
+	$(PY) -m pcipt.crdgen --check
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest tests/unit
+
+integration: $(STAMP) controlplane
+	$(VENV)/bin/pytest tests/integration
+
+test: $(STAMP) crds-check lint controlplane
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
