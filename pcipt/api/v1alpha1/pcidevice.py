@@ -62,6 +62,8 @@ class ClaimRef(ApiModel):
     """UID of the PassthroughVM, so a VM re-created under the same name is a different owner."""
     request: str = Field(min_length=1, max_length=63)
     """The VM's device or network request this device satisfies."""
+    flavor: str | None = Field(default=None, max_length=253)
+    """The PciFlavor of that request (absent for IOMMU companions): quotas and usage count it."""
     companion: bool = False
     """True when claimed only because it shares an IOMMU group with a requested device."""
     claimed_at: datetime | None = None
@@ -152,8 +154,6 @@ class PciDeviceStatus(ApiModel):
     """Healthy, Unhealthy (present but not usable) or Missing (gone from the host)."""
     conditions: Conditions
     """Details of the device's state."""
-    last_seen: datetime | None = None
-    """When the node plugin last found the device on the host."""
 
 
 class PciDevice(ResourceKind):

@@ -1,0 +1,829 @@
+"""The pure scheduler: a table of cases, one rule each, plus property-based checks that a
+placement never uses a device twice and always keeps every hard constraint."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.scheduling import (
+    Claim,
+    NodeFacts,
+    Placement,
+    Refusal,
+    SchedulingInput,
+    free_counts,
+    schedule,
+)
+from tests.unit.schedfix import dev, flavor, inp, nic_flavor, other_claim, vf, vm
+
+A, B, C = "node-a", "node-b", "node-c"
+
+
+@dataclass
+class Expect:
+    node: str | None = None
+    """Expected node; None with refusal set means refused."""
+    addresses: set[str] | None = None
+    companions: set[str] = field(default_factory=set)
+    skipped: set[str] = field(default_factory=set)
+    refusal: str | None = None
+    """Expected Refusal.reason."""
+    message: str | None = None
+    """A piece of the refusal message (or of a skip reason)."""
+
+
+Case = tuple[Callable[[], SchedulingInput], Expect]
+GPU = [{"name": "gpu", "flavor": "a100"}]
+
+
+def gpus(n: int, **kw: object) -> list[dict[str, object]]:
+    return [{"name": "gpu", "flavor": "a100", "count": n, **kw}]
+
+
+CASES: dict[str, Case] = {
+    # --- matching -------------------------------------------------------------------------
+    "single-gpu-on-only-node": (
+        lambda: inp(vm(GPU), [dev(A, "0000:3b:00.0")]),
+        Expect(A, {"0000:3b:00.0"}),
+    ),
+    "vendor-mismatch-refused": (
+        lambda: inp(vm(GPU), [dev(A, "0000:3b:00.0", vendor="1002")]),
+        Expect(refusal="Unschedulable", message="1 node(s) have no free a100 (need 1)"),
+    ),
+    "product-mismatch-refused": (
+        lambda: inp(vm(GPU), [dev(A, "0000:3b:00.0", product="20b5")]),
+        Expect(refusal="Unschedulable", message="have no free a100"),
+    ),
+    "class-prefix-selects-display-controllers": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0", cls="010802"), dev(A, "0000:3c:00.0", cls="030200")],
+            [flavor(selector={"classCodes": ["03"]})],
+        ),
+        Expect(A, {"0000:3c:00.0"}),
+    ),
+    "driver-selector": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0", driver="nvidia"), dev(A, "0000:3c:00.0")],
+            [flavor(selector={"drivers": ["vfio-pci"]})],
+        ),
+        Expect(A, {"0000:3c:00.0"}),
+    ),
+    "request-selector-narrows-the-flavor": (
+        lambda: inp(
+            vm([{"name": "gpu", "flavor": "any", "selector": {"productIDs": ["20b5"]}}]),
+            [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0", product="20b5")],
+            [flavor("any", selector={"vendorIDs": ["10de"]})],
+        ),
+        Expect(A, {"0000:3c:00.0"}),
+    ),
+    "attribute-in": (
+        lambda: inp(
+            vm(GPU),
+            [
+                dev(A, "0000:3b:00.0", attrs={"tier": "bronze"}),
+                dev(A, "0000:3c:00.0", attrs={"tier": "gold"}),
+            ],
+            [
+                flavor(
+                    selector={
+                        "attributes": {
+                            "matchExpressions": [
+                                {"key": "tier", "operator": "In", "values": ["gold"]}
+                            ]
+                        }
+                    }
+                )
+            ],
+        ),
+        Expect(A, {"0000:3c:00.0"}),
+    ),
+    "attribute-notin-and-doesnotexist": (
+        lambda: inp(
+            vm(GPU),
+            [
+                dev(A, "0000:3b:00.0", attrs={"broken": "yes"}),
+                dev(A, "0000:3c:00.0", attrs={"tier": "x"}),
+                dev(A, "0000:3d:00.0"),
+            ],
+            [
+                flavor(
+                    selector={
+                        "attributes": {
+                            "matchExpressions": [
+                                {"key": "broken", "operator": "DoesNotExist"},
+                                {"key": "tier", "operator": "NotIn", "values": ["x"]},
+                            ]
+                        }
+                    }
+                )
+            ],
+        ),
+        Expect(A, {"0000:3d:00.0"}),
+    ),
+    "address-glob-selector": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0"), dev(A, "0000:af:00.0")],
+            [flavor(selector={"addresses": ["0000:af:*.*"]})],
+        ),
+        Expect(A, {"0000:af:00.0"}),
+    ),
+    "pinned-address-wins-over-best-fit": (
+        lambda: inp(
+            vm([{"name": "gpu", "flavor": "a100", "address": "0000:3c:00.0"}]),
+            [dev(A, "0000:3b:00.0"), dev(B, "0000:3c:00.0"), dev(B, "0000:3d:00.0")],
+        ),
+        Expect(B, {"0000:3c:00.0"}),
+    ),
+    "pinned-address-claimed-is-refused-with-the-address": (
+        lambda: inp(
+            vm([{"name": "gpu", "flavor": "a100", "address": "0000:3c:00.0"}]),
+            [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0", claim=other_claim())],
+        ),
+        Expect(refusal="Unschedulable", message="have no free a100 at 0000:3c:00.0"),
+    ),
+    "claimed-device-never-chosen": (
+        lambda: inp(vm(GPU), [dev(A, "0000:3b:00.0", claim=other_claim())]),
+        Expect(refusal="Unschedulable", message="have no free a100 (need 1)"),
+    ),
+    "cordoned-device-never-chosen": (
+        lambda: inp(vm(GPU), [dev(A, "0000:3b:00.0", cordoned=True), dev(A, "0000:3c:00.0")]),
+        Expect(A, {"0000:3c:00.0"}),
+    ),
+    "unhealthy-device-never-chosen": (
+        lambda: inp(vm(GPU), [dev(A, "0000:3b:00.0", healthy=False)]),
+        Expect(refusal="Unschedulable", message="have no free a100"),
+    ),
+    "dead-node-never-chosen": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0"), dev(B, "0000:3b:00.0")],
+            nodes=[NodeFacts(A, alive=False), NodeFacts(B)],
+        ),
+        Expect(B, {"0000:3b:00.0"}),
+    ),
+    "only-dead-nodes-says-not-alive": (
+        lambda: inp(vm(GPU), [dev(A, "0000:3b:00.0")], nodes=[NodeFacts(A, alive=False)]),
+        Expect(refusal="Unschedulable", message="0/1 nodes are available: 1 node(s) not alive."),
+    ),
+    "vm-node-selector": (
+        lambda: inp(
+            vm(GPU, node_selector={"kubernetes.io/hostname": B}),
+            [dev(A, "0000:3b:00.0"), dev(B, "0000:3b:00.0")],
+        ),
+        Expect(B, {"0000:3b:00.0"}),
+    ),
+    "flavor-node-selector-over-node-labels": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0"), dev(B, "0000:3b:00.0")],
+            [
+                flavor(
+                    selector={
+                        "vendorIDs": ["10de"],
+                        "nodeSelector": {"matchLabels": {"zone": "z2"}},
+                    }
+                )
+            ],
+            nodes=[NodeFacts(A, {"zone": "z1"}), NodeFacts(B, {"zone": "z2"})],
+        ),
+        Expect(B, {"0000:3b:00.0"}),
+    ),
+    "own-claims-are-adopted-after-a-crash": (
+        lambda: inp(
+            vm(GPU),
+            [
+                dev(A, "0000:3b:00.0"),
+                dev(B, "0000:3b:00.0", claim=Claim("vm-uid", "tenant", "vm", "gpu", "a100")),
+            ],
+        ),
+        Expect(B, {"0000:3b:00.0"}),
+    ),
+    "reserved-in-flight-device-is-not-chosen": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0")],
+            reserved=frozenset({"node-a.0000-3b-00-0"}),
+        ),
+        Expect(A, {"0000:3c:00.0"}),
+    ),
+    # --- permission and limits --------------------------------------------------------------
+    "namespace-not-permitted": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0")],
+            [flavor(access={"namespaceSelector": {"matchLabels": {"gpu": "yes"}}})],
+            ns_labels={"gpu": "no"},
+        ),
+        Expect(refusal="NotPermitted", message="namespace tenant may not use flavor a100"),
+    ),
+    "namespace-permitted-by-label": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0")],
+            [flavor(access={"namespaceSelector": {"matchLabels": {"gpu": "yes"}}})],
+            ns_labels={"gpu": "yes"},
+        ),
+        Expect(A, {"0000:3b:00.0"}),
+    ),
+    "max-per-vm": (
+        lambda: inp(
+            vm(gpus(3)),
+            [dev(A, f"0000:3{i}:00.0") for i in range(4)],
+            [flavor(limits={"maxPerVM": 2})],
+        ),
+        Expect(refusal="LimitExceeded", message="allows 2 per VM"),
+    ),
+    "max-per-namespace-counts-what-it-holds": (
+        lambda: inp(
+            vm(gpus(2)),
+            [dev(A, f"0000:3{i}:00.0") for i in range(4)],
+            [flavor(limits={"maxPerNamespace": 3})],
+            usage={"a100": 2},
+        ),
+        Expect(
+            refusal="LimitExceeded", message="namespace tenant holds 2 a100 and the VM needs 2 more"
+        ),
+    ),
+    "max-per-namespace-within": (
+        lambda: inp(
+            vm(gpus(1)),
+            [dev(A, f"0000:3{i}:00.0") for i in range(4)],
+            [flavor(limits={"maxPerNamespace": 3})],
+            usage={"a100": 2},
+        ),
+        Expect(A, {"0000:30:00.0"}),
+    ),
+    "trusted-needs-permission": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "trusted": True}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor()],
+        ),
+        Expect(refusal="NetworkNotAllowed", message="asks for a trusted VF"),
+    ),
+    "spoof-check-off-needs-permission": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "spoofCheck": False}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor()],
+        ),
+        Expect(refusal="NetworkNotAllowed", message="turns spoof checking off"),
+    ),
+    "spoof-check-off-allowed": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "spoofCheck": False}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor(networking={"allowSpoofCheckOff": True})],
+        ),
+        Expect(A, {"0000:5e:02.0"}),
+    ),
+    "vlan-outside-ranges": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "vlan": 300}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor(networking={"vlanRanges": ["100-199"]})],
+        ),
+        Expect(refusal="NetworkNotAllowed", message="VLAN 300, outside flavor vf's VLANs 100-199"),
+    ),
+    "missing-flavor": (
+        lambda: inp(vm([{"name": "gpu", "flavor": "h100"}]), [dev(A, "0000:3b:00.0")]),
+        Expect(refusal="FlavorNotFound", message="flavor h100 does not exist"),
+    ),
+    "network-on-a-gpu-flavor": (
+        lambda: inp(vm(networks=[{"name": "net", "flavor": "a100"}]), [dev(A, "0000:3b:00.0")]),
+        Expect(refusal="FlavorNotFound", message="networks need a flavor of deviceType nic"),
+    ),
+    # --- NUMA -------------------------------------------------------------------------------
+    "numa-required-refused-when-split": (
+        lambda: inp(
+            vm(gpus(2, numaPolicy="required")),
+            [dev(A, "0000:3b:00.0", numa=0), dev(A, "0000:af:00.0", numa=1)],
+        ),
+        Expect(refusal="Unschedulable", message="cannot place gpu on a single NUMA node"),
+    ),
+    "numa-required-takes-the-node-with-a-local-pair": (
+        lambda: inp(
+            vm(gpus(2, numaPolicy="required")),
+            [
+                dev(A, "0000:3b:00.0", numa=0),
+                dev(A, "0000:af:00.0", numa=1),
+                dev(A, "0000:b0:00.0", numa=1),
+            ],
+        ),
+        Expect(A, {"0000:af:00.0", "0000:b0:00.0"}),
+    ),
+    "numa-preferred-falls-back-across-numa": (
+        lambda: inp(
+            vm(gpus(2, numaPolicy="preferred")),
+            [dev(A, "0000:3b:00.0", numa=0), dev(A, "0000:af:00.0", numa=1)],
+        ),
+        Expect(A, {"0000:3b:00.0", "0000:af:00.0"}),
+    ),
+    "numa-preferred-prefers-a-node-with-a-local-set": (
+        lambda: inp(
+            vm(gpus(2, numaPolicy="preferred")),
+            [
+                dev(A, "0000:3b:00.0", numa=0),
+                dev(A, "0000:af:00.0", numa=1),
+                dev(B, "0000:3b:00.0", numa=1),
+                dev(B, "0000:3c:00.0", numa=1),
+                dev(B, "0000:3d:00.0", numa=0),
+            ],
+        ),
+        Expect(B, {"0000:3b:00.0", "0000:3c:00.0"}),
+    ),
+    "numa-flavor-policy-applies-without-override": (
+        lambda: inp(
+            vm(gpus(2)),
+            [dev(A, "0000:3b:00.0", numa=0), dev(A, "0000:af:00.0", numa=1)],
+            [flavor(numaPolicy="required")],
+        ),
+        Expect(refusal="Unschedulable", message="single NUMA node"),
+    ),
+    "numa-none-takes-lowest-addresses": (
+        lambda: inp(
+            vm(gpus(2)),
+            [
+                dev(A, "0000:af:00.0", numa=1),
+                dev(A, "0000:3b:00.0", numa=0),
+                dev(A, "0000:b0:00.0", numa=1),
+            ],
+        ),
+        Expect(A, {"0000:3b:00.0", "0000:af:00.0"}),
+    ),
+    "numa-unknown-cannot-satisfy-required": (
+        lambda: inp(vm(gpus(1, numaPolicy="required")), [dev(A, "0000:3b:00.0", numa=-1)]),
+        Expect(refusal="Unschedulable", message="single NUMA node"),
+    ),
+    "same-numa-gpu-and-nic": (
+        lambda: inp(
+            vm(GPU, [{"name": "net", "flavor": "vf"}], same_numa=["gpu", "net"]),
+            [
+                dev(A, "0000:3b:00.0", numa=0),
+                dev(A, "0000:af:00.0", numa=1),
+                vf(A, "0000:d8:02.0", numa=1),
+            ],
+            [flavor(), nic_flavor()],
+        ),
+        Expect(A, {"0000:af:00.0", "0000:d8:02.0"}),
+    ),
+    "same-numa-impossible": (
+        lambda: inp(
+            vm(GPU, [{"name": "net", "flavor": "vf"}], same_numa=["gpu", "net"]),
+            [dev(A, "0000:3b:00.0", numa=0), vf(A, "0000:d8:02.0", numa=1)],
+            [flavor(), nic_flavor()],
+        ),
+        Expect(refusal="Unschedulable", message="cannot place gpu, net on one NUMA node"),
+    ),
+    # --- IOMMU groups -----------------------------------------------------------------------
+    "iommu-companion-claimed-with-the-gpu": (
+        lambda: inp(
+            vm(GPU),
+            [
+                dev(A, "0000:3b:00.0", group=7, peers=("0000:3b:00.1",)),
+                dev(
+                    A,
+                    "0000:3b:00.1",
+                    vendor="10de",
+                    product="1aef",
+                    cls="040300",
+                    group=7,
+                    peers=("0000:3b:00.0",),
+                ),
+            ],
+        ),
+        Expect(A, {"0000:3b:00.0", "0000:3b:00.1"}, companions={"0000:3b:00.1"}),
+    ),
+    "iommu-group-partly-claimed-blocks-the-device": (
+        lambda: inp(
+            vm(GPU),
+            [
+                dev(A, "0000:3b:00.0", group=7, peers=("0000:3b:00.1",)),
+                dev(
+                    A,
+                    "0000:3b:00.1",
+                    product="1aef",
+                    cls="040300",
+                    group=7,
+                    peers=("0000:3b:00.0",),
+                    claim=other_claim(),
+                ),
+            ],
+        ),
+        Expect(refusal="Unschedulable", message="have no free a100 (need 1)"),
+    ),
+    "iommu-unpublished-peer-blocks-the-device": (
+        lambda: inp(
+            vm(GPU),
+            [
+                dev(A, "0000:3b:00.0", group=7, peers=("0000:3b:00.1",)),
+                dev(A, "0000:3c:00.0", group=8),
+            ],
+        ),
+        Expect(A, {"0000:3c:00.0"}),
+    ),
+    "iommu-two-gpus-one-group-one-counts": (
+        lambda: inp(
+            vm(GPU),
+            [
+                dev(A, "0000:3b:00.0", group=7, peers=("0000:3b:00.1",)),
+                dev(A, "0000:3b:00.1", group=7, peers=("0000:3b:00.0",)),
+            ],
+        ),
+        Expect(A, {"0000:3b:00.0", "0000:3b:00.1"}, companions={"0000:3b:00.1"}),
+    ),
+    "iommu-clean-groups-are-preferred": (
+        lambda: inp(
+            vm(GPU),
+            [
+                dev(A, "0000:3b:00.0", group=7, peers=("0000:3b:00.1",)),
+                dev(
+                    A,
+                    "0000:3b:00.1",
+                    product="1aef",
+                    cls="040300",
+                    group=7,
+                    peers=("0000:3b:00.0",),
+                ),
+                dev(A, "0000:af:00.0", group=9),
+            ],
+        ),
+        Expect(A, {"0000:af:00.0"}),
+    ),
+    # --- SR-IOV -----------------------------------------------------------------------------
+    "network-takes-a-vf-on-its-physnet": (
+        lambda: inp(
+            vm(
+                networks=[
+                    {"name": "net", "flavor": "vf", "physicalNetwork": "physnet3", "vlan": 120}
+                ]
+            ),
+            [vf(A, "0000:5e:02.0", physnet="physnet2"), vf(A, "0000:5e:02.1", physnet="physnet3")],
+            [nic_flavor()],
+        ),
+        Expect(A, {"0000:5e:02.1"}),
+    ),
+    "network-physnet-missing-says-which": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "physicalNetwork": "physnet9"}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor()],
+        ),
+        Expect(refusal="Unschedulable", message="have no free vf VF on physnet9 (need 1)"),
+    ),
+    "physnet-from-device-spec-attribute": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "physicalNetwork": "physnet4"}]),
+            [vf(A, "0000:5e:02.0", physnet=None, attrs={"physical_network": "physnet4"})],
+            [nic_flavor()],
+        ),
+        Expect(A, {"0000:5e:02.0"}),
+    ),
+    "macvtap-needs-a-netdev": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "mode": "macvtap"}]),
+            [vf(A, "0000:5e:02.0"), vf(A, "0000:5e:02.1", netdev="ens1f0v1")],
+            [nic_flavor()],
+        ),
+        Expect(A, {"0000:5e:02.1"}),
+    ),
+    # --- optional requests --------------------------------------------------------------------
+    "optional-skipped-when-none-free": (
+        lambda: inp(
+            vm(
+                [
+                    {"name": "gpu", "flavor": "a100"},
+                    {"name": "extra", "flavor": "a100", "optional": True},
+                ]
+            ),
+            [dev(A, "0000:3b:00.0")],
+        ),
+        Expect(A, {"0000:3b:00.0"}, skipped={"extra"}, message="have no free a100 (need 1)"),
+    ),
+    "optional-satisfied-when-free": (
+        lambda: inp(
+            vm(
+                [
+                    {"name": "gpu", "flavor": "a100"},
+                    {"name": "extra", "flavor": "a100", "optional": True},
+                ]
+            ),
+            [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0")],
+        ),
+        Expect(A, {"0000:3b:00.0", "0000:3c:00.0"}),
+    ),
+    "optional-prefers-the-node-that-can-satisfy-it": (
+        lambda: inp(
+            vm(
+                [
+                    {"name": "gpu", "flavor": "a100"},
+                    {"name": "extra", "flavor": "a100", "optional": True},
+                ]
+            ),
+            [dev(A, "0000:3b:00.0"), dev(B, "0000:3b:00.0"), dev(B, "0000:3c:00.0")],
+        ),
+        Expect(B, {"0000:3b:00.0", "0000:3c:00.0"}),
+    ),
+    "optional-skipped-by-namespace-limit": (
+        lambda: inp(
+            vm(
+                [
+                    {"name": "gpu", "flavor": "a100"},
+                    {"name": "extra", "flavor": "a100", "optional": True},
+                ]
+            ),
+            [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0")],
+            [flavor(limits={"maxPerNamespace": 1})],
+        ),
+        Expect(A, {"0000:3b:00.0"}, skipped={"extra"}, message="at its a100 limit"),
+    ),
+    "optional-only-vm-boots-without-devices": (
+        lambda: inp(
+            vm([{"name": "extra", "flavor": "a100", "optional": True}]),
+            [dev(A, "0000:3b:00.0", claim=other_claim())],
+        ),
+        Expect(A, set(), skipped={"extra"}),
+    ),
+    # --- scoring ----------------------------------------------------------------------------
+    "best-fit-takes-the-fullest-node": (
+        lambda: inp(
+            vm(GPU), [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0"), dev(B, "0000:3b:00.0")]
+        ),
+        Expect(B, {"0000:3b:00.0"}),
+    ),
+    "spread-takes-the-emptiest-node": (
+        lambda: inp(
+            vm(GPU),
+            [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0"), dev(B, "0000:3b:00.0")],
+            policy="spread",
+        ),
+        Expect(A, {"0000:3b:00.0"}),
+    ),
+    "ties-broken-by-node-name": (
+        lambda: inp(vm(GPU), [dev(C, "0000:3b:00.0"), dev(B, "0000:3b:00.0")]),
+        Expect(B, {"0000:3b:00.0"}),
+    ),
+    # --- refusal text -------------------------------------------------------------------------
+    "refusal-aggregates-like-kube-scheduler": (
+        lambda: inp(
+            vm(gpus(2, numaPolicy="required")),
+            [
+                dev(A, "0000:3b:00.0"),
+                dev(B, "0000:3b:00.0"),
+                dev(C, "0000:3b:00.0", numa=0),
+                dev(C, "0000:af:00.0", numa=1),
+                dev("node-d", "0000:3b:00.0"),
+                dev("node-e", "0000:3b:00.0"),
+            ],
+            nodes=[NodeFacts("node-e", alive=False)],
+        ),
+        Expect(
+            refusal="Unschedulable",
+            message=(
+                "0/5 nodes are available: 3 node(s) have only 1 free a100 (need 2); "
+                "1 node(s) cannot place gpu on a single NUMA node (at most 1 free a100 on one); "
+                "1 node(s) not alive."
+            ),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize(("build", "want"), list(CASES.values()), ids=list(CASES))
+def test_case(build: Callable[[], SchedulingInput], want: Expect) -> None:
+    got = schedule(build())
+    if want.refusal is not None:
+        assert isinstance(got, Refusal), got
+        assert got.reason == want.refusal
+        assert want.message is not None and want.message in got.message, got.message
+        return
+    assert isinstance(got, Placement), got
+    assert got.node == want.node
+    assert {a.address for a in got.assignments} == want.addresses
+    assert {a.address for a in got.assignments if a.companion} == want.companions
+    assert {name for name, _ in got.skipped} == want.skipped
+    if want.skipped and want.message:
+        assert any(want.message in why for _, why in got.skipped), got.skipped
+
+
+def test_at_least_forty_cases() -> None:
+    assert len(CASES) >= 40
+
+
+def test_refusal_lists_per_node_reasons_with_details() -> None:
+    got = schedule(
+        inp(
+            vm(gpus(2)),
+            [
+                dev(A, "0000:3b:00.0"),
+                dev(A, "0000:3c:00.0", claim=other_claim()),
+                dev(A, "0000:3d:00.0", healthy=False),
+            ],
+        )
+    )
+    assert isinstance(got, Refusal)
+    (node,) = got.nodes
+    assert node.node == A and node.reasons == ("have only 1 free a100 (need 2)",)
+    assert node.details == ("gpu (a100): 1 claimed by other VMs, 1 unhealthy",)
+
+
+def test_companion_assignment_names_the_request_and_no_flavor() -> None:
+    got = schedule(CASES["iommu-companion-claimed-with-the-gpu"][0]())
+    assert isinstance(got, Placement)
+    companion = next(a for a in got.assignments if a.companion)
+    assert companion.request == "gpu" and companion.flavor is None
+
+
+def test_network_assignments_are_marked() -> None:
+    got = schedule(CASES["network-takes-a-vf-on-its-physnet"][0]())
+    assert isinstance(got, Placement)
+    assert all(a.network for a in got.assignments)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_deterministic_whatever_the_input_order(name: str) -> None:
+    base = CASES[name][0]()
+    devices = list(base.devices)
+    results = set()
+    for seed in range(5):
+        random.Random(seed).shuffle(devices)
+        results.add(repr(schedule(replace(base, devices=list(devices)))))
+    assert len(results) == 1
+
+
+# --- properties ---------------------------------------------------------------------------
+
+NODES = ["n1", "n2", "n3"]
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> SchedulingInput:
+    devices = []
+    for node in NODES[: draw(st.integers(1, 3))]:
+        n_groups = draw(st.integers(1, 6))
+        for g in range(n_groups):
+            size = draw(st.sampled_from([1, 1, 1, 2]))
+            addrs = [f"0000:{g + 16:02x}:00.{f}" for f in range(size)]
+            numa = draw(st.sampled_from([-1, 0, 1]))
+            for f, addr in enumerate(addrs):
+                claim = draw(
+                    st.sampled_from(
+                        [
+                            None,
+                            None,
+                            None,
+                            other_claim(),
+                            Claim("vm-uid", "tenant", "vm", "gpu", "a100"),
+                        ]
+                    )
+                )
+                devices.append(
+                    dev(
+                        node,
+                        addr,
+                        product=draw(st.sampled_from(["20b0", "20b0", "1aef"])) if f else "20b0",
+                        numa=numa,
+                        group=g if size > 1 else None,
+                        peers=tuple(a for a in addrs if a != addr),
+                        healthy=draw(st.booleans()) or draw(st.booleans()),
+                        cordoned=draw(st.integers(0, 9)) == 0,
+                        claim=claim,
+                    )
+                )
+    reqs = []
+    for i in range(draw(st.integers(1, 3))):
+        reqs.append(
+            {
+                "name": f"r{i}",
+                "flavor": "a100",
+                "count": draw(st.integers(1, 3)),
+                "optional": draw(st.booleans()),
+                "numaPolicy": draw(st.sampled_from(["none", "preferred", "required"])),
+            }
+        )
+    same = draw(st.sampled_from([None, ["r0"], [r["name"] for r in reqs]]))
+    selector = draw(st.sampled_from([None, {"kubernetes.io/hostname": "n1"}]))
+    alive = {n: draw(st.integers(0, 5)) > 0 for n in NODES}
+    return inp(
+        vm(reqs, same_numa=same, node_selector=selector),
+        devices,
+        nodes=[NodeFacts(n, alive=alive[n]) for n in NODES],
+        reserved=frozenset(d.name for d in devices if draw(st.integers(0, 15)) == 0),
+        policy=draw(st.sampled_from(["best-fit", "spread"])),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(clusters())
+def test_placements_keep_every_hard_constraint(case: SchedulingInput) -> None:
+    got = schedule(case)
+    assert repr(got) == repr(schedule(case)), "not deterministic"
+    if isinstance(got, Refusal):
+        assert got.message
+        return
+    by_name = {d.name: d for d in case.devices}
+    names = [a.device for a in got.assignments]
+    assert len(names) == len(set(names)), "a device was used twice"
+    assert case.nodes[got.node].alive
+    if case.vm.spec.node_selector:
+        assert got.node == case.vm.spec.node_selector["kubernetes.io/hostname"]
+    for a in got.assignments:
+        d = by_name[a.device]
+        assert d.node == got.node
+        assert d.healthy and not d.unschedulable
+        assert d.claim is None or d.claim.uid == "vm-uid"
+        assert d.claim is not None or d.name not in case.reserved
+        for peer in d.peers:  # whole IOMMU groups
+            assert any(by_name[x].address == peer for x in names)
+    skipped = {n for n, _ in got.skipped}
+    for r in case.vm.spec.devices:
+        counted = [a for a in got.assignments if a.request == r.name and not a.companion]
+        if r.optional and r.name in skipped:
+            assert not counted
+            continue
+        assert r.name not in skipped, "a mandatory request was skipped"
+        assert len(counted) == r.count
+        assert all(by_name[a.device].facts.product_id == "20b0" for a in counted)
+        if r.numa_policy == "required":
+            assert len({a.numa for a in counted}) == 1 and counted[0].numa >= 0
+    same = case.vm.spec.placement.same_numa if case.vm.spec.placement else None
+    if same:
+        numas = {
+            a.numa
+            for a in got.assignments
+            if a.request in same and not a.companion and a.request not in skipped
+        }
+        assert len(numas) <= 1 and all(n >= 0 for n in numas)
+
+
+def _indexed(case: SchedulingInput) -> SchedulingInput:
+    """The same input in the controller's indexed form, with exact free counts."""
+    by_node: dict[str, list] = {}
+    for d in case.devices:
+        by_node.setdefault(d.node, []).append(d)
+    free: dict[str, dict[str, int]] = {f: {} for f in case.flavors}
+    for node, devs in by_node.items():
+        labels = (case.nodes.get(node) or NodeFacts(node)).effective_labels()
+        for f, n in free_counts(devs, case.flavors, labels, case.reserved).items():
+            free[f][node] = n
+    return replace(case, devices=(), by_node=by_node, free=free)
+
+
+@settings(max_examples=300, deadline=None)
+@given(clusters())
+def test_indexed_search_finds_the_same_placement(case: SchedulingInput) -> None:
+    if any(d.claim is not None and d.claim.uid == "vm-uid" for d in case.devices):
+        case = replace(
+            case,
+            devices=[
+                replace(d, claim=None) if d.claim and d.claim.uid == "vm-uid" else d
+                for d in case.devices
+            ],
+        )
+    plain, indexed = schedule(case), schedule(_indexed(case))
+    assert type(plain) is type(indexed)
+    if isinstance(plain, Placement):
+        assert indexed == plain
+    else:
+        assert isinstance(indexed, Refusal)
+        assert {n.node for n in indexed.nodes} == {n.node for n in plain.nodes}
+
+
+def test_indexed_search_visits_few_nodes_in_a_big_cluster() -> None:
+    devices = [
+        dev(
+            f"node-{n:03d}",
+            f"0000:{i + 16:02x}:00.0",
+            numa=i // 5,
+            claim=other_claim() if (n * 10 + i) % 3 == 0 else None,
+        )
+        for n in range(500)
+        for i in range(10)
+    ]
+    case = _indexed(inp(vm(GPU), devices))
+    visited: list[str] = []
+    import controller.scheduling as sched
+
+    real = sched._place_on_node
+
+    def spy(inp_, facts, *a, **kw):  # type: ignore[no-untyped-def]
+        visited.append(facts.name)
+        return real(inp_, facts, *a, **kw)
+
+    sched._place_on_node = spy  # type: ignore[assignment]
+    try:
+        got = schedule(case)
+    finally:
+        sched._place_on_node = real  # type: ignore[assignment]
+    assert isinstance(got, Placement)
+    assert got == schedule(replace(case, free=None))
+    assert len(visited) <= 3, visited
