@@ -59,6 +59,9 @@ class Claim:
     request: str
     flavor: str | None = None
     companion: bool = False
+    bind_id: str | None = None
+    claimed_at: float | None = None
+    """epoch seconds; the audit gives claims a grace period from here"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,16 @@ class Device:
         claim = None
         if spec.claim_ref is not None:
             cr = spec.claim_ref
-            claim = Claim(cr.uid, cr.namespace, cr.name, cr.request, cr.flavor, cr.companion)
+            claim = Claim(
+                cr.uid,
+                cr.namespace,
+                cr.name,
+                cr.request,
+                cr.flavor,
+                cr.companion,
+                cr.bind_id,
+                cr.claimed_at.timestamp() if cr.claimed_at else None,
+            )
         return cls(
             name=dev.metadata.name,
             node=spec.node_name,
@@ -290,6 +302,28 @@ def _request_problem(r: _Req, inp: SchedulingInput) -> tuple[str, str] | None:
     return None
 
 
+def request_problems(
+    vm: PassthroughVM, flavors: Mapping[str, PciFlavor], namespace_labels: Mapping[str, str]
+) -> list[str]:
+    """What admission refuses: requests naming a missing or unsuitable flavor, a flavor the
+    namespace may not use, VF settings the flavor forbids, more devices than one VM may have.
+    Capacity and quotas are not checked here: they change, so they are scheduling's business."""
+    inp = SchedulingInput(vm=vm, flavors=flavors, namespace_labels=namespace_labels)
+    reqs = _requests(vm, flavors)
+    problems = [p[1] for r in reqs if (p := _request_problem(r, inp)) is not None]
+    per_flavor: Counter[str] = Counter()
+    for r in reqs:
+        if not r.optional and r.flavor in flavors:
+            per_flavor[r.flavor] += r.count
+    for name, count in sorted(per_flavor.items()):
+        limits = flavors[name].spec.limits
+        if limits is not None and limits.max_per_vm is not None and count > limits.max_per_vm:
+            problems.append(
+                f"the VM asks for {count} {name}; flavor {name} allows {limits.max_per_vm} per VM"
+            )
+    return problems
+
+
 def check_vm(inp: SchedulingInput) -> tuple[Refusal | None, dict[str, str]]:
     """VM-level checks. Returns a refusal (when a mandatory request fails one) and the optional
     requests that must be skipped whatever the node, with why."""
@@ -359,7 +393,7 @@ class _NodeView:
     labels: dict[str, str]
     by_address: dict[str, Device]
     own_uid: str
-    reserved: frozenset[str]
+    reserved: frozenset[str] | Set[str]
 
     def usable(self, d: Device) -> bool:
         """Free for this VM: healthy, not cordoned, not claimed or reserved for another VM."""
@@ -532,15 +566,15 @@ def _place_on_node(
         for n in numas:
             trial_taken = set(taken)
             trial: dict[str, list[tuple[Device, bool]]] = {}
-            ok = True
+            fits = True
             for r in mandatory:
                 got = _pick(view, r, cands[r.name], trial_taken, n)
                 if got is None:
-                    ok = False
+                    fits = False
                     break
                 trial[r.name] = got
                 trial_taken.update(d.name for d, _ in got)
-            if ok:
+            if fits:
                 leftover = sum(
                     1
                     for r in group

@@ -39,3 +39,22 @@ COND_READY: Final = "Ready"
 # Field managers, so server-side apply and managedFields show who wrote what.
 FIELD_MANAGER_CONTROLLER: Final = "pcipt-controller"
 FIELD_MANAGER_NODEPLUGIN: Final = "pcipt-nodeplugin"
+
+# Set by the node plugin when the VM's domain is gone from its node: the controller may then
+# release the devices of a VM being deleted.
+COND_DOMAIN_GONE: Final = "DomainGone"
+# Set by the controller on VMs whose node stopped renewing its lease.
+COND_NODE_ALIVE: Final = "NodeAlive"
+
+# Node liveness: each node plugin renews the Lease `pcipt-node-<node>` in the operator's namespace.
+NODE_LEASE_PREFIX: Final = "pcipt-node-"
+DEFAULT_NAMESPACE: Final = "pcipt-system"
+
+# Event reasons (CamelCase, one per transition).
+REASON_SCHEDULED: Final = "Scheduled"
+REASON_FAILED_SCHEDULING: Final = "FailedScheduling"
+REASON_RELEASED: Final = "Released"
+REASON_RECLAIMED: Final = "Reclaimed"
+REASON_ORPHAN_RELEASED: Final = "OrphanReleased"
+REASON_DEVICE_LOST: Final = "DeviceLost"
+REASON_NODE_NOT_ALIVE: Final = "NodeNotAlive"

@@ -7,15 +7,12 @@ meant for production.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+
+from pcipt.tls import cert_pem, issue, key_pem, name, new_ca, new_key, write
 
 SERVICE_IP = "10.0.0.1"
 
@@ -32,103 +29,6 @@ class Pki:
     sa_pub: Path
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _name(cn: str, org: str | None = None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-    if org:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-    return x509.Name(attrs)
-
-
-def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    path.write_bytes(data)
-    path.chmod(mode)
-
-
-def issue(
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    subject: x509.Name,
-    *,
-    server_names: list[str] | None = None,
-    client: bool = False,
-    days: int = 365,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A leaf certificate signed by the CA: a server one when server_names is given."""
-    key = _key()
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-    )
-    usages = []
-    if server_names:
-        sans: list[x509.GeneralName] = []
-        for n in server_names:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                sans.append(x509.DNSName(n))
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-    if client:
-        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-    builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
-
-
-def new_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = _key()
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 def generate(folder: Path) -> Pki:
     """Write a complete PKI for one local cluster into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,7 +36,7 @@ def generate(folder: Path) -> Pki:
     serving, serving_key = issue(
         ca,
         ca_key,
-        _name("kube-apiserver"),
+        name("kube-apiserver"),
         server_names=[
             "127.0.0.1",
             "localhost",
@@ -148,8 +48,8 @@ def generate(folder: Path) -> Pki:
             "kubernetes.default.svc.cluster.local",
         ],
     )
-    admin, admin_key = issue(ca, ca_key, _name("pcipt-admin", "system:masters"), client=True)
-    sa_key = _key()
+    admin, admin_key = issue(ca, ca_key, name("pcipt-admin", "system:masters"), client=True)
+    sa_key = new_key()
     pki = Pki(
         ca_cert=folder / "ca.crt",
         ca_key=folder / "ca.key",
@@ -160,14 +60,14 @@ def generate(folder: Path) -> Pki:
         sa_key=folder / "sa.key",
         sa_pub=folder / "sa.pub",
     )
-    _write(pki.ca_cert, cert_pem(ca), 0o644)
-    _write(pki.ca_key, _pem_key(ca_key))
-    _write(pki.serving_cert, cert_pem(serving), 0o644)
-    _write(pki.serving_key, _pem_key(serving_key))
-    _write(pki.admin_cert, cert_pem(admin), 0o644)
-    _write(pki.admin_key, _pem_key(admin_key))
-    _write(pki.sa_key, _pem_key(sa_key))
-    _write(
+    write(pki.ca_cert, cert_pem(ca), 0o644)
+    write(pki.ca_key, key_pem(ca_key))
+    write(pki.serving_cert, cert_pem(serving), 0o644)
+    write(pki.serving_key, key_pem(serving_key))
+    write(pki.admin_cert, cert_pem(admin), 0o644)
+    write(pki.admin_key, key_pem(admin_key))
+    write(pki.sa_key, key_pem(sa_key))
+    write(
         pki.sa_pub,
         sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

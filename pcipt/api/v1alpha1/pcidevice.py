@@ -66,6 +66,9 @@ class ClaimRef(ApiModel):
     """The PciFlavor of that request (absent for IOMMU companions): quotas and usage count it."""
     companion: bool = False
     """True when claimed only because it shares an IOMMU group with a requested device."""
+    bind_id: str | None = Field(default=None, alias="bindID", max_length=64)
+    """The bind attempt that wrote the claim. A failed attempt rolls back only claims carrying
+    its own ID, so it never frees a device another attempt has since taken over."""
     claimed_at: datetime | None = None
     """When the claim was written; the audit gives half-done claims a grace period from here."""
 

@@ -1,0 +1,181 @@
+"""Claim and release PciDevices, and record a bind on the VM, with conditional writes only.
+
+A bind is one attempt, with its own ID:
+1. Claims, in a fixed order (by device name). A free device is claimed by writing
+   spec.claimRef with the resourceVersion the scheduler saw as a precondition. A device this VM
+   already holds from an earlier, interrupted attempt is adopted by rewriting its claim with
+   this attempt's ID, under the same precondition. A 409 means someone else won.
+2. The VM is labelled with its node and given the release finalizer by a patch carrying the
+   VM's resourceVersion: of two controllers binding one VM, only one gets past this.
+3. Its status is written (node, devices, networks, conditions), conditionally again.
+
+If any step loses its race, the attempt rolls back the claims it made fresh, each by a JSON
+patch that `test`s the claim still carries this attempt's ID: a claim another attempt has since
+adopted is never freed under it. Adopted claims are left as they are. Then the caller re-plans.
+
+Releases for good (the VM is gone) test only that the claim is still this VM's (its UID).
+Correctness never depends on there being one controller: the API server decides every race.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from controller.inventory import Inventory
+from controller.scheduling import Assignment, Device, Placement
+from controller.vmstatus import scheduled_status
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM, PciDevice
+from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
+
+log = logging.getLogger("pcipt.controller.binding")
+
+
+class LostRace(Exception):
+    """A precondition failed: another writer got there first. Re-plan from fresh state."""
+
+
+@dataclass
+class BindResult:
+    vm: PassthroughVM
+    claimed: list[str]
+    writes: int
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def device_path(name: str) -> str:
+    return crd_path(c.PLURAL_PCIDEVICE, name)
+
+
+def vm_path(namespace: str, name: str, status: bool = False) -> str:
+    return crd_path(
+        c.PLURAL_PASSTHROUGHVM, name, namespace=namespace, subresource="status" if status else None
+    )
+
+
+def claim_ref(vm: PassthroughVM, a: Assignment, bind_id: str, at: datetime) -> dict[str, Any]:
+    ref: dict[str, Any] = {
+        "namespace": vm.metadata.namespace,
+        "name": vm.metadata.name,
+        "uid": vm.metadata.uid,
+        "request": a.request,
+        "bindID": bind_id,
+        "claimedAt": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if a.companion:
+        ref["companion"] = True
+    if a.flavor:
+        ref["flavor"] = a.flavor
+    return ref
+
+
+class Binder:
+    def __init__(self, api: KubeClient, inventory: Inventory) -> None:
+        self.api = api
+        self.inv = inventory
+
+    async def claim(self, dev: Device, vm: PassthroughVM, a: Assignment, bind_id: str) -> None:
+        """Write claimRef conditioned on the resourceVersion the scheduler saw."""
+        body = {
+            "metadata": {"resourceVersion": dev.resource_version},
+            "spec": {"claimRef": claim_ref(vm, a, bind_id, now())},
+        }
+        try:
+            got = await self.api.patch(device_path(dev.name), body)
+        except (Conflict, NotFound) as e:
+            raise LostRace(f"claim of {dev.name} lost ({e.status} {e.reason})") from e
+        self.inv.upsert_device(PciDevice.model_validate(got))
+
+    async def release(self, name: str, uid: str, bind_id: str | None = None) -> bool:
+        """Clear claimRef if it is still `uid`'s (and, given bind_id, still that attempt's).
+        Returns True when released or already gone."""
+        patch: list[dict[str, Any]] = [{"op": "test", "path": "/spec/claimRef/uid", "value": uid}]
+        if bind_id is not None:
+            patch.append({"op": "test", "path": "/spec/claimRef/bindID", "value": bind_id})
+        patch.append({"op": "remove", "path": "/spec/claimRef"})
+        try:
+            got = await self.api.patch(device_path(name), patch, patch_type="json")
+        except NotFound:
+            self.inv.delete_device(name)
+            return True
+        except ApiError as e:
+            if e.status in (409, 422):  # a failed `test`: the claim is someone else's now
+                log.info("release skipped device=%s uid=%s: claim changed hands", name, uid)
+                return False
+            raise
+        self.inv.upsert_device(PciDevice.model_validate(got))
+        return True
+
+    async def release_all(self, uid: str, names: list[str]) -> int:
+        released = 0
+        for name in sorted(set(names)):
+            released += await self.release(name, uid)
+        return released
+
+    async def bind(self, vm: PassthroughVM, placement: Placement) -> BindResult:
+        """Claim every device of the placement, then label, finalize and update the VM."""
+        uid = vm.metadata.uid or ""
+        ns, name = vm.metadata.namespace or "", vm.metadata.name
+        bind_id = uuid.uuid4().hex[:16]
+        fresh: list[str] = []
+        writes = 0
+        by_device = {a.device: a for a in placement.assignments}
+        try:
+            for dev_name in sorted(by_device):
+                dev = self.inv.devices.get(dev_name)
+                if dev is None:
+                    raise LostRace(f"device {dev_name} disappeared")
+                if dev.claim is not None and dev.claim.uid != uid:
+                    raise LostRace(
+                        f"device {dev_name} was claimed by {dev.claim.namespace}/{dev.claim.name}"
+                    )
+                was_free = dev.claim is None
+                await self.claim(dev, vm, by_device[dev_name], bind_id)
+                if was_free:
+                    fresh.append(dev_name)
+                writes += 1
+
+            finalizers = list(vm.metadata.finalizers)
+            if c.FINALIZER_RELEASE not in finalizers:
+                finalizers.append(c.FINALIZER_RELEASE)
+            meta_patch = {
+                "metadata": {
+                    "resourceVersion": vm.metadata.resource_version,
+                    "labels": {c.LABEL_VM_NODE: placement.node},
+                    "finalizers": finalizers,
+                }
+            }
+            try:
+                got = await self.api.patch(vm_path(ns, name), meta_patch)
+            except (Conflict, NotFound) as e:
+                raise LostRace(f"VM {ns}/{name} changed while binding ({e.status})") from e
+            writes += 1
+            labelled = PassthroughVM.model_validate(got)
+            body = {
+                "metadata": {"resourceVersion": labelled.metadata.resource_version},
+                "status": scheduled_status(labelled, placement, now()),
+            }
+            try:
+                got = await self.api.patch(vm_path(ns, name, status=True), body)
+            except (Conflict, NotFound) as e:
+                raise LostRace(f"VM {ns}/{name} status changed while binding ({e.status})") from e
+            writes += 1
+            bound = PassthroughVM.model_validate(got)
+            self.inv.upsert_vm(bound)
+        except LostRace:
+            for dev_name in fresh:
+                await self.release(dev_name, uid, bind_id)
+            raise
+        # Devices this VM held from an interrupted attempt but no longer needs go back now,
+        # each only if it still carries the claim we saw.
+        for d in self.inv.claimed_by(uid):
+            if d.name not in by_device and d.claim is not None:
+                await self.release(d.name, uid, d.claim.bind_id)
+        return BindResult(bound, fresh, writes)

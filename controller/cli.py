@@ -1,0 +1,179 @@
+"""The pcipt-controller command line.
+
+Every setting has an environment twin (PCIPT_<NAME>), so the chart can set them either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import kopf
+
+from controller import handlers
+from controller.plan import PlanError, run_plan
+from controller.runtime import ControllerSettings
+from pcipt import constants as c
+from pcipt.logs import setup_logging
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"PCIPT_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pcipt-controller", description="The pcipt operator.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="run the operator against a cluster")
+    run.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster)",
+    )
+    run.add_argument(
+        "--namespace",
+        default=_env("NAMESPACE", c.DEFAULT_NAMESPACE),
+        help="operator namespace: node Leases, Events of cluster objects",
+    )
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--standalone",
+        action="store_true",
+        default=_env("STANDALONE", "") == "1",
+        help="no kopf peering (safety does not depend on it)",
+    )
+    mode.add_argument(
+        "--peering",
+        default=_env("PEERING", ""),
+        help="kopf peering name for HA (needs the ClusterKopfPeering CRD)",
+    )
+    run.add_argument(
+        "--node-dead-after",
+        type=float,
+        default=float(_env("NODE_DEAD_AFTER", "40")),
+        help="seconds without a node Lease renewal before the node is not alive",
+    )
+    run.add_argument(
+        "--claim-grace",
+        type=float,
+        default=float(_env("CLAIM_GRACE", "30")),
+        help="seconds before the audit releases a claim its VM does not list",
+    )
+    run.add_argument(
+        "--audit-interval",
+        type=float,
+        default=float(_env("AUDIT_INTERVAL", "30")),
+        help="seconds between audits",
+    )
+    run.add_argument(
+        "--scoring",
+        choices=["best-fit", "spread"],
+        default=_env("SCORING", "best-fit"),
+        help="node scoring policy",
+    )
+    run.add_argument(
+        "--bind-concurrency",
+        type=int,
+        default=int(_env("BIND_CONCURRENCY", "16")),
+        help="binds in flight at once",
+    )
+    run.add_argument(
+        "--webhook",
+        choices=["none", "dev", "serve"],
+        default=_env("WEBHOOK", "none"),
+        help="validating webhook: none; dev (self-signed on 127.0.0.1, configuration managed "
+        "by the controller); serve (--webhook-cert/--webhook-key, configuration from the chart)",
+    )
+    run.add_argument("--webhook-port", type=int, default=int(_env("WEBHOOK_PORT", "0")))
+    run.add_argument("--webhook-cert", default=_env("WEBHOOK_CERT", "/etc/pcipt/webhook/tls.crt"))
+    run.add_argument("--webhook-key", default=_env("WEBHOOK_KEY", "/etc/pcipt/webhook/tls.key"))
+    run.add_argument(
+        "--liveness",
+        default=_env("LIVENESS", ""),
+        help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
+    )
+    run.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
+    run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+
+    plan = sub.add_parser("plan", help="dry-run the scheduler on manifests, without a cluster")
+    plan.add_argument("--devices", type=Path, required=True, help="PciDevice manifests")
+    plan.add_argument("--flavors", type=Path, required=True, help="PciFlavor manifests")
+    plan.add_argument("--vm", type=Path, required=True, help="one PassthroughVM manifest")
+    plan.add_argument(
+        "--nodes", type=Path, help="Node manifests (labels; Ready=False means not alive)"
+    )
+    plan.add_argument(
+        "--namespace-labels", type=Path, help="Namespace manifests, or a map {namespace: {labels}}"
+    )
+    plan.add_argument("--scoring", choices=["best-fit", "spread"], default="best-fit")
+    plan.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "plan":
+        try:
+            code, text = run_plan(
+                args.devices,
+                args.flavors,
+                args.vm,
+                nodes=args.nodes,
+                namespace_labels=args.namespace_labels,
+                output=args.output,
+                policy=args.scoring,
+            )
+        except PlanError as e:
+            print(f"pcipt-controller plan: {e}", file=sys.stderr)
+            return 1
+        print(text, end="" if text.endswith("\n") else "\n")
+        return code
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_format, args.log_level)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    settings = ControllerSettings(
+        namespace=args.namespace,
+        node_dead_after=args.node_dead_after,
+        claim_grace=args.claim_grace,
+        audit_interval=args.audit_interval,
+        scoring=args.scoring,
+        bind_concurrency=args.bind_concurrency,
+    )
+    webhook = None
+    if args.webhook == "dev":
+        webhook = {
+            "dev": True,
+            "port": args.webhook_port,
+            "cert_dir": tempfile.mkdtemp(prefix="pcipt-webhook-"),
+        }
+    elif args.webhook == "serve":
+        webhook = {
+            "port": args.webhook_port or 9443,
+            "cert": args.webhook_cert,
+            "key": args.webhook_key,
+        }
+    if webhook is not None:
+        handlers.enable_webhook()
+    memo = kopf.Memo(settings=settings, webhook=webhook)
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    asyncio.run(
+        kopf.operator(
+            registry=handlers.registry,
+            clusterwide=True,
+            standalone=args.standalone or not args.peering,
+            peering_name=args.peering or None,
+            liveness_endpoint=args.liveness or None,
+            memo=memo,
+        )
+    )
+    return 0

@@ -1,0 +1,128 @@
+"""kopf wiring: @kopf.on.* only. Each handler hands the raw event to the runtime.
+
+Low-level event handlers (`on.event`) are used throughout on purpose: they write no progress
+annotations and keep no diffbase, so watching costs no API writes, and the runtime's own queue
+decides what to do (see controller/runtime.py). kopf's own per-handler Events are off; the
+runtime posts one Event per transition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from controller.runtime import ControllerSettings, Runtime
+from pcipt import constants as c
+from pcipt import tls
+from pcipt.kubeclient import KubeClient, load_credentials
+
+registry = kopf.OperatorRegistry()
+log = logging.getLogger("pcipt.controller")
+
+
+def configure_kopf(settings: kopf.OperatorSettings, webhook: dict[str, Any] | None) -> None:
+    settings.posting.enabled = False  # one Event per transition, posted by the runtime
+    settings.watching.connect_timeout = 10
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 30
+    if webhook:
+        if webhook.get("dev"):
+            folder = Path(webhook["cert_dir"])
+            cert, key, ca = tls.server_pair(folder, ["127.0.0.1", "localhost"], "pcipt-webhook")
+            settings.admission.server = kopf.WebhookServer(
+                addr="127.0.0.1",
+                port=webhook.get("port") or None,
+                host="127.0.0.1",
+                certfile=str(cert),
+                pkeyfile=str(key),
+                cadata=ca,
+            )
+            settings.admission.managed = f"validate.{c.GROUP}"
+        else:
+            settings.admission.server = kopf.WebhookServer(
+                addr=webhook.get("addr", "0.0.0.0"),
+                port=webhook.get("port") or 9443,
+                certfile=webhook["cert"],
+                pkeyfile=webhook["key"],
+            )
+
+
+@kopf.on.login(registry=registry)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.startup(registry=registry)
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    cfg: ControllerSettings = memo["settings"]
+    configure_kopf(settings, memo.get("webhook"))
+    api = KubeClient(load_credentials(os.environ.get("KUBECONFIG")), user_agent="pcipt-controller")
+    runtime = Runtime(api, cfg)
+    await runtime.start()
+    memo["runtime"] = runtime
+
+
+@kopf.on.cleanup(registry=registry)
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is not None:
+        await runtime.stop()
+        await runtime.api.close()
+
+
+def _runtime(memo: kopf.Memo) -> Runtime:
+    runtime: Runtime = memo["runtime"]
+    return runtime
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, registry=registry)
+async def pcidevice_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).on_device(event["type"], dict(event["object"]))
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL_PCIFLAVOR, registry=registry)
+async def pciflavor_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).on_flavor(event["type"], dict(event["object"]))
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL_PASSTHROUGHVM, registry=registry)
+async def passthroughvm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).on_vm(event["type"], dict(event["object"]))
+
+
+@kopf.on.event("", "v1", "namespaces", registry=registry)
+async def namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).on_namespace(event["type"], dict(event["object"]))
+
+
+@kopf.on.event("", "v1", "nodes", registry=registry)
+async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).on_node(event["type"], dict(event["object"]))
+
+
+def enable_webhook() -> None:
+    """Register the validating webhook (kopf refuses admission handlers without a server)."""
+    kopf.on.validate(
+        c.GROUP,
+        c.VERSION,
+        c.PLURAL_PASSTHROUGHVM,
+        operations=["CREATE", "UPDATE"],
+        registry=registry,
+        id="passthroughvms",
+    )(validate_vm)
+
+
+def validate_vm(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is None or not runtime.ready.is_set():
+        return  # not synced yet: the same checks land as a condition instead
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    problems = runtime.admission_problems(dict(body))
+    if problems:
+        raise kopf.AdmissionError("; ".join(problems), code=422)

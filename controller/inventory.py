@@ -1,0 +1,319 @@
+"""The controller's in-memory view of the cluster, kept current from watch events: devices
+indexed by node and flavor with per-node free counts, flavors, VMs, namespace and node labels,
+node leases, and the devices promised to binds in flight.
+
+No I/O: handlers feed it objects, the scheduling loop reads snapshots from it. Correctness of
+allocation never depends on it being fresh (claims are conditional writes); freshness only
+saves conflicts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.scheduling import (
+    Device,
+    NodeFacts,
+    SchedulingInput,
+    ScoringPolicy,
+    free_counts,
+)
+from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
+from pcipt.selectors import device_selector_matches
+
+VmKey = tuple[str, str]
+
+
+def rv_int(rv: str | None) -> int:
+    """resourceVersions are opaque; etcd's are increasing integers, which lets us drop a stale
+    watch event that arrives after a fresher object from one of our own writes."""
+    try:
+        return int(rv or 0)
+    except ValueError:
+        return 0
+
+
+def vm_key(vm: PassthroughVM) -> VmKey:
+    return (vm.metadata.namespace or "", vm.metadata.name)
+
+
+class _NodeDevices(Mapping[str, Sequence[Device]]):
+    """by_node view for SchedulingInput without copying the index."""
+
+    def __init__(self, index: dict[str, dict[str, Device]]) -> None:
+        self._index = index
+
+    def __getitem__(self, node: str) -> Sequence[Device]:
+        return list(self._index[node].values())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+@dataclass
+class Inventory:
+    node_dead_after: float = 40.0
+    clock: Callable[[], float] = time.time
+
+    devices: dict[str, Device] = field(default_factory=dict)
+    by_node: dict[str, dict[str, Device]] = field(default_factory=lambda: defaultdict(dict))
+    flavors: dict[str, PciFlavor] = field(default_factory=dict)
+    members: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    free: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
+    vms: dict[VmKey, PassthroughVM] = field(default_factory=dict)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    node_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    leases: dict[str, float] = field(default_factory=dict)
+    claims_by_uid: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    usage: Counter[tuple[str, str]] = field(default_factory=Counter)
+    reserved: dict[str, str] = field(default_factory=dict)
+    """device name -> uid of the VM whose bind is in flight"""
+    capacity_epoch: Counter[str] = field(default_factory=Counter)
+    """per flavor, bumped whenever its free capacity may have grown: pending VMs retry then"""
+    epoch: int = 0
+    """bumped on any change a VM-level decision depends on (flavors, namespaces, nodes)"""
+    _alive: dict[str, bool] = field(default_factory=dict)
+    _facts: dict[str, NodeFacts] = field(default_factory=dict)
+
+    # --- devices --------------------------------------------------------------------------
+
+    def upsert_device(self, dev: PciDevice) -> bool:
+        """Apply a device from a watch event or a write response; False if it was stale."""
+        name = dev.metadata.name
+        old = self.devices.get(name)
+        if old is not None and rv_int(dev.metadata.resource_version) < rv_int(old.resource_version):
+            return False
+        new = Device.from_model(dev)
+        if old is not None and old.node != new.node:
+            self.by_node[old.node].pop(name, None)
+            self._refresh_node(old.node)
+        self._account_claim(old, -1)
+        self.devices[name] = new
+        self.by_node[new.node][name] = new
+        self._account_claim(new, +1)
+        if new.claim is not None and self.reserved.get(name) == new.claim.uid:
+            del self.reserved[name]
+        self._refresh_membership(new)
+        self._refresh_node(new.node)
+        return True
+
+    def delete_device(self, name: str) -> None:
+        old = self.devices.pop(name, None)
+        if old is None:
+            return
+        self._account_claim(old, -1)
+        self.by_node[old.node].pop(name, None)
+        for members in self.members.values():
+            members.discard(name)
+        self.reserved.pop(name, None)
+        self._refresh_node(old.node)
+
+    def _account_claim(self, d: Device | None, sign: int) -> None:
+        if d is None or d.claim is None:
+            return
+        if sign > 0:
+            self.claims_by_uid[d.claim.uid].add(d.name)
+        else:
+            held = self.claims_by_uid.get(d.claim.uid)
+            if held is not None:
+                held.discard(d.name)
+                if not held:
+                    del self.claims_by_uid[d.claim.uid]
+        if d.claim.flavor and not d.claim.companion:
+            self.usage[(d.claim.namespace, d.claim.flavor)] += sign
+
+    def _labels(self, node: str) -> dict[str, str]:
+        return self.facts(node).effective_labels()
+
+    def _refresh_membership(self, d: Device) -> None:
+        labels = self._labels(d.node)
+        for fname, f in self.flavors.items():
+            if device_selector_matches(f.spec.selector, d.facts, labels):
+                self.members[fname].add(d.name)
+            else:
+                self.members[fname].discard(d.name)
+
+    def _refresh_node(self, node: str) -> None:
+        """Recompute a node's free counts; bump the epoch of every flavor whose count grew."""
+        devs = self.by_node.get(node, {})
+        if not devs:
+            self.by_node.pop(node, None)
+            for counts in self.free.values():
+                counts.pop(node, None)
+            return
+        reserved = {n for n in self.reserved if n in devs}
+        counts = free_counts(devs.values(), self.flavors, self._labels(node), reserved)
+        for fname, n in counts.items():
+            before = self.free[fname].get(node, 0)
+            self.free[fname][node] = n
+            if n > before and self.is_alive(node):
+                self.capacity_epoch[fname] += 1
+
+    # --- reservations for binds in flight ------------------------------------------------
+
+    def reserve(self, names: Sequence[str], uid: str) -> None:
+        nodes = set()
+        for n in names:
+            d = self.devices.get(n)
+            if d is not None and d.claim is None:
+                self.reserved[n] = uid
+                nodes.add(d.node)
+        for node in nodes:
+            self._refresh_node(node)
+
+    def unreserve(self, uid: str) -> None:
+        names = [n for n, u in self.reserved.items() if u == uid]
+        nodes = {self.devices[n].node for n in names if n in self.devices}
+        for n in names:
+            del self.reserved[n]
+        for node in nodes:
+            self._refresh_node(node)
+
+    # --- flavors, VMs, namespaces, nodes, leases -----------------------------------------
+
+    def upsert_flavor(self, flavor: PciFlavor) -> None:
+        self.flavors[flavor.metadata.name] = flavor
+        self._reindex_all()
+
+    def delete_flavor(self, name: str) -> None:
+        self.flavors.pop(name, None)
+        self.members.pop(name, None)
+        self.free.pop(name, None)
+        self.epoch += 1
+
+    def _reindex_all(self) -> None:
+        self.members.clear()
+        for d in self.devices.values():
+            self._refresh_membership(d)
+        for node in list(self.by_node):
+            self._refresh_node(node)
+        for fname in self.flavors:
+            self.capacity_epoch[fname] += 1
+        self.epoch += 1
+
+    def upsert_vm(self, vm: PassthroughVM) -> bool:
+        key = vm_key(vm)
+        old = self.vms.get(key)
+        if (
+            old is not None
+            and old.metadata.uid == vm.metadata.uid
+            and rv_int(vm.metadata.resource_version) < rv_int(old.metadata.resource_version)
+        ):
+            return False
+        self.vms[key] = vm
+        return True
+
+    def delete_vm(self, key: VmKey) -> None:
+        self.vms.pop(key, None)
+
+    def set_namespace(self, name: str, labels: Mapping[str, str] | None) -> None:
+        if labels is None:
+            self.namespaces.pop(name, None)
+        else:
+            self.namespaces[name] = dict(labels)
+        self.epoch += 1
+        for fname in self.flavors:  # access may have opened up
+            self.capacity_epoch[fname] += 1
+
+    def set_node_labels(self, node: str, labels: Mapping[str, str] | None) -> None:
+        if labels is None:
+            self.node_labels.pop(node, None)
+        else:
+            self.node_labels[node] = dict(labels)
+        self._facts.pop(node, None)
+        for d in self.by_node.get(node, {}).values():
+            self._refresh_membership(d)
+        self._refresh_node(node)
+        self.epoch += 1
+
+    def renew_lease(self, node: str, renewed_at: float) -> None:
+        self.leases[node] = max(renewed_at, self.leases.get(node, 0.0))
+        self.tick()
+
+    def is_alive(self, node: str) -> bool:
+        renewed = self.leases.get(node)
+        return renewed is not None and self.clock() - renewed <= self.node_dead_after
+
+    def tick(self) -> list[tuple[str, bool]]:
+        """Re-evaluate node liveness; return the nodes whose liveness changed."""
+        changed = []
+        for node in set(self.leases) | set(self.by_node):
+            alive = self.is_alive(node)
+            if self._alive.get(node) != alive:
+                self._alive[node] = alive
+                self._facts.pop(node, None)
+                changed.append((node, alive))
+                if alive:
+                    for fname, counts in self.free.items():
+                        if counts.get(node):
+                            self.capacity_epoch[fname] += 1
+        if changed:
+            self.epoch += 1
+        return changed
+
+    def facts(self, node: str) -> NodeFacts:
+        f = self._facts.get(node)
+        if f is None:
+            f = NodeFacts(node, dict(self.node_labels.get(node, {})), self.is_alive(node))
+            self._facts[node] = f
+        return f
+
+    def known_nodes(self) -> list[str]:
+        return sorted(set(self.by_node) | set(self.leases))
+
+    # --- scheduling snapshots --------------------------------------------------------------
+
+    def scheduling_input(self, vm: PassthroughVM, policy: ScoringPolicy) -> SchedulingInput:
+        uid = vm.metadata.uid or ""
+        ns = vm.metadata.namespace or ""
+        own = self.claims_by_uid.get(uid, set())
+        own_usage: Counter[str] = Counter()
+        for name in own:
+            d = self.devices.get(name)
+            if d is not None and d.claim is not None and d.claim.flavor and not d.claim.companion:
+                own_usage[d.claim.flavor] += 1
+        usage = {
+            f: self.usage.get((ns, f), 0) - own_usage.get(f, 0)
+            for f in {r.flavor for r in vm.spec.devices} | {r.flavor for r in vm.spec.networks}
+        }
+        return SchedulingInput(
+            vm=vm,
+            flavors=self.flavors,
+            nodes={n: self.facts(n) for n in self.known_nodes()},
+            namespace_labels=self.namespaces.get(ns, {}),
+            namespace_usage=usage,
+            reserved=frozenset(n for n, u in self.reserved.items() if u != uid),
+            policy=policy,
+            by_node=_NodeDevices(self.by_node),
+            # The free counts describe a VM holding nothing; one that holds claims already
+            # (an interrupted bind) gets the full search, which counts its own devices as free.
+            free=self.free if not own else None,
+        )
+
+    def flavor_epochs(self, vm: PassthroughVM) -> tuple[int, ...]:
+        names = sorted({r.flavor for r in vm.spec.devices} | {r.flavor for r in vm.spec.networks})
+        return (self.epoch, *(self.capacity_epoch[n] for n in names))
+
+    def claimed_by(self, uid: str) -> list[Device]:
+        return sorted(
+            (self.devices[n] for n in self.claims_by_uid.get(uid, ()) if n in self.devices),
+            key=lambda d: d.name,
+        )
+
+    def snapshot_counts(self) -> dict[str, Any]:
+        """For logs and the kubectl plugin: devices, claims, reservations."""
+        return {
+            "devices": len(self.devices),
+            "claimed": sum(len(v) for v in self.claims_by_uid.values()),
+            "reserved": len(self.reserved),
+            "flavors": len(self.flavors),
+            "vms": len(self.vms),
+            "nodes": len(self.known_nodes()),
+        }

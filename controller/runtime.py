@@ -1,0 +1,698 @@
+"""The controller's moving parts, independent of kopf: the inventory fed by watch events, the
+scheduling queue and its worker, binds in flight, releases on deletion, node liveness, flavor
+counts and the audit that repairs half-done states after a crash.
+
+kopf delivers events (controller/handlers.py) and runs this; tests and benchmarks drive the
+same code through the real API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from controller.binding import Binder, LostRace, device_path, vm_path
+from controller.events import EventRecorder
+from controller.flavorstatus import compute_flavor_status
+from controller.inventory import Inventory, VmKey, vm_key
+from controller.scheduling import Placement, Refusal, ScoringPolicy, request_problems, schedule
+from controller.vmstatus import condition_status, pending_status
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
+from pcipt.conditions import get_condition, is_true
+from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path, retry_transient
+
+log = logging.getLogger("pcipt.controller")
+
+
+@dataclass
+class ControllerSettings:
+    namespace: str = c.DEFAULT_NAMESPACE
+    """Where node Leases live and cluster-scoped objects' Events go."""
+    node_dead_after: float = 40.0
+    """Seconds without a Lease renewal after which a node is not alive."""
+    claim_grace: float = 30.0
+    """Seconds a claim may exist without its VM listing it before the audit releases it."""
+    audit_interval: float = 30.0
+    scoring: ScoringPolicy = "best-fit"
+    bind_concurrency: int = 16
+    """Binds in flight at once (each is a few sequential writes)."""
+    flavor_status_interval: float = 1.0
+    tick_interval: float = 1.0
+
+
+@dataclass
+class PendingVM:
+    key: VmKey
+    uid: str
+    created: str
+    attempted: tuple[Any, ...] | None = None
+    """What the last refusal was computed against; the VM is retried only when it changes."""
+    refused_message: str | None = None
+
+
+@dataclass
+class Stats:
+    binds: int = 0
+    conflicts: int = 0
+    refusals: int = 0
+    releases: int = 0
+    orphans_released: int = 0
+    reclaimed: int = 0
+    bind_writes: int = 0
+    scheduled_latency: list[float] = field(default_factory=list)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _is_deleting(vm: PassthroughVM) -> bool:
+    return vm.metadata.deletion_timestamp is not None
+
+
+def _listed_devices(vm: PassthroughVM) -> set[str]:
+    return {d.pci_device for d in vm.status.devices} | {n.pci_device for n in vm.status.networks}
+
+
+class Runtime:
+    def __init__(self, api: KubeClient, settings: ControllerSettings) -> None:
+        self.api = api
+        self.settings = settings
+        self.inv = Inventory(node_dead_after=settings.node_dead_after)
+        self.binder = Binder(api, self.inv)
+        self.events = EventRecorder(api, settings.namespace)
+        self.pending: dict[str, PendingVM] = {}
+        self.inflight: set[str] = set()
+        self.finalizing: set[str] = set()
+        self.wake = asyncio.Event()
+        self.bind_slots = asyncio.Semaphore(settings.bind_concurrency)
+        self.stats = Stats()
+        self.ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._side: set[asyncio.Task[Any]] = set()
+        self._flavor_written: dict[str, dict[str, Any]] = {}
+        self._node_alive_written: dict[str, bool] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.sync()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._schedule_loop(), name="schedule"),
+            loop.create_task(self._tick_loop(), name="tick"),
+            loop.create_task(self._audit_loop(), name="audit"),
+            loop.create_task(self._lease_loop(), name="leases"),
+        ]
+        self.ready.set()
+        self.wake.set()
+        log.info("controller started %s", self.inv.snapshot_counts())
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._side:
+            await asyncio.gather(*list(self._side), return_exceptions=True)
+        await self.events.drain()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+        task.add_done_callback(_log_task_error)
+
+    async def sync(self) -> None:
+        """Seed the inventory with a full LIST of everything, so that the first decisions see
+        every existing claim (the watch then keeps it current)."""
+        lists = await asyncio.gather(
+            retry_transient(self.api.list, crd_path(c.PLURAL_PCIFLAVOR)),
+            retry_transient(self.api.list, crd_path(c.PLURAL_PCIDEVICE)),
+            retry_transient(self.api.list, crd_path(c.PLURAL_PASSTHROUGHVM)),
+            retry_transient(self.api.list, "/api/v1/namespaces"),
+            retry_transient(self.api.list, "/api/v1/nodes"),
+        )
+        flavors, devices, vms, namespaces, nodes = lists
+        for ns in namespaces["items"]:
+            self.inv.set_namespace(ns["metadata"]["name"], ns["metadata"].get("labels") or {})
+        for node in nodes["items"]:
+            self.inv.set_node_labels(node["metadata"]["name"], node["metadata"].get("labels") or {})
+        for f in flavors["items"]:
+            self.inv.upsert_flavor(PciFlavor.model_validate(f))
+        for d in devices["items"]:
+            self.on_device("ADDED", d)
+        await self._sync_leases()
+        for v in vms["items"]:
+            self.on_vm("ADDED", v)
+
+    # --- events from the watch -----------------------------------------------------------
+
+    def on_device(self, event_type: str | None, body: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            self.inv.delete_device(body["metadata"]["name"])
+        else:
+            try:
+                dev = PciDevice.model_validate(body)
+            except ValueError as e:
+                log.warning(
+                    "ignored invalid PciDevice %s: %s", body.get("metadata", {}).get("name"), e
+                )
+                return
+            self.inv.upsert_device(dev)
+        self.wake.set()
+
+    def on_flavor(self, event_type: str | None, body: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            self.inv.delete_flavor(body["metadata"]["name"])
+        else:
+            self.inv.upsert_flavor(PciFlavor.model_validate(body))
+        self.wake.set()
+
+    def on_namespace(self, event_type: str | None, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        self.inv.set_namespace(
+            meta["name"], None if event_type == "DELETED" else meta.get("labels") or {}
+        )
+        self.wake.set()
+
+    def on_node(self, event_type: str | None, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        self.inv.set_node_labels(
+            meta["name"], None if event_type == "DELETED" else meta.get("labels") or {}
+        )
+        self.wake.set()
+
+    def on_vm(self, event_type: str | None, body: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            key = (body["metadata"].get("namespace", ""), body["metadata"]["name"])
+            self.inv.delete_vm(key)
+            self.pending.pop(body["metadata"].get("uid", ""), None)
+            return
+        try:
+            vm = PassthroughVM.model_validate(body)
+        except ValueError as e:
+            log.warning(
+                "ignored invalid PassthroughVM %s: %s", body.get("metadata", {}).get("name"), e
+            )
+            return
+        if not self.inv.upsert_vm(vm):
+            return
+        self._consider(vm)
+
+    def _consider(self, vm: PassthroughVM) -> None:
+        uid = vm.metadata.uid or ""
+        if _is_deleting(vm):
+            self.pending.pop(uid, None)
+            if c.FINALIZER_RELEASE in vm.metadata.finalizers and uid not in self.finalizing:
+                self.finalizing.add(uid)
+                self._spawn(self._finalize(vm_key(vm), uid))
+            return
+        if vm.status.node_name:
+            self.pending.pop(uid, None)
+            return
+        if uid not in self.pending:
+            created = (
+                vm.metadata.creation_timestamp.isoformat() if vm.metadata.creation_timestamp else ""
+            )
+            self.pending[uid] = PendingVM(vm_key(vm), uid, created)
+        self.wake.set()
+
+    # --- scheduling ----------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            try:
+                await self._schedule_pass()
+            except Exception:
+                log.exception("scheduling pass failed")
+                await asyncio.sleep(1)
+                self.wake.set()
+
+    async def _schedule_pass(self) -> None:
+        """One pass over the queue, oldest first. A VM refused before is tried again only when
+        something it depends on changed (capacity of its flavors, flavors, namespaces, nodes,
+        its own spec)."""
+        decisions = 0
+        for entry in sorted(self.pending.values(), key=lambda e: (e.created, e.key)):
+            if entry.uid in self.inflight or entry.uid not in self.pending:
+                continue
+            vm = self.inv.vms.get(entry.key)
+            if (
+                vm is None
+                or vm.metadata.uid != entry.uid
+                or vm.status.node_name
+                or _is_deleting(vm)
+            ):
+                self.pending.pop(entry.uid, None)
+                continue
+            marker = (self.inv.flavor_epochs(vm), vm.metadata.generation)
+            if entry.attempted == marker:
+                continue
+            result = schedule(self.inv.scheduling_input(vm, self.settings.scoring))
+            decisions += 1
+            if isinstance(result, Placement):
+                self.inflight.add(entry.uid)
+                self.inv.reserve(result.devices(), entry.uid)
+                self._spawn(self._bind(entry, vm, result))
+            else:
+                entry.attempted = marker
+                self.stats.refusals += 1
+                self._spawn(self._refuse(entry, vm, result))
+            if decisions % 16 == 0:
+                await asyncio.sleep(0)  # let watch events and binds in flight through
+
+    async def _bind(self, entry: PendingVM, vm: PassthroughVM, placement: Placement) -> None:
+        started = time.monotonic()
+        try:
+            async with self.bind_slots:
+                result = await self.binder.bind(vm, placement)
+        except LostRace as e:
+            self.stats.conflicts += 1
+            log.info("bind lost a race vm=%s/%s: %s; re-planning", *entry.key, e)
+            await self._refresh_after_race(entry.key, placement)
+        except Exception:
+            log.exception("bind failed vm=%s/%s", *entry.key)
+            await asyncio.sleep(1)
+        else:
+            self.stats.binds += 1
+            self.stats.bind_writes += result.writes
+            created = vm.metadata.creation_timestamp
+            if created is not None:
+                self.stats.scheduled_latency.append((_now() - created).total_seconds())
+            self.pending.pop(entry.uid, None)
+            n = sum(1 for a in placement.assignments if not a.companion)
+            log.info(
+                "bound vm=%s/%s node=%s devices=%d writes=%d took=%.3fs",
+                *entry.key,
+                placement.node,
+                n,
+                result.writes,
+                time.monotonic() - started,
+            )
+            self.events.record(
+                result.vm,
+                "Normal",
+                c.REASON_SCHEDULED,
+                f"placed on {placement.node} with {len(placement.assignments)} device(s)"
+                + (
+                    f"; skipped optional {', '.join(r for r, _ in placement.skipped)}"
+                    if placement.skipped
+                    else ""
+                ),
+            )
+        finally:
+            self.inv.unreserve(entry.uid)
+            self.inflight.discard(entry.uid)
+            entry.attempted = None
+            self.wake.set()
+
+    async def _refresh_after_race(self, key: VmKey, placement: Placement) -> None:
+        """After a lost race, read what we raced on, so the next plan starts from the truth
+        rather than spinning until the watch catches up."""
+        with contextlib.suppress(ApiError):
+            got = await self.api.get(vm_path(*key))
+            self.on_vm("MODIFIED", got)
+        for name in placement.devices():
+            try:
+                got = await self.api.get(device_path(name))
+            except NotFound:
+                self.inv.delete_device(name)
+                continue
+            except ApiError:
+                continue
+            self.inv.upsert_device(PciDevice.model_validate(got))
+
+    async def _refuse(self, entry: PendingVM, vm: PassthroughVM, refusal: Refusal) -> None:
+        status = pending_status(vm, refusal, _now())
+        if status is None:
+            return
+        body = {"metadata": {"resourceVersion": vm.metadata.resource_version}, "status": status}
+        try:
+            got = await self.api.patch(vm_path(*entry.key, status=True), body)
+        except (Conflict, NotFound):
+            entry.attempted = None  # it changed under us: look again with the fresh object
+            self.wake.set()
+            return
+        self.inv.upsert_vm(PassthroughVM.model_validate(got))
+        if entry.refused_message != refusal.message:
+            entry.refused_message = refusal.message
+            self.events.record(got, "Warning", c.REASON_FAILED_SCHEDULING, refusal.message)
+
+    # --- deletion ------------------------------------------------------------------------
+
+    async def _finalize(self, key: VmKey, uid: str) -> None:
+        """Release a deleted VM's devices once its domain is gone (or its node is dead), then
+        drop the finalizer."""
+        try:
+            vm = self.inv.vms.get(key)
+            if vm is None or vm.metadata.uid != uid:
+                return
+            node = vm.status.node_name
+            gone = is_true(vm.status.conditions, c.COND_DOMAIN_GONE)
+            if node and not gone and self.inv.is_alive(node):
+                if vm.status.phase != "Terminating":
+                    msg = f"waiting for node {node} to remove the domain before releasing devices"
+                    await self._patch_status(
+                        vm, {"phase": "Terminating"}, cond=(c.COND_READY, False, "Terminating", msg)
+                    )
+                return  # the node plugin's DomainGone condition brings us back here
+            names = sorted({d.name for d in self.inv.claimed_by(uid)} | _listed_devices(vm))
+            released = await self.binder.release_all(uid, names)
+            self.stats.releases += released
+            finalizers = [f for f in vm.metadata.finalizers if f != c.FINALIZER_RELEASE]
+            body = {
+                "metadata": {
+                    "resourceVersion": vm.metadata.resource_version,
+                    "finalizers": finalizers,
+                }
+            }
+            try:
+                await self.api.patch(vm_path(*key), body)
+            except Conflict:
+                got = await self.api.get(vm_path(*key))
+                self.inv.upsert_vm(PassthroughVM.model_validate(got))
+                self.finalizing.discard(uid)
+                self._consider(PassthroughVM.model_validate(got))
+                return
+            except NotFound:
+                pass
+            why = "its domain is gone" if gone or not node else f"node {node} is not alive"
+            log.info("released vm=%s/%s devices=%d (%s)", *key, released, why)
+            self.events.record(
+                vm, "Normal", c.REASON_RELEASED, f"released {released} device(s): {why}"
+            )
+        finally:
+            self.finalizing.discard(uid)
+
+    async def _patch_status(
+        self,
+        vm: PassthroughVM,
+        extra: dict[str, Any],
+        *,
+        cond: tuple[str, bool, str, str],
+    ) -> PassthroughVM | None:
+        """Set one condition (type, status, reason, message) plus `extra` status fields,
+        conditionally on the VM not having changed; None when it had."""
+        type_, status, reason, message = cond
+        st = condition_status(vm, type_, status, reason, message, _now(), extra)
+        if st is None:
+            return vm
+        body = {"metadata": {"resourceVersion": vm.metadata.resource_version}, "status": st}
+        try:
+            got = await self.api.patch(
+                vm_path(vm.metadata.namespace or "", vm.metadata.name, status=True), body
+            )
+        except (Conflict, NotFound):
+            return None
+        fresh = PassthroughVM.model_validate(got)
+        self.inv.upsert_vm(fresh)
+        return fresh
+
+    # --- liveness, flavor counts -----------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        last_flavors = 0.0
+        while True:
+            await asyncio.sleep(self.settings.tick_interval)
+            try:
+                changed = self.inv.tick()
+                for node, alive in changed:
+                    log.info("node %s node=%s", "alive" if alive else "not alive", node)
+                    self.wake.set()
+                await self._mark_vms_on_nodes()
+                if time.monotonic() - last_flavors >= self.settings.flavor_status_interval:
+                    last_flavors = time.monotonic()
+                    await self._write_flavor_counts()
+                # Deleted VMs waiting on a node that has since died can now be released.
+                for vm in list(self.inv.vms.values()):
+                    if (
+                        _is_deleting(vm)
+                        and vm.status.node_name
+                        and not self.inv.is_alive(vm.status.node_name)
+                    ):
+                        self._consider(vm)
+            except Exception:
+                log.exception("tick failed")
+
+    async def _mark_vms_on_nodes(self) -> None:
+        """Give VMs on a node that stopped renewing its lease a condition saying so."""
+        for vm in list(self.inv.vms.values()):
+            node = vm.status.node_name
+            if not node or _is_deleting(vm):
+                continue
+            alive = self.inv.is_alive(node)
+            cond = get_condition(vm.status.conditions, c.COND_NODE_ALIVE)
+            if cond is None and alive:
+                continue
+            if cond is not None and (cond.status == "True") == alive:
+                continue
+            msg = (
+                f"node {node} renews its lease"
+                if alive
+                else f"node {node} renewed no lease for {self.settings.node_dead_after:.0f}s"
+            )
+            reason = "NodeAlive" if alive else c.REASON_NODE_NOT_ALIVE
+            fresh = await self._patch_status(vm, {}, cond=(c.COND_NODE_ALIVE, alive, reason, msg))
+            if fresh is not None and not alive:
+                self.events.record(vm, "Warning", c.REASON_NODE_NOT_ALIVE, msg)
+
+    async def _write_flavor_counts(self) -> None:
+        for name in list(self.inv.flavors):
+            status = compute_flavor_status(self.inv, name)
+            if self._flavor_written.get(name) == status:
+                continue
+            current = self.inv.flavors.get(name)
+            if (
+                current is not None
+                and _flavor_status_matches(current, status)
+                and name not in self._flavor_written
+            ):
+                self._flavor_written[name] = status
+                continue
+            try:
+                await self.api.patch(
+                    crd_path(c.PLURAL_PCIFLAVOR, name, subresource="status"), {"status": status}
+                )
+            except NotFound:
+                continue
+            self._flavor_written[name] = status
+
+    # --- leases --------------------------------------------------------------------------
+
+    def _lease_seen(self, lease: dict[str, Any]) -> None:
+        name = lease["metadata"]["name"]
+        if not name.startswith(c.NODE_LEASE_PREFIX):
+            return
+        node = name[len(c.NODE_LEASE_PREFIX) :]
+        renew = (lease.get("spec") or {}).get("renewTime")
+        if renew:
+            ts = datetime.fromisoformat(renew.replace("Z", "+00:00")).timestamp()
+            self.inv.renew_lease(node, ts)
+            self.wake.set()
+
+    async def _sync_leases(self) -> str:
+        got = await retry_transient(
+            self.api.list,
+            f"/apis/coordination.k8s.io/v1/namespaces/{self.settings.namespace}/leases",
+        )
+        for lease in got["items"]:
+            self._lease_seen(lease)
+        return str(got["metadata"].get("resourceVersion", ""))
+
+    async def _lease_loop(self) -> None:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{self.settings.namespace}/leases"
+        rv = ""
+        while True:
+            try:
+                if not rv:
+                    rv = await self._sync_leases()
+                async for ev in self.api.watch(path, resource_version=rv):
+                    obj = ev.get("object", {})
+                    if ev.get("type") == "ERROR":
+                        rv = ""  # 410 Gone and friends: list again
+                        break
+                    rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                    if ev.get("type") in ("ADDED", "MODIFIED"):
+                        self._lease_seen(obj)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("lease watch interrupted: %s", e)
+                rv = ""
+                await asyncio.sleep(1)
+
+    # --- the audit -----------------------------------------------------------------------
+
+    async def _audit_loop(self) -> None:
+        await self.audit()  # the start-up pass
+        while True:
+            await asyncio.sleep(self.settings.audit_interval)
+            try:
+                await self.audit()
+            except Exception:
+                log.exception("audit failed")
+
+    async def audit(self) -> dict[str, int]:
+        """Repair what an interrupted controller may have left half done:
+        - a claim whose VM is gone, or does not list the device, and is older than the grace
+          period is released (conditionally on it still being that claim);
+        - a VM whose status lists a device not claimed for it re-claims it when free, or goes
+          back to Pending when another VM holds it (its other claims are adopted on re-plan).
+        """
+        repaired = {"orphans": 0, "reclaimed": 0, "replanned": 0}
+        now = time.time()
+        grace = self.settings.claim_grace
+        for d in list(self.inv.devices.values()):
+            claim = d.claim
+            if claim is None or claim.uid in self.inflight or d.name in self.inv.reserved:
+                continue
+            vm = self.inv.vms.get((claim.namespace, claim.name))
+            if (
+                vm is not None
+                and vm.metadata.uid == claim.uid
+                and (d.name in _listed_devices(vm) or _is_deleting(vm))
+            ):
+                continue
+            if claim.claimed_at is not None and now - claim.claimed_at < grace:
+                continue
+            if await self.binder.release(d.name, claim.uid, claim.bind_id):
+                repaired["orphans"] += 1
+                self.stats.orphans_released += 1
+                why = (
+                    "its VM is gone"
+                    if vm is None or vm.metadata.uid != claim.uid
+                    else "its VM does not list it"
+                )
+                log.info(
+                    "released orphaned claim device=%s vm=%s/%s: %s",
+                    d.name,
+                    claim.namespace,
+                    claim.name,
+                    why,
+                )
+                self.events.record(
+                    {
+                        "kind": c.KIND_PCIDEVICE,
+                        "apiVersion": c.API_VERSION,
+                        "metadata": {"name": d.name},
+                    },
+                    "Normal",
+                    c.REASON_ORPHAN_RELEASED,
+                    f"released claim of {claim.namespace}/{claim.name}: {why}",
+                )
+        for vm in list(self.inv.vms.values()):
+            uid = vm.metadata.uid or ""
+            if not vm.status.node_name or _is_deleting(vm) or uid in self.inflight:
+                continue
+            for name in sorted(_listed_devices(vm)):
+                listed = self.inv.devices.get(name)
+                if listed is None or (listed.claim is not None and listed.claim.uid == uid):
+                    continue
+                if listed.claim is None:
+                    if await self._reclaim(vm, name):
+                        repaired["reclaimed"] += 1
+                    continue
+                repaired["replanned"] += 1
+                await self._replan(vm, name, listed.claim.namespace, listed.claim.name)
+                break
+        if any(repaired.values()):
+            log.info("audit repaired %s", repaired)
+        return repaired
+
+    async def _reclaim(self, vm: PassthroughVM, name: str) -> bool:
+        d = self.inv.devices[name]
+        binding = next((b for b in vm.status.devices if b.pci_device == name), None)
+        request = (
+            binding.request
+            if binding
+            else next((n.name for n in vm.status.networks if n.pci_device == name), "unknown")
+        )
+        ref: dict[str, Any] = {
+            "namespace": vm.metadata.namespace,
+            "name": vm.metadata.name,
+            "uid": vm.metadata.uid,
+            "request": request,
+            "bindID": "audit",
+            "claimedAt": _now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        if binding is not None and binding.companion:
+            ref["companion"] = True
+        else:
+            flavor = next((r.flavor for r in vm.spec.devices if r.name == request), None) or next(
+                (r.flavor for r in vm.spec.networks if r.name == request), None
+            )
+            if flavor:
+                ref["flavor"] = flavor
+        body = {"metadata": {"resourceVersion": d.resource_version}, "spec": {"claimRef": ref}}
+        try:
+            got = await self.api.patch(device_path(name), body)
+        except (Conflict, NotFound):
+            return False
+        self.inv.upsert_device(PciDevice.model_validate(got))
+        self.stats.reclaimed += 1
+        log.info("re-claimed device=%s for vm=%s/%s", name, vm.metadata.namespace, vm.metadata.name)
+        self.events.record(
+            vm, "Normal", c.REASON_RECLAIMED, f"re-claimed {name}, which the VM's status lists"
+        )
+        return True
+
+    async def _replan(self, vm: PassthroughVM, lost: str, other_ns: str, other: str) -> None:
+        msg = f"device {lost} is claimed by {other_ns}/{other}; scheduling again"
+        status: dict[str, Any] = {
+            "phase": "Pending",
+            "nodeName": None,
+            "devices": [],
+            "networks": [],
+            "deviceSummary": None,
+        }
+        fresh = await self._patch_status(
+            vm, status, cond=(c.COND_DEVICES_BOUND, False, c.REASON_DEVICE_LOST, msg)
+        )
+        if fresh is not None:
+            log.warning(
+                "vm=%s/%s lost device=%s to %s/%s; re-planning",
+                vm.metadata.namespace,
+                vm.metadata.name,
+                lost,
+                other_ns,
+                other,
+            )
+            self.events.record(vm, "Warning", c.REASON_DEVICE_LOST, msg)
+            self._consider(fresh)
+
+    # --- admission -----------------------------------------------------------------------
+
+    def admission_problems(self, body: dict[str, Any]) -> list[str]:
+        """Cross-object checks of a VM for the validating webhook; [] when fine."""
+        vm = PassthroughVM.model_validate(body)
+        ns_labels = self.inv.namespaces.get(vm.metadata.namespace or "", {})
+        return request_problems(vm, self.inv.flavors, ns_labels)
+
+
+def _flavor_status_matches(flavor: PciFlavor, status: dict[str, Any]) -> bool:
+    st = flavor.status
+    have = {
+        "total": st.total,
+        "allocatable": st.allocatable,
+        "allocated": st.allocated,
+        "free": st.free,
+        "unhealthy": st.unhealthy,
+        "nodes": [n.to_dict() for n in st.nodes],
+        "observedGeneration": st.observed_generation,
+    }
+    return have == status
+
+
+def _log_task_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed: %r", task.exception(), exc_info=task.exception())

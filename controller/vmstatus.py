@@ -1,0 +1,156 @@
+"""What the controller writes into a PassthroughVM's status, computed from a scheduling result.
+Pure: the caller passes the time and writes the result.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from controller.scheduling import Placement, Refusal
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import (
+    DeviceBinding,
+    NetworkBinding,
+    NodeRefusal,
+    PassthroughVM,
+    SchedulingStatus,
+    SkippedRequest,
+)
+from pcipt.conditions import ready_condition, same_conditions, set_condition
+
+MAX_NODES_IN_STATUS = 20
+
+
+def device_summary(vm: PassthroughVM, placement: Placement) -> str:
+    requested = sum(d.count for d in vm.spec.devices) + len(vm.spec.networks)
+    bound = sum(1 for a in placement.assignments if not a.companion)
+    return f"{bound}/{requested}"
+
+
+def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> dict[str, Any]:
+    """Status after a successful bind: node, devices, networks, Scheduled and DevicesBound."""
+    macs = {n.name: n.mac for n in vm.spec.networks}
+    vlans = {n.name: n.vlan for n in vm.spec.networks}
+    devices = [
+        DeviceBinding(
+            request=a.request,
+            pci_device=a.device,
+            address=a.address,
+            numa_node=a.numa,
+            companion=a.companion,
+        )
+        for a in placement.assignments
+        if not a.network or a.companion
+    ]
+    networks = [
+        NetworkBinding(
+            name=a.request,
+            pci_device=a.device,
+            address=a.address,
+            numa_node=a.numa,
+            mac=macs.get(a.request),
+            netdev=a.netdev,
+            vlan=vlans.get(a.request),
+        )
+        for a in placement.assignments
+        if a.network and not a.companion
+    ]
+    gen = vm.metadata.generation
+    what = ", ".join(f"{a.request}={a.address}" for a in placement.assignments if not a.companion)
+    conds = set_condition(
+        vm.status.conditions,
+        c.COND_SCHEDULED,
+        True,
+        "Scheduled",
+        f"placed on {placement.node}" + (f": {what}" if what else ""),
+        generation=gen,
+        now=now,
+    )
+    n = len(placement.assignments)
+    conds = set_condition(
+        conds,
+        c.COND_DEVICES_BOUND,
+        True,
+        "Bound",
+        f"{n} device(s) claimed for this VM" if n else "no devices to bind",
+        generation=gen,
+        now=now,
+    )
+    conds = _with_ready(conds, vm, gen, now)
+    return {
+        "phase": "Scheduled",
+        "nodeName": placement.node,
+        "devices": [d.to_dict() for d in devices],
+        "networks": [x.to_dict() for x in networks],
+        "skipped": [
+            SkippedRequest(request=r, reason=why).to_dict() for r, why in placement.skipped
+        ],
+        "deviceSummary": device_summary(vm, placement),
+        "scheduling": None,
+        "conditions": [x.to_dict() for x in conds],
+        "observedGeneration": gen,
+    }
+
+
+def pending_status(vm: PassthroughVM, refusal: Refusal, now: datetime) -> dict[str, Any] | None:
+    """Status for a VM that cannot be placed, or None when it already says exactly this."""
+    gen = vm.metadata.generation
+    conds = set_condition(
+        vm.status.conditions,
+        c.COND_SCHEDULED,
+        False,
+        refusal.reason,
+        refusal.message,
+        generation=gen,
+        now=now,
+    )
+    conds = _with_ready(conds, vm, gen, now)
+    nodes = [NodeRefusal(node_name=r.node, reasons=[*r.reasons, *r.details]) for r in refusal.nodes]
+    sched = SchedulingStatus(
+        message=refusal.message,
+        nodes=nodes[:MAX_NODES_IN_STATUS],
+        truncated=len(nodes) > MAX_NODES_IN_STATUS,
+        last_attempt_time=now,
+    )
+    current = vm.status.scheduling
+    if (
+        vm.status.phase == "Pending"
+        and same_conditions(vm.status.conditions, conds)
+        and current is not None
+        and current.message == sched.message
+        and current.nodes == sched.nodes
+    ):
+        return None
+    return {
+        "phase": "Pending",
+        "scheduling": sched.to_dict(),
+        "conditions": [x.to_dict() for x in conds],
+        "observedGeneration": gen,
+    }
+
+
+def _with_ready(conds: list[Any], vm: PassthroughVM, gen: int | None, now: datetime) -> list[Any]:
+    ok, reason, message = ready_condition(conds, running=vm.spec.running)
+    return set_condition(conds, c.COND_READY, ok, reason, message, generation=gen, now=now)
+
+
+def condition_status(  # noqa: PLR0917 - one condition's fields, in their usual order
+    vm: PassthroughVM,
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Status setting one condition (and Ready), or None when nothing would change."""
+    gen = vm.metadata.generation
+    conds = set_condition(
+        vm.status.conditions, type_, status, reason, message, generation=gen, now=now
+    )
+    if type_ != c.COND_READY:
+        conds = _with_ready(conds, vm, gen, now)
+    if same_conditions(vm.status.conditions, conds) and not extra:
+        return None
+    return {"conditions": [x.to_dict() for x in conds], **(extra or {})}
