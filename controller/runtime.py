@@ -90,6 +90,7 @@ class Runtime:
         self.pending: dict[str, PendingVM] = {}
         self.inflight: set[str] = set()
         self.finalizing: set[str] = set()
+        self._finalize_again: set[str] = set()
         self.wake = asyncio.Event()
         self.bind_slots = asyncio.Semaphore(settings.bind_concurrency)
         self.stats = Stats()
@@ -211,7 +212,11 @@ class Runtime:
         uid = vm.metadata.uid or ""
         if _is_deleting(vm):
             self.pending.pop(uid, None)
-            if c.FINALIZER_RELEASE in vm.metadata.finalizers and uid not in self.finalizing:
+            if c.FINALIZER_RELEASE not in vm.metadata.finalizers:
+                return
+            if uid in self.finalizing:
+                self._finalize_again.add(uid)  # news arrived mid-way: look again when done
+            else:
                 self.finalizing.add(uid)
                 self._spawn(self._finalize(vm_key(vm), uid))
             return
@@ -381,8 +386,7 @@ class Runtime:
             except Conflict:
                 got = await self.api.get(vm_path(*key))
                 self.inv.upsert_vm(PassthroughVM.model_validate(got))
-                self.finalizing.discard(uid)
-                self._consider(PassthroughVM.model_validate(got))
+                self._finalize_again.add(uid)
                 return
             except NotFound:
                 pass
@@ -393,6 +397,11 @@ class Runtime:
             )
         finally:
             self.finalizing.discard(uid)
+            if uid in self._finalize_again:
+                self._finalize_again.discard(uid)
+                latest = self.inv.vms.get(key)
+                if latest is not None and latest.metadata.uid == uid:
+                    self._consider(latest)
 
     async def _patch_status(
         self,

@@ -1,0 +1,644 @@
+"""The controller against the real kube-apiserver: PciDevices are published by the tests the way
+a node plugin publishes them, node Leases are renewed the way node plugins renew them, and
+the controller runs as its own process (`pcipt-controller run`)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from pcipt import constants as c
+from tests.integration.conftest import KubeCluster
+from tests.integration.ctlfix import (
+    OPERATOR_NS,
+    ControllerProcess,
+    LeaseKeeper,
+    World,
+    check_invariants,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def operator_namespace(kube: KubeCluster) -> None:
+    core = client.CoreV1Api(kube.api)
+    try:
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS)))
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+
+
+@pytest.fixture
+def world(kube: KubeCluster, namespace: str) -> Iterator[World]:
+    w = World(kube.api, namespace)
+    yield w
+    w.cleanup()
+
+
+@pytest.fixture
+def leases(kube: KubeCluster) -> Iterator[Callable[..., LeaseKeeper]]:
+    keepers: list[LeaseKeeper] = []
+
+    def start(*nodes: str) -> LeaseKeeper:
+        k = LeaseKeeper(kube.api, nodes).start()
+        keepers.append(k)
+        return k
+
+    yield start
+    for k in keepers:
+        k.stop()
+
+
+@pytest.fixture
+def controller(kube: KubeCluster, tmp_path: Path) -> Iterator[ControllerProcess]:
+    ctl = ControllerProcess(kube.kubeconfig, tmp_path).start()
+    yield ctl
+    ctl.stop()
+
+
+def phase(world: World, name: str, want: str) -> Callable[[], bool]:
+    return lambda: world.get_vm(name).status.phase == want
+
+
+# --- bind and release --------------------------------------------------------------------
+
+
+def test_bind_and_release(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    a = world.node("a")
+    leases(a)
+    d0 = world.device("a", "0000:3b:00.0")
+    world.device("a", "0000:3c:00.0")
+    gpu = world.flavor("a100")
+    world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(phase(world, "vm1", "Scheduled"), what="vm1 Scheduled")
+    vm = world.get_vm("vm1")
+    assert vm.status.node_name == a
+    assert vm.metadata.labels[c.LABEL_VM_NODE] == a
+    assert c.FINALIZER_RELEASE in vm.metadata.finalizers
+    (bound,) = vm.status.devices
+    assert bound.request == "gpu" and bound.pci_device == d0 and bound.address == "0000:3b:00.0"
+    ref = world.get_device(d0).spec.claim_ref
+    assert (
+        ref is not None
+        and ref.uid == vm.metadata.uid
+        and ref.request == "gpu"
+        and ref.flavor == gpu
+    )
+    conds = {x.type: x for x in vm.status.conditions}
+    assert conds[c.COND_SCHEDULED].status == "True" and conds[c.COND_DEVICES_BOUND].status == "True"
+    assert conds[c.COND_SCHEDULED].observed_generation == vm.metadata.generation
+    assert vm.status.device_summary == "1/1"
+
+    # Deleting waits for the node to remove the domain: the device stays claimed meanwhile.
+    world.delete_vm("vm1", domain_gone=False)
+    wait_for(phase(world, "vm1", "Terminating"), what="vm1 Terminating")
+    time.sleep(1.0)
+    assert world.get_device(d0).spec.claim_ref is not None
+    world.domain_gone("vm1")
+    wait_for(lambda: world.get_device(d0).spec.claim_ref is None, what="device released")
+    wait_for(lambda: not world.vms(), what="vm1 gone (finalizer removed)")
+    check_invariants(world)
+
+
+def test_refusal_reasons_text(
+    world: World,
+    kube: KubeCluster,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    leases(world.node("a"), world.node("b"), world.node("c"))
+    world.device("a", "0000:3b:00.0")
+    world.device("b", "0000:3b:00.0")
+    world.device("c", "0000:3b:00.0", numa=0)
+    world.device("c", "0000:af:00.0", numa=1)
+    world.device("dead", "0000:3b:00.0")  # no lease: not alive
+    gpu = world.flavor("a100")
+    world.vm("big", [{"name": "gpus", "flavor": gpu, "count": 2, "numaPolicy": "required"}])
+    vm = wait_for(lambda: (v := world.get_vm("big")).status.scheduling and v, what="a refusal")
+    # The flavor is unique to this test, so only this test's nodes have its devices; nodes
+    # of other tests count as nodes without any.
+    msg = vm.status.scheduling.message
+    assert "2 node(s) have only 1 free a100-" in msg and "(need 2)" in msg
+    assert "1 node(s) cannot place gpus on a single NUMA node (at most 1 free" in msg
+    assert "1 node(s) not alive" in msg
+    assert msg.startswith("0/")
+    per_node = {n.node_name: n.reasons for n in vm.status.scheduling.nodes}
+    assert per_node[world.node("dead")] == ["not alive"]
+    cond = next(x for x in vm.status.conditions if x.type == c.COND_SCHEDULED)
+    assert cond.status == "False" and cond.reason == "Unschedulable" and cond.message == msg
+    ready = next(x for x in vm.status.conditions if x.type == c.COND_READY)
+    assert ready.status == "False" and ready.message == msg
+    assert vm.status.phase == "Pending"
+    # One FailedScheduling event for the transition, not one per retry.
+    events = wait_for(
+        lambda: [
+            e
+            for e in client.CoreV1Api(kube.api).list_namespaced_event(world.namespace).items
+            if e.reason == c.REASON_FAILED_SCHEDULING
+        ],
+        what="a FailedScheduling event",
+    )
+    time.sleep(2)
+    events = [
+        e
+        for e in client.CoreV1Api(kube.api).list_namespaced_event(world.namespace).items
+        if e.reason == c.REASON_FAILED_SCHEDULING
+    ]
+    assert len(events) == 1 and events[0].message == msg
+    out = kube.kubectl("get", "ptvm", "big", "-n", world.namespace, "-o", "wide").stdout
+    assert "Pending" in out and "cannot place gpus on a single NUMA node" in out
+
+
+def test_numa_required_vs_preferred(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    world.device("a", "0000:3b:00.0", numa=0)
+    world.device("a", "0000:af:00.0", numa=1)
+    gpu = world.flavor("a100")
+    world.vm("strict", [{"name": "g", "flavor": gpu, "count": 2, "numaPolicy": "required"}])
+    world.vm("loose", [{"name": "g", "flavor": gpu, "count": 2, "numaPolicy": "preferred"}])
+    wait_for(phase(world, "loose", "Scheduled"), what="preferred VM placed across NUMA nodes")
+    assert {d.numa_node for d in world.get_vm("loose").status.devices} == {0, 1}
+    strict = wait_for(lambda: (v := world.get_vm("strict")).status.scheduling and v, what="refusal")
+    assert "cannot place g on a single NUMA node" in strict.status.scheduling.message
+    check_invariants(world)
+
+
+def test_iommu_companions_are_claimed_and_released_together(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    gpu_dev = world.device("a", "0000:3b:00.0", group=12, peers=["0000:3b:00.1"])
+    audio = world.device(
+        "a", "0000:3b:00.1", product="1aef", cls="040300", group=12, peers=["0000:3b:00.0"]
+    )
+    gpu = world.flavor("a100")
+    world.vm("vm", [{"name": "gpu", "flavor": gpu}])
+    wait_for(phase(world, "vm", "Scheduled"), what="placed")
+    vm = world.get_vm("vm")
+    by_dev = {d.pci_device: d for d in vm.status.devices}
+    assert set(by_dev) == {gpu_dev, audio}
+    assert by_dev[audio].companion and not by_dev[gpu_dev].companion
+    ref = world.get_device(audio).spec.claim_ref
+    assert ref is not None and ref.companion and ref.uid == vm.metadata.uid and ref.flavor is None
+    world.delete_vm("vm")
+    wait_for(lambda: all(d.spec.claim_ref is None for d in world.devices()), what="both released")
+
+
+def test_optional_request_skipped_then_absent(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm(
+        "vm", [{"name": "gpu", "flavor": gpu}, {"name": "extra", "flavor": gpu, "optional": True}]
+    )
+    wait_for(phase(world, "vm", "Scheduled"), what="placed without the optional device")
+    vm = world.get_vm("vm")
+    assert [d.request for d in vm.status.devices] == ["gpu"]
+    assert [s.request for s in vm.status.skipped] == ["extra"]
+    assert "have no free" in vm.status.skipped[0].reason
+    assert vm.status.device_summary == "1/2"
+    # A device freeing up later does not change a running VM (hot-plug comes later).
+    world.device("a", "0000:3c:00.0")
+    time.sleep(2)
+    assert [d.request for d in world.get_vm("vm").status.devices] == ["gpu"]
+
+
+def test_namespace_permission_and_quota(
+    world: World,
+    kube: KubeCluster,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    leases(world.node("a"))
+    for i in range(4):
+        world.device("a", f"0000:3{i}:00.0")
+    core = client.CoreV1Api(kube.api)
+    gpu = world.flavor(
+        "a100",
+        access={"namespaceSelector": {"matchLabels": {"gpu": "yes"}}},
+        limits={"maxPerNamespace": 2},
+    )
+    world.vm("early", [{"name": "gpu", "flavor": gpu}])
+    vm = wait_for(lambda: (v := world.get_vm("early")).status.conditions and v, what="a condition")
+    cond = next(x for x in vm.status.conditions if x.type == c.COND_SCHEDULED)
+    assert cond.reason == "NotPermitted" and f"may not use flavor {gpu}" in cond.message
+
+    core.patch_namespace(world.namespace, {"metadata": {"labels": {"gpu": "yes"}}})
+    wait_for(phase(world, "early", "Scheduled"), what="placed once the namespace is permitted")
+    world.vm("second", [{"name": "gpu", "flavor": gpu}])
+    wait_for(phase(world, "second", "Scheduled"), what="second within quota")
+    world.vm("third", [{"name": "gpu", "flavor": gpu}])
+    vm = wait_for(
+        lambda: (v := world.get_vm("third")).status.conditions and v, what="quota refusal"
+    )
+    cond = next(x for x in vm.status.conditions if x.type == c.COND_SCHEDULED)
+    assert (
+        cond.reason == "LimitExceeded"
+        and "holds 2" in cond.message
+        and "allows 2 per namespace" in cond.message
+    )
+    # Freeing one of the namespace's devices lets the third in.
+    world.delete_vm("early")
+    wait_for(phase(world, "third", "Scheduled"), what="third placed after a release")
+    check_invariants(world)
+
+
+def test_pinned_address_and_nodeselector(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"), world.node("b"))
+    world.device("a", "0000:3b:00.0")
+    pinned = world.device("b", "0000:3c:00.0")
+    world.device("b", "0000:3d:00.0")
+    gpu = world.flavor("a100")
+    world.vm(
+        "pin",
+        [{"name": "gpu", "flavor": gpu, "address": "0000:3c:00.0"}],
+        nodeSelector={"kubernetes.io/hostname": world.node("b")},
+    )
+    wait_for(phase(world, "pin", "Scheduled"), what="pinned VM placed")
+    assert [d.pci_device for d in world.get_vm("pin").status.devices] == [pinned]
+
+
+def test_sriov_network_takes_a_vf_on_its_physnet_and_vlan(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    world.device(
+        "a",
+        "0000:5e:02.0",
+        vendor="8086",
+        product="1889",
+        cls="020000",
+        role="VF",
+        physnet="physnet1",
+    )
+    vf = world.device(
+        "a",
+        "0000:5e:02.1",
+        vendor="8086",
+        product="1889",
+        cls="020000",
+        role="VF",
+        physnet="physnet2",
+        netdev="ens1f0v1",
+    )
+    nic = world.flavor(
+        "vf",
+        "nic",
+        selector={"vendorIDs": ["8086"], "sriovRoles": ["VF"]},
+        networking={"vlanRanges": ["100-199"]},
+    )
+    world.vm(
+        "router",
+        networks=[
+            {
+                "name": "uplink",
+                "flavor": nic,
+                "physicalNetwork": "physnet2",
+                "vlan": 120,
+                "mac": "52:54:00:6e:10:01",
+            }
+        ],
+    )
+    wait_for(phase(world, "router", "Scheduled"), what="VF bound")
+    (net,) = world.get_vm("router").status.networks
+    assert (
+        net.pci_device == vf
+        and net.vlan == 120
+        and net.mac == "52:54:00:6e:10:01"
+        and net.netdev == "ens1f0v1"
+    )
+    world.vm("wrongvlan", networks=[{"name": "up", "flavor": nic, "vlan": 300}])
+    vm = wait_for(lambda: (v := world.get_vm("wrongvlan")).status.conditions and v, what="refusal")
+    cond = next(x for x in vm.status.conditions if x.type == c.COND_SCHEDULED)
+    assert cond.reason == "NetworkNotAllowed" and "VLAN 300" in cond.message
+
+
+# --- capacity changes, liveness, audit -------------------------------------------------------
+
+
+def test_pending_vm_binds_within_a_second_of_capacity_appearing(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    cordoned = world.device("a", "0000:3b:00.0", unschedulable=True)
+    gpu = world.flavor("a100")
+    world.vm("waiting", [{"name": "gpu", "flavor": gpu}])
+    wait_for(lambda: world.get_vm("waiting").status.scheduling, what="refusal")
+    for change in ("uncordon", "new device"):
+        started = time.monotonic()
+        if change == "uncordon":
+            world.custom.patch_cluster_custom_object(
+                c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, cordoned, {"spec": {"unschedulable": False}}
+            )
+        else:
+            world.device("a", "0000:3c:00.0")
+        wait_for(phase(world, "waiting", "Scheduled"), timeout=5, what=f"bind after {change}")
+        took = time.monotonic() - started
+        assert took < 1.5, f"took {took:.2f}s to notice the {change}"
+        world.delete_vm("waiting")
+        wait_for(lambda: not world.vms(), what="released")
+        if change == "uncordon":
+            world.custom.patch_cluster_custom_object(
+                c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, cordoned, {"spec": {"unschedulable": True}}
+            )
+            world.vm("waiting", [{"name": "gpu", "flavor": gpu, "address": "0000:3c:00.0"}])
+            wait_for(lambda: world.get_vm("waiting").status.scheduling, what="refusal")
+
+
+def test_node_not_alive_makes_devices_unschedulable_and_marks_its_vms(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    a, b = world.node("a"), world.node("b")
+    keeper_a = leases(a)
+    leases(b)
+    world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm("on-a", [{"name": "gpu", "flavor": gpu}])
+    wait_for(phase(world, "on-a", "Scheduled"), what="placed on a")
+    keeper_a.stop()  # node a's plugin dies
+    vm = wait_for(
+        lambda: (
+            (v := world.get_vm("on-a"))
+            and any(
+                x.type == c.COND_NODE_ALIVE and x.status == "False" for x in v.status.conditions
+            )
+            and v
+        ),
+        timeout=15,
+        what="NodeAlive=False on the VM",
+    )
+    ready = next(x for x in vm.status.conditions if x.type == c.COND_READY)
+    assert ready.status == "False" and ready.reason == c.REASON_NODE_NOT_ALIVE
+    world.vm("new", [{"name": "gpu", "flavor": gpu}])
+    vm = wait_for(lambda: (v := world.get_vm("new")).status.scheduling and v, what="refusal")
+    assert "not alive" in vm.status.scheduling.message
+    # A VM on a dead node is released without waiting for a domain report.
+    world.delete_vm("on-a", domain_gone=False)
+    wait_for(
+        lambda: not [v for v in world.vms() if v.metadata.name == "on-a"],
+        what="released from dead node",
+    )
+
+
+def test_flavor_counts_stay_current(
+    world: World,
+    kube: KubeCluster,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    leases(world.node("a"))
+    world.device("a", "0000:3b:00.0")
+    world.device("a", "0000:3c:00.0")
+    world.device("a", "0000:3d:00.0", health="Unhealthy")
+    gpu = world.flavor("a100")
+
+    def status() -> dict[str, int]:
+        st = world.custom.get_cluster_custom_object(
+            c.GROUP, c.VERSION, c.PLURAL_PCIFLAVOR, gpu
+        ).get("status", {})
+        return {k: st.get(k, 0) for k in ("total", "allocatable", "allocated", "free", "unhealthy")}
+
+    wait_for(
+        lambda: (
+            status() == {"total": 3, "allocatable": 2, "allocated": 0, "free": 2, "unhealthy": 1}
+        ),
+        what="counts",
+    )
+    world.vm("vm", [{"name": "gpu", "flavor": gpu}])
+    wait_for(
+        lambda: status()["free"] == 1 and status()["allocated"] == 1, what="counts after a bind"
+    )
+    out = kube.kubectl("get", "pciflavor", gpu).stdout.splitlines()
+    assert out[0].split()[:4] == ["NAME", "TYPE", "TOTAL", "FREE"] and out[1].split()[1:4] == [
+        "gpu",
+        "3",
+        "1",
+    ]
+
+
+def test_audit_releases_orphaned_claims_and_reclaims_missing_ones(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    d0 = world.device("a", "0000:3b:00.0")
+    d1 = world.device("a", "0000:3c:00.0")
+    gpu = world.flavor("a100")
+    # An orphan: a claim for a VM that does not exist, as a crash mid-bind could leave.
+    world.custom.patch_cluster_custom_object(
+        c.GROUP,
+        c.VERSION,
+        c.PLURAL_PCIDEVICE,
+        d1,
+        {
+            "spec": {
+                "claimRef": {
+                    "namespace": world.namespace,
+                    "name": "ghost",
+                    "uid": "ghost-uid",
+                    "request": "gpu",
+                    "flavor": gpu,
+                    "claimedAt": "2020-01-01T00:00:00Z",
+                }
+            }
+        },
+    )
+    wait_for(
+        lambda: world.get_device(d1).spec.claim_ref is None, timeout=15, what="orphan released"
+    )
+    # A missing claim: the VM lists a device whose claimRef was lost.
+    world.vm("vm", [{"name": "gpu", "flavor": gpu}])
+    wait_for(phase(world, "vm", "Scheduled"), what="placed")
+    held = world.get_vm("vm").status.devices[0].pci_device
+    world.custom.patch_cluster_custom_object(
+        c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, held, {"spec": {"claimRef": None}}
+    )
+    wait_for(
+        lambda: (r := world.get_device(held).spec.claim_ref) is not None and r.name == "vm",
+        timeout=15,
+        what="claim restored",
+    )
+    assert d0 in {held, d1}
+    check_invariants(world)
+
+
+def test_webhook_refuses_unknown_flavor_and_unpermitted_namespace(
+    world: World, kube: KubeCluster, leases: Callable[..., LeaseKeeper], tmp_path: Path
+) -> None:
+    ctl = ControllerProcess(kube.kubeconfig, tmp_path, "--webhook", "dev").start()
+    try:
+        gpu = world.flavor("a100", access={"namespaceSelector": {"matchLabels": {"gpu": "yes"}}})
+        admission = client.AdmissionregistrationV1Api(kube.api)
+        wait_for(
+            lambda: any(
+                w.metadata.name == f"validate.{c.GROUP}"
+                for w in admission.list_validating_webhook_configuration().items
+            ),
+            what="webhook configuration",
+        )
+
+        def refused(spec_devices: list[dict[str, str]]) -> str:
+            try:
+                world.vm("x", spec_devices)
+            except client.ApiException as e:
+                return str(e.body)
+            world.cleanup()
+            return ""
+
+        msg = wait_for(
+            lambda: refused([{"name": "gpu", "flavor": "no-such-flavor"}]), what="webhook refusal"
+        )
+        assert "flavor no-such-flavor does not exist" in msg
+        msg = refused([{"name": "gpu", "flavor": gpu}])
+        assert f"may not use flavor {gpu}" in msg
+    finally:
+        ctl.stop()
+        for w in (
+            client.AdmissionregistrationV1Api(kube.api)
+            .list_validating_webhook_configuration()
+            .items
+        ):
+            if w.metadata.name == f"validate.{c.GROUP}":
+                client.AdmissionregistrationV1Api(kube.api).delete_validating_webhook_configuration(
+                    w.metadata.name
+                )
+
+
+def test_without_webhook_an_unknown_flavor_lands_as_a_condition(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    world.vm("typo", [{"name": "gpu", "flavor": "a1000"}])
+    vm = wait_for(lambda: (v := world.get_vm("typo")).status.conditions and v, what="a condition")
+    cond = next(x for x in vm.status.conditions if x.type == c.COND_SCHEDULED)
+    assert (
+        cond.status == "False"
+        and cond.reason == "FlavorNotFound"
+        and "flavor a1000 does not exist" in cond.message
+    )
+
+
+# --- races and crashes -----------------------------------------------------------------------
+
+
+def _race_world(
+    world: World, leases: Callable[..., LeaseKeeper], nodes: int = 5, per_node: int = 10
+) -> str:
+    leases(*(world.node(f"n{i}") for i in range(nodes)))
+    for i in range(nodes):
+        for j in range(per_node):
+            world.device(f"n{i}", f"0000:{j + 16:02x}:00.0", numa=j % 2)
+    return world.flavor("a100")
+
+
+def _create_burst(world: World, flavor: str, count: int, threads: int = 8) -> None:
+    names = [f"vm-{i:03d}" for i in range(count)]
+
+    def worker(chunk: list[str]) -> None:
+        for n in chunk:
+            world.vm(n, [{"name": "gpu", "flavor": flavor}])
+
+    ts = [threading.Thread(target=worker, args=(names[i::threads],)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+def _settled(world: World, bound: int) -> Callable[[], dict[str, int] | None]:
+    def check() -> dict[str, int] | None:
+        vms = world.vms()
+        done = sum(1 for v in vms if v.status.node_name)
+        pending_with_reason = sum(1 for v in vms if not v.status.node_name and v.status.scheduling)
+        if done == bound and done + pending_with_reason == len(vms):
+            return {"bound": done, "pending": pending_with_reason}
+        return None
+
+    return check
+
+
+def test_race_200_vms_for_50_devices(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    gpu = _race_world(world, leases)
+    _create_burst(world, gpu, 200)
+    counts = wait_for(
+        _settled(world, 50), timeout=60, interval=0.5, what="50 bound, 150 pending with reasons"
+    )
+    assert counts == {"bound": 50, "pending": 150}
+    assert check_invariants(world)["claimed"] == 50
+    pending = [v for v in world.vms() if not v.status.node_name]
+    assert all("have no free" in v.status.scheduling.message for v in pending)
+
+    # Deleting 50 bound VMs lets 50 pending ones bind within seconds.
+    bound = [v.metadata.name for v in world.vms() if v.status.node_name]
+    started = time.monotonic()
+    for name in bound:
+        world.delete_vm(name)
+    wait_for(_settled(world, 50), timeout=30, interval=0.2, what="the next 50 bound")
+    took = time.monotonic() - started
+    assert {v.metadata.name for v in world.vms()}.isdisjoint(bound)
+    assert check_invariants(world)["claimed"] == 50
+    assert took < 15, f"re-binding 50 VMs took {took:.1f}s"
+
+
+def test_two_controllers_at_once_never_double_claim(
+    world: World, kube: KubeCluster, leases: Callable[..., LeaseKeeper], tmp_path: Path
+) -> None:
+    first = ControllerProcess(kube.kubeconfig, tmp_path, name="first").start()
+    second = ControllerProcess(kube.kubeconfig, tmp_path, name="second").start()
+    try:
+        gpu = _race_world(world, leases)
+        _create_burst(world, gpu, 200)
+        wait_for(_settled(world, 50), timeout=90, interval=0.5, what="50 bound, 150 pending")
+        assert check_invariants(world)["claimed"] == 50
+        bound = [v.metadata.name for v in world.vms() if v.status.node_name]
+        for name in bound[:25]:
+            world.delete_vm(name)
+        wait_for(_settled(world, 50), timeout=60, interval=0.5, what="re-bound after deletions")
+        assert check_invariants(world)["claimed"] == 50
+        lost = first.log().count("lost a race") + second.log().count("lost a race")
+        print(f"two controllers: {lost} lost races, both logs consistent")
+        assert "bound vm=" in first.log() and "bound vm=" in second.log(), (
+            "both controllers should have bound some VMs"
+        )
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_sigkill_during_a_burst_leaks_nothing(
+    world: World, kube: KubeCluster, leases: Callable[..., LeaseKeeper], tmp_path: Path
+) -> None:
+    ctl = ControllerProcess(kube.kubeconfig, tmp_path).start()
+    try:
+        gpu = _race_world(world, leases, nodes=4, per_node=10)
+        rng = random.Random(7)
+        creator = threading.Thread(target=_create_burst, args=(world, gpu, 80, 4))
+        creator.start()
+        kills = 0
+        while creator.is_alive() or kills < 4:
+            time.sleep(rng.uniform(0.2, 1.2))
+            ctl.kill()
+            kills += 1
+            ctl.start()
+        creator.join()
+        wait_for(_settled(world, 40), timeout=60, interval=0.5, what="settled after the kills")
+        counts = check_invariants(world)
+        assert counts["claimed"] == 40 and counts["bound"] == 40
+        assert kills >= 4
+    finally:
+        ctl.stop()
