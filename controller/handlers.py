@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kopf
 
 from controller.runtime import ControllerSettings, Runtime
 from pcipt import constants as c
 from pcipt import tls
-from pcipt.kubeclient import KubeClient, load_credentials
+from pcipt.kubeclient import ApiError, KubeClient, load_credentials
 
 registry = kopf.OperatorRegistry()
 log = logging.getLogger("pcipt.controller")
@@ -63,7 +64,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     configure_kopf(settings, memo.get("webhook"))
     api = KubeClient(load_credentials(os.environ.get("KUBECONFIG")), user_agent="pcipt-controller")
     runtime = Runtime(api, cfg)
-    await runtime.start()
+    try:
+        await runtime.start()
+    except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
+        await api.close()
+        raise kopf.TemporaryError(f"start-up sync failed, retrying: {e}", delay=2) from e
+    except Exception as e:
+        # A bug, not weather: exit, so the pod restarts and the error is seen.
+        log.exception("start-up failed")
+        await api.close()
+        raise kopf.PermanentError(f"start-up failed: {e}") from e
     memo["runtime"] = runtime
 
 

@@ -75,10 +75,11 @@ class Inventory:
     usage: Counter[tuple[str, str]] = field(default_factory=Counter)
     reserved: dict[str, str] = field(default_factory=dict)
     """device name -> uid of the VM whose bind is in flight"""
-    capacity_epoch: Counter[str] = field(default_factory=Counter)
-    """per flavor, bumped whenever its free capacity may have grown: pending VMs retry then"""
-    epoch: int = 0
-    """bumped on any change a VM-level decision depends on (flavors, namespaces, nodes)"""
+    grown: set[str] = field(default_factory=set)
+    """flavors whose free capacity may have grown since the scheduler last looked: VMs waiting
+    on them are tried again"""
+    changed: bool = False
+    """something every VM-level decision depends on changed (flavors, namespaces, nodes)"""
     _alive: dict[str, bool] = field(default_factory=dict)
     _facts: dict[str, NodeFacts] = field(default_factory=dict)
 
@@ -141,7 +142,7 @@ class Inventory:
                 self.members[fname].discard(d.name)
 
     def _refresh_node(self, node: str) -> None:
-        """Recompute a node's free counts; bump the epoch of every flavor whose count grew."""
+        """Recompute a node's free counts; note every flavor whose count grew."""
         devs = self.by_node.get(node, {})
         if not devs:
             self.by_node.pop(node, None)
@@ -154,7 +155,7 @@ class Inventory:
             before = self.free[fname].get(node, 0)
             self.free[fname][node] = n
             if n > before and self.is_alive(node):
-                self.capacity_epoch[fname] += 1
+                self.grown.add(fname)
 
     # --- reservations for binds in flight ------------------------------------------------
 
@@ -186,7 +187,7 @@ class Inventory:
         self.flavors.pop(name, None)
         self.members.pop(name, None)
         self.free.pop(name, None)
-        self.epoch += 1
+        self.changed = True
 
     def _reindex_all(self) -> None:
         self.members.clear()
@@ -195,8 +196,8 @@ class Inventory:
         for node in list(self.by_node):
             self._refresh_node(node)
         for fname in self.flavors:
-            self.capacity_epoch[fname] += 1
-        self.epoch += 1
+            self.grown.add(fname)
+        self.changed = True
 
     def upsert_vm(self, vm: PassthroughVM) -> bool:
         key = vm_key(vm)
@@ -218,9 +219,9 @@ class Inventory:
             self.namespaces.pop(name, None)
         else:
             self.namespaces[name] = dict(labels)
-        self.epoch += 1
+        self.changed = True
         for fname in self.flavors:  # access may have opened up
-            self.capacity_epoch[fname] += 1
+            self.grown.add(fname)
 
     def set_node_labels(self, node: str, labels: Mapping[str, str] | None) -> None:
         if labels is None:
@@ -231,7 +232,7 @@ class Inventory:
         for d in self.by_node.get(node, {}).values():
             self._refresh_membership(d)
         self._refresh_node(node)
-        self.epoch += 1
+        self.changed = True
 
     def renew_lease(self, node: str, renewed_at: float) -> None:
         self.leases[node] = max(renewed_at, self.leases.get(node, 0.0))
@@ -253,9 +254,9 @@ class Inventory:
                 if alive:
                     for fname, counts in self.free.items():
                         if counts.get(node):
-                            self.capacity_epoch[fname] += 1
+                            self.grown.add(fname)
         if changed:
-            self.epoch += 1
+            self.changed = True
         return changed
 
     def facts(self, node: str) -> NodeFacts:
@@ -296,10 +297,6 @@ class Inventory:
             # (an interrupted bind) gets the full search, which counts its own devices as free.
             free=self.free if not own else None,
         )
-
-    def flavor_epochs(self, vm: PassthroughVM) -> tuple[int, ...]:
-        names = sorted({r.flavor for r in vm.spec.devices} | {r.flavor for r in vm.spec.networks})
-        return (self.epoch, *(self.capacity_epoch[n] for n in names))
 
     def claimed_by(self, uid: str) -> list[Device]:
         return sorted(

@@ -51,8 +51,8 @@ class PendingVM:
     key: VmKey
     uid: str
     created: str
-    attempted: tuple[Any, ...] | None = None
-    """What the last refusal was computed against; the VM is retried only when it changes."""
+    generation: int | None = None
+    """The spec generation last tried; a new one is tried again at once."""
     refused_message: str | None = None
 
 
@@ -88,6 +88,11 @@ class Runtime:
         self.binder = Binder(api, self.inv)
         self.events = EventRecorder(api, settings.namespace)
         self.pending: dict[str, PendingVM] = {}
+        """Every VM not placed yet, by UID."""
+        self.to_try: set[str] = set()
+        """Pending VMs to try in the next pass."""
+        self.waiting: dict[str, set[str]] = {}
+        """Refused VMs by the flavors they wait on: tried again when capacity of one grows."""
         self.inflight: set[str] = set()
         self.finalizing: set[str] = set()
         self._finalize_again: set[str] = set()
@@ -223,12 +228,15 @@ class Runtime:
         if vm.status.node_name:
             self.pending.pop(uid, None)
             return
-        if uid not in self.pending:
+        entry = self.pending.get(uid)
+        if entry is None:
             created = (
                 vm.metadata.creation_timestamp.isoformat() if vm.metadata.creation_timestamp else ""
             )
-            self.pending[uid] = PendingVM(vm_key(vm), uid, created)
-        self.wake.set()
+            entry = self.pending[uid] = PendingVM(vm_key(vm), uid, created)
+        if entry.generation != vm.metadata.generation:
+            self.to_try.add(uid)  # new, or its spec changed: try now (our status writes are not)
+            self.wake.set()
 
     # --- scheduling ----------------------------------------------------------------------
 
@@ -243,12 +251,30 @@ class Runtime:
                 await asyncio.sleep(1)
                 self.wake.set()
 
+    def _collect_ready(self) -> None:
+        """Move refused VMs whose wait is over into the ready set."""
+        if self.inv.changed:
+            self.inv.changed = False
+            self.inv.grown.clear()
+            self.waiting.clear()
+            self.to_try.update(self.pending)
+            return
+        for flavor in self.inv.grown:
+            self.to_try.update(self.waiting.pop(flavor, ()))
+        self.inv.grown.clear()
+
     async def _schedule_pass(self) -> None:
-        """One pass over the queue, oldest first. A VM refused before is tried again only when
-        something it depends on changed (capacity of its flavors, flavors, namespaces, nodes,
-        its own spec)."""
+        """Try the ready VMs, oldest first. Work is proportional to what changed: a refused VM
+        waits, by the flavors it asked for, until capacity of one of them grows (or flavors,
+        namespaces or nodes change, or its own spec does)."""
+        self._collect_ready()
         decisions = 0
-        for entry in sorted(self.pending.values(), key=lambda e: (e.created, e.key)):
+        batch = sorted(
+            (self.pending[u] for u in self.to_try if u in self.pending),
+            key=lambda e: (e.created, e.key),
+        )
+        self.to_try.clear()
+        for entry in batch:
             if entry.uid in self.inflight or entry.uid not in self.pending:
                 continue
             vm = self.inv.vms.get(entry.key)
@@ -260,9 +286,7 @@ class Runtime:
             ):
                 self.pending.pop(entry.uid, None)
                 continue
-            marker = (self.inv.flavor_epochs(vm), vm.metadata.generation)
-            if entry.attempted == marker:
-                continue
+            entry.generation = vm.metadata.generation
             result = schedule(self.inv.scheduling_input(vm, self.settings.scoring))
             decisions += 1
             if isinstance(result, Placement):
@@ -270,11 +294,15 @@ class Runtime:
                 self.inv.reserve(result.devices(), entry.uid)
                 self._spawn(self._bind(entry, vm, result))
             else:
-                entry.attempted = marker
+                for flavor in {r.flavor for r in vm.spec.devices} | {
+                    r.flavor for r in vm.spec.networks
+                }:
+                    self.waiting.setdefault(flavor, set()).add(entry.uid)
                 self.stats.refusals += 1
                 self._spawn(self._refuse(entry, vm, result))
             if decisions % 16 == 0:
                 await asyncio.sleep(0)  # let watch events and binds in flight through
+                self._collect_ready()
 
     async def _bind(self, entry: PendingVM, vm: PassthroughVM, placement: Placement) -> None:
         started = time.monotonic()
@@ -318,7 +346,8 @@ class Runtime:
         finally:
             self.inv.unreserve(entry.uid)
             self.inflight.discard(entry.uid)
-            entry.attempted = None
+            if entry.uid in self.pending:
+                self.to_try.add(entry.uid)
             self.wake.set()
 
     async def _refresh_after_race(self, key: VmKey, placement: Placement) -> None:
@@ -345,7 +374,7 @@ class Runtime:
         try:
             got = await self.api.patch(vm_path(*entry.key, status=True), body)
         except (Conflict, NotFound):
-            entry.attempted = None  # it changed under us: look again with the fresh object
+            self.to_try.add(entry.uid)  # it changed under us: look again with the fresh object
             self.wake.set()
             return
         self.inv.upsert_vm(PassthroughVM.model_validate(got))
