@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from pcipt.kubeclient import KubeClient, crd_path, load_credentials, retry_trans
 
 NS = "bench"
 FLAVOR = "bench-gpu"
-METRIC = re.compile(r'^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$')
+METRIC = re.compile(r"^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -92,11 +91,15 @@ async def request_counts(api: KubeClient) -> Counter[tuple[str, str, str]]:
             continue
         labels = dict(kv.split("=", 1) for kv in re.findall(r'(\w+="[^"]*")', m.group(1)))
         labels = {k: v.strip('"') for k, v in labels.items()}
-        out[(labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", ""))] += int(float(m.group(2)))
+        out[
+            (labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", ""))
+        ] += int(float(m.group(2)))
     return out
 
 
-def diff(after: Counter[tuple[str, str, str]], before: Counter[tuple[str, str, str]]) -> dict[str, int]:
+def diff(
+    after: Counter[tuple[str, str, str]], before: Counter[tuple[str, str, str]]
+) -> dict[str, int]:
     out = {}
     for k, v in after.items():
         d = v - before.get(k, 0)
@@ -109,20 +112,40 @@ async def publish(api: KubeClient, nodes: int, per_node: int) -> None:
     async def one(node: str, i: int) -> None:
         addr = f"0000:{0x10 + i:02x}:00.0"
         name = pcidevice_name(node, addr)
-        body = {"apiVersion": c.API_VERSION, "kind": "PciDevice",
-                "metadata": {"name": name, "labels": {c.LABEL_NODE: node}},
-                "spec": {"nodeName": node, "address": addr}}
+        body = {
+            "apiVersion": c.API_VERSION,
+            "kind": "PciDevice",
+            "metadata": {"name": name, "labels": {c.LABEL_NODE: node}},
+            "spec": {"nodeName": node, "address": addr},
+        }
         await api.create(crd_path(c.PLURAL_PCIDEVICE), body)
-        status = {"vendorID": "10de", "productID": "20b0", "classCode": "030200", "driver": "vfio-pci",
-                  "numaNode": i * 2 // per_node, "health": "Healthy", "sriov": {"role": "None"}}
-        await api.patch(crd_path(c.PLURAL_PCIDEVICE, name, subresource="status"), {"status": status})
+        status = {
+            "vendorID": "10de",
+            "productID": "20b0",
+            "classCode": "030200",
+            "driver": "vfio-pci",
+            "numaNode": i * 2 // per_node,
+            "health": "Healthy",
+            "sriov": {"role": "None"},
+        }
+        await api.patch(
+            crd_path(c.PLURAL_PCIDEVICE, name, subresource="status"), {"status": status}
+        )
 
     async def lease(node: str) -> None:
-        await api.create(f"/apis/coordination.k8s.io/v1/namespaces/{c.DEFAULT_NAMESPACE}/leases", {
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": f"{c.NODE_LEASE_PREFIX}{node}"},
-            "spec": {"holderIdentity": node, "leaseDurationSeconds": 3600, "renewTime": now_iso()},
-        })
+        await api.create(
+            f"/apis/coordination.k8s.io/v1/namespaces/{c.DEFAULT_NAMESPACE}/leases",
+            {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": f"{c.NODE_LEASE_PREFIX}{node}"},
+                "spec": {
+                    "holderIdentity": node,
+                    "leaseDurationSeconds": 3600,
+                    "renewTime": now_iso(),
+                },
+            },
+        )
 
     names = [f"node-{n:04d}" for n in range(nodes)]
     await gather_limited(32, [lease(n) for n in names])
@@ -136,29 +159,42 @@ async def measure_r(api: KubeClient, seconds: float = 4.0) -> dict[int, float]:
         node = "scratch"
         addr = f"0000:{0x80 + i:02x}:00.0"
         name = pcidevice_name(node, addr)
-        got = await api.create(crd_path(c.PLURAL_PCIDEVICE), {
-            "apiVersion": c.API_VERSION, "kind": "PciDevice", "metadata": {"name": name},
-            "spec": {"nodeName": node, "address": addr, "unschedulable": True}})
+        got = await api.create(
+            crd_path(c.PLURAL_PCIDEVICE),
+            {
+                "apiVersion": c.API_VERSION,
+                "kind": "PciDevice",
+                "metadata": {"name": name},
+                "spec": {"nodeName": node, "address": addr, "unschedulable": True},
+            },
+        )
         scratch.append((name, got["metadata"]["resourceVersion"]))
     rates = {}
     for conc in (1, 8, 32):
         done = 0
         stop = time.monotonic() + seconds
 
-        async def worker(idx: int) -> None:
+        async def worker(idx: int, stop: float) -> None:
             nonlocal done
             name, rv = scratch[idx]
             flip = False
             while time.monotonic() < stop:
                 flip = not flip
-                got = await api.patch(crd_path(c.PLURAL_PCIDEVICE, name), {
-                    "metadata": {"resourceVersion": rv, "annotations": {"bench": str(flip).lower()}}})
+                got = await api.patch(
+                    crd_path(c.PLURAL_PCIDEVICE, name),
+                    {
+                        "metadata": {
+                            "resourceVersion": rv,
+                            "annotations": {"bench": str(flip).lower()},
+                        }
+                    },
+                )
                 rv = got["metadata"]["resourceVersion"]
                 done += 1
             scratch[idx] = (name, rv)
 
         t0 = time.monotonic()
-        await asyncio.gather(*(worker(i) for i in range(conc)))
+        await asyncio.gather(*(worker(i, stop) for i in range(conc)))
         rates[conc] = done / (time.monotonic() - t0)
     for name, _ in scratch:
         await api.delete(crd_path(c.PLURAL_PCIDEVICE, name))
@@ -184,7 +220,9 @@ class Watcher:
     async def _run(self, rv: str) -> None:
         while True:
             try:
-                async for ev in self.api.watch(crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS), resource_version=rv, timeout=600):
+                async for ev in self.api.watch(
+                    crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS), resource_version=rv, timeout=600
+                ):
                     obj = ev.get("object", {})
                     rv = obj.get("metadata", {}).get("resourceVersion", rv)
                     if (obj.get("status") or {}).get("nodeName"):
@@ -208,9 +246,16 @@ async def create_vms(api: KubeClient, names: list[str], concurrency: int = 16) -
     created: dict[str, float] = {}
 
     async def one(name: str) -> None:
-        await retry_transient(api.create, crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS), {
-            "apiVersion": c.API_VERSION, "kind": "PassthroughVM", "metadata": {"name": name},
-            "spec": {"memory": "1Gi", "devices": [{"name": "gpu", "flavor": FLAVOR}]}})
+        await retry_transient(
+            api.create,
+            crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS),
+            {
+                "apiVersion": c.API_VERSION,
+                "kind": "PassthroughVM",
+                "metadata": {"name": name},
+                "spec": {"memory": "1Gi", "devices": [{"name": "gpu", "flavor": FLAVOR}]},
+            },
+        )
         created[name] = time.monotonic()
 
     await gather_limited(concurrency, [one(n) for n in names])
@@ -219,7 +264,9 @@ async def create_vms(api: KubeClient, names: list[str], concurrency: int = 16) -
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "nodes": args.nodes, "devices_per_node": args.devices, "etcd_fsync": args.fsync,
+        "nodes": args.nodes,
+        "devices_per_node": args.devices,
+        "etcd_fsync": args.fsync,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
     }
@@ -234,9 +281,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await api.open()
         for ns in (c.DEFAULT_NAMESPACE, NS):
             await api.create("/api/v1/namespaces", {"metadata": {"name": ns}})
-        await api.create(crd_path(c.PLURAL_PCIFLAVOR), {
-            "apiVersion": c.API_VERSION, "kind": "PciFlavor", "metadata": {"name": FLAVOR},
-            "spec": {"deviceType": "gpu", "selector": {"vendorIDs": ["10de"]}}})
+        await api.create(
+            crd_path(c.PLURAL_PCIFLAVOR),
+            {
+                "apiVersion": c.API_VERSION,
+                "kind": "PciFlavor",
+                "metadata": {"name": FLAVOR},
+                "spec": {"deviceType": "gpu", "selector": {"vendorIDs": ["10de"]}},
+            },
+        )
         total = args.nodes * args.devices
         t0 = time.monotonic()
         await publish(api, args.nodes, args.devices)
@@ -246,15 +299,36 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         rates = await measure_r(api)
         out["R_conditional_patches_per_s"] = {str(k): round(v) for k, v in rates.items()}
         r_best = max(rates.values())
-        print(f"R (conditional PATCH/s from one client): " + ", ".join(f"c={k}: {v:.0f}" for k, v in rates.items()), flush=True)
+        print(
+            "R (conditional PATCH/s from one client): "
+            + ", ".join(f"c={k}: {v:.0f}" for k, v in rates.items()),
+            flush=True,
+        )
 
         log = open(state / "controller.log", "wb")  # noqa: SIM115
         env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), PYTHONUNBUFFERED="1")
         t0 = time.monotonic()
         ctl = subprocess.Popen(
-            [sys.executable, "-m", "controller", "run", "--standalone", "--node-dead-after", "36000",
-             "--audit-interval", "600", "--bind-concurrency", str(args.bind_concurrency), "--log-level", "WARNING"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "run",
+                "--standalone",
+                "--node-dead-after",
+                "36000",
+                "--audit-interval",
+                "600",
+                "--bind-concurrency",
+                str(args.bind_concurrency),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
         watcher = Watcher(api)
         await watcher.start()
 
@@ -263,14 +337,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await create_vms(api, prefill)
         await watcher.wait(prefill, timeout=900)
         out["controller_start_and_prefill_s"] = round(time.monotonic() - t0, 1)
-        print(f"pre-filled {half} VMs in {out['controller_start_and_prefill_s']}s (controller start included)", flush=True)
+        print(
+            f"pre-filled {half} VMs in {out['controller_start_and_prefill_s']}s "
+            "(controller start included)",
+            flush=True,
+        )
 
         fill = [f"fill-{i:05d}" for i in range(total - half)]
         before = await request_counts(api)
         st = cluster.state()
         assert st is not None
-        pids = {"controller": ctl.pid, "kube-apiserver": st.apiserver_pid, "etcd": st.etcd_pid,
-                "bench-client": os.getpid()}
+        pids = {
+            "controller": ctl.pid,
+            "kube-apiserver": st.apiserver_pid,
+            "etcd": st.etcd_pid,
+            "bench-client": os.getpid(),
+        }
         cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
         t0 = time.monotonic()
         created = await create_vms(api, fill)
@@ -280,21 +362,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         cpu = {k: round(cpu_seconds(v) - cpu0[k], 2) for k, v in pids.items()}
         writes = diff(after, before)
         lat = [watcher.scheduled[n] - created[n] for n in fill]
-        controller_writes = sum(v for k, v in writes.items() if not k.startswith("POST/passthroughvms"))
+        controller_writes = sum(
+            v for k, v in writes.items() if not k.startswith("POST/passthroughvms")
+        )
         w = controller_writes / len(fill)
         binds_per_s = len(fill) / took
         out["fill"] = {
-            "vms": len(fill), "seconds": round(took, 2), "binds_per_s": round(binds_per_s, 1),
-            "time_to_scheduled_s": {"p50": round(pct(lat, 50), 3), "p95": round(pct(lat, 95), 3), "p99": round(pct(lat, 99), 3)},
-            "writes_by_kind": writes, "controller_writes_per_bind": round(w, 2),
+            "vms": len(fill),
+            "seconds": round(took, 2),
+            "binds_per_s": round(binds_per_s, 1),
+            "time_to_scheduled_s": {
+                "p50": round(pct(lat, 50), 3),
+                "p95": round(pct(lat, 95), 3),
+                "p99": round(pct(lat, 99), 3),
+            },
+            "writes_by_kind": writes,
+            "controller_writes_per_bind": round(w, 2),
             "fraction_of_R_over_w": round(binds_per_s / (r_best / w), 2),
             "cpu_seconds": cpu,
             "controller_cpu_ms_per_bind": round(cpu["controller"] / len(fill) * 1000, 2),
         }
-        print(f"fill {len(fill)} VMs ({half}->{total} devices): {binds_per_s:.1f} binds/s; "
-              f"time-to-Scheduled p50/p95/p99 {pct(lat, 50):.3f}/{pct(lat, 95):.3f}/{pct(lat, 99):.3f}s; "
-              f"{w:.2f} controller writes per bind {writes}; binds/s = {binds_per_s / (r_best / w):.2f} x R/w; "
-              f"CPU seconds {cpu}", flush=True)
+        print(
+            f"fill {len(fill)} VMs ({half}->{total} devices): {binds_per_s:.1f} binds/s; "
+            f"time-to-Scheduled p50/p95/p99 "
+            f"{pct(lat, 50):.3f}/{pct(lat, 95):.3f}/{pct(lat, 99):.3f}s; "
+            f"{w:.2f} controller writes per bind {writes}; "
+            f"binds/s = {binds_per_s / (r_best / w):.2f} x R/w; "
+            f"CPU seconds {cpu}",
+            flush=True,
+        )
 
         # Release 20%: delete, and report the domain gone as a node plugin would.
         n_steady = int(args.rate * args.steady)
@@ -303,9 +399,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         async def release(name: str) -> None:
             await api.delete(crd_path(c.PLURAL_PASSTHROUGHVM, name, namespace=NS))
-            await api.patch(crd_path(c.PLURAL_PASSTHROUGHVM, name, namespace=NS, subresource="status"),
-                            {"status": {"conditions": [{"type": c.COND_DOMAIN_GONE, "status": "True", "reason": "DomainRemoved",
-                                                        "message": "bench", "lastTransitionTime": now_iso()[:19] + "Z"}]}})
+            await api.patch(
+                crd_path(c.PLURAL_PASSTHROUGHVM, name, namespace=NS, subresource="status"),
+                {
+                    "status": {
+                        "conditions": [
+                            {
+                                "type": c.COND_DOMAIN_GONE,
+                                "status": "True",
+                                "reason": "DomainRemoved",
+                                "message": "bench",
+                                "lastTransitionTime": now_iso()[:19] + "Z",
+                            }
+                        ]
+                    }
+                },
+            )
 
         await gather_limited(16, [release(n) for n in victims])
         while True:
@@ -314,8 +423,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 break
             await asyncio.sleep(0.2)
         rel = time.monotonic() - t0
-        out["release"] = {"vms": len(victims), "seconds": round(rel, 2), "releases_per_s": round(len(victims) / rel, 1)}
-        print(f"released {len(victims)} VMs (delete + DomainGone + release + finalizer) in {rel:.1f}s: {len(victims) / rel:.1f}/s", flush=True)
+        out["release"] = {
+            "vms": len(victims),
+            "seconds": round(rel, 2),
+            "releases_per_s": round(len(victims) / rel, 1),
+        }
+        print(
+            f"released {len(victims)} VMs (delete + DomainGone + release + finalizer) "
+            f"in {rel:.1f}s: {len(victims) / rel:.1f}/s",
+            flush=True,
+        )
 
         # Steady arrivals at --rate per second.
         n = n_steady
@@ -327,10 +444,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             asyncio.get_running_loop().create_task(_create_one(api, name, created))
         await watcher.wait(steady, timeout=300)
         lat = [watcher.scheduled[x] - created[x] for x in steady]
-        out["steady"] = {"rate_per_s": args.rate, "vms": n,
-                         "time_to_scheduled_s": {"p50": round(pct(lat, 50), 3), "p95": round(pct(lat, 95), 3), "p99": round(pct(lat, 99), 3)}}
-        print(f"steady {args.rate}/s for {args.steady}s: time-to-Scheduled p50/p95/p99 "
-              f"{pct(lat, 50):.3f}/{pct(lat, 95):.3f}/{pct(lat, 99):.3f}s", flush=True)
+        out["steady"] = {
+            "rate_per_s": args.rate,
+            "vms": n,
+            "time_to_scheduled_s": {
+                "p50": round(pct(lat, 50), 3),
+                "p95": round(pct(lat, 95), 3),
+                "p99": round(pct(lat, 99), 3),
+            },
+        }
+        print(
+            f"steady {args.rate}/s for {args.steady}s: time-to-Scheduled p50/p95/p99 "
+            f"{pct(lat, 50):.3f}/{pct(lat, 95):.3f}/{pct(lat, 99):.3f}s",
+            flush=True,
+        )
         await api.close()
     finally:
         if ctl is not None:
@@ -341,9 +468,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _create_one(api: KubeClient, name: str, created: dict[str, float]) -> None:
-    await api.create(crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS), {
-        "apiVersion": c.API_VERSION, "kind": "PassthroughVM", "metadata": {"name": name},
-        "spec": {"memory": "1Gi", "devices": [{"name": "gpu", "flavor": FLAVOR}]}})
+    await api.create(
+        crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS),
+        {
+            "apiVersion": c.API_VERSION,
+            "kind": "PassthroughVM",
+            "metadata": {"name": name},
+            "spec": {"memory": "1Gi", "devices": [{"name": "gpu", "flavor": FLAVOR}]},
+        },
+    )
     created[name] = time.monotonic()
 
 

@@ -9,8 +9,11 @@ import argparse
 import asyncio
 import logging
 import os
+import random
+import socket
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import kopf
@@ -52,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--peering",
         default=_env("PEERING", ""),
         help="kopf peering name for HA (needs the ClusterKopfPeering CRD)",
+    )
+    run.add_argument(
+        "--priority",
+        type=int,
+        default=int(_env("PRIORITY", "0")) or random.randint(1, 1_000_000),
+        help="kopf peering priority; replicas must differ (tied peers all pause): default random",
+    )
+    run.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=int(_env("PEERING_LIFETIME", "60")),
+        help="seconds a silent peer is still considered alive",
     )
     run.add_argument(
         "--node-dead-after",
@@ -141,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.log_level)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
+    identity = f"pcipt-controller/{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
     settings = ControllerSettings(
         namespace=args.namespace,
         node_dead_after=args.node_dead_after,
@@ -148,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
         audit_interval=args.audit_interval,
         scoring=args.scoring,
         bind_concurrency=args.bind_concurrency,
+        peering=args.peering or None,
+        identity=identity,
+        priority=args.priority,
     )
     webhook = None
     if args.webhook == "dev":
@@ -164,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         }
     if webhook is not None:
         handlers.enable_webhook()
-    memo = kopf.Memo(settings=settings, webhook=webhook)
+    memo = kopf.Memo(settings=settings, webhook=webhook, peering_lifetime=args.peering_lifetime)
     logging.getLogger("kopf").setLevel(logging.WARNING)
     asyncio.run(
         kopf.operator(
@@ -172,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
             clusterwide=True,
             standalone=args.standalone or not args.peering,
             peering_name=args.peering or None,
+            priority=args.priority,
+            identity=identity,  # type: ignore[arg-type]  # kopf types it as a NewType of str
             liveness_endpoint=args.liveness or None,
             memo=memo,
         )

@@ -62,6 +62,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     cfg: ControllerSettings = memo["settings"]
     configure_kopf(settings, memo.get("webhook"))
+    settings.peering.lifetime = memo.get("peering_lifetime", 60)
     api = KubeClient(load_credentials(os.environ.get("KUBECONFIG")), user_agent="pcipt-controller")
     runtime = Runtime(api, cfg)
     try:

@@ -238,6 +238,11 @@ class Inventory:
         self.leases[node] = max(renewed_at, self.leases.get(node, 0.0))
         self.tick()
 
+    def forget_lease(self, node: str) -> None:
+        """The node's Lease was deleted: it is not alive, and not known unless it has devices."""
+        self.leases.pop(node, None)
+        self.tick()
+
     def is_alive(self, node: str) -> bool:
         renewed = self.leases.get(node)
         return renewed is not None and self.clock() - renewed <= self.node_dead_after

@@ -20,6 +20,7 @@ from controller.binding import Binder, LostRace, device_path, vm_path
 from controller.events import EventRecorder
 from controller.flavorstatus import compute_flavor_status
 from controller.inventory import Inventory, VmKey, vm_key
+from controller.peering import PeeringGate
 from controller.scheduling import Placement, Refusal, ScoringPolicy, request_problems, schedule
 from controller.vmstatus import condition_status, pending_status
 from pcipt import constants as c
@@ -44,6 +45,12 @@ class ControllerSettings:
     """Binds in flight at once (each is a few sequential writes)."""
     flavor_status_interval: float = 1.0
     tick_interval: float = 1.0
+    peering: str | None = None
+    """kopf peering name; None for standalone (always active)."""
+    identity: str = ""
+    """This replica's kopf peering identity."""
+    priority: int = 0
+    """This replica's kopf peering priority."""
 
 
 @dataclass
@@ -100,6 +107,8 @@ class Runtime:
         self.bind_slots = asyncio.Semaphore(settings.bind_concurrency)
         self.stats = Stats()
         self.ready = asyncio.Event()
+        self.active = asyncio.Event()
+        """Set while this replica acts (always, standalone; with peering, while kopf would)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._side: set[asyncio.Task[Any]] = set()
         self._flavor_written: dict[str, dict[str, Any]] = {}
@@ -116,9 +125,33 @@ class Runtime:
             loop.create_task(self._audit_loop(), name="audit"),
             loop.create_task(self._lease_loop(), name="leases"),
         ]
+        if self.settings.peering:
+            gate = PeeringGate(
+                self.api,
+                name=self.settings.peering,
+                identity=self.settings.identity,
+                priority=self.settings.priority,
+                on_change=self._set_active,
+            )
+            self._tasks.append(loop.create_task(gate.run(), name="peering"))
+        else:
+            self.active.set()
         self.ready.set()
         self.wake.set()
         log.info("controller started %s", self.inv.snapshot_counts())
+
+    async def _set_active(self, active: bool) -> None:
+        """Pause with kopf; on resuming, catch up with a full LIST before acting."""
+        if not active:
+            self.active.clear()
+            return
+        await self.sync()
+        self.active.set()
+        self.to_try.update(self.pending)
+        for vm in list(self.inv.vms.values()):
+            if _is_deleting(vm):
+                self._consider(vm)
+        self.wake.set()
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -219,6 +252,8 @@ class Runtime:
             self.pending.pop(uid, None)
             if c.FINALIZER_RELEASE not in vm.metadata.finalizers:
                 return
+            if not self.active.is_set():
+                return  # looked at again when this replica becomes active
             if uid in self.finalizing:
                 self._finalize_again.add(uid)  # news arrived mid-way: look again when done
             else:
@@ -243,6 +278,7 @@ class Runtime:
     async def _schedule_loop(self) -> None:
         while True:
             await self.wake.wait()
+            await self.active.wait()
             self.wake.clear()
             try:
                 await self._schedule_pass()
@@ -462,6 +498,8 @@ class Runtime:
         last_flavors = 0.0
         while True:
             await asyncio.sleep(self.settings.tick_interval)
+            if not self.active.is_set():
+                continue
             try:
                 changed = self.inv.tick()
                 for node, alive in changed:
@@ -538,6 +576,12 @@ class Runtime:
             self.inv.renew_lease(node, ts)
             self.wake.set()
 
+    def _lease_gone(self, lease: dict[str, Any]) -> None:
+        name = lease["metadata"]["name"]
+        if name.startswith(c.NODE_LEASE_PREFIX):
+            self.inv.forget_lease(name[len(c.NODE_LEASE_PREFIX) :])
+            self.wake.set()
+
     async def _sync_leases(self) -> str:
         got = await retry_transient(
             self.api.list,
@@ -562,6 +606,8 @@ class Runtime:
                     rv = obj.get("metadata", {}).get("resourceVersion", rv)
                     if ev.get("type") in ("ADDED", "MODIFIED"):
                         self._lease_seen(obj)
+                    elif ev.get("type") == "DELETED":
+                        self._lease_gone(obj)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -572,13 +618,35 @@ class Runtime:
     # --- the audit -----------------------------------------------------------------------
 
     async def _audit_loop(self) -> None:
-        await self.audit()  # the start-up pass
+        first = True
         while True:
-            await asyncio.sleep(self.settings.audit_interval)
+            if not first:
+                await asyncio.sleep(self.settings.audit_interval)
+            first = False
+            await self.active.wait()  # the first pass is the start-up audit
             try:
                 await self.audit()
             except Exception:
                 log.exception("audit failed")
+
+    async def _fresh_vm(self, namespace: str, name: str) -> PassthroughVM | None:
+        try:
+            got = await self.api.get(vm_path(namespace, name))
+        except NotFound:
+            return None
+        vm = PassthroughVM.model_validate(got)
+        self.inv.upsert_vm(vm)
+        return vm
+
+    async def _fresh_device(self, name: str) -> PciDevice | None:
+        try:
+            got = await self.api.get(device_path(name))
+        except NotFound:
+            self.inv.delete_device(name)
+            return None
+        dev = PciDevice.model_validate(got)
+        self.inv.upsert_device(dev)
+        return dev
 
     async def audit(self) -> dict[str, int]:
         """Repair what an interrupted controller may have left half done:
@@ -586,31 +654,34 @@ class Runtime:
           period is released (conditionally on it still being that claim);
         - a VM whose status lists a device not claimed for it re-claims it when free, or goes
           back to Pending when another VM holds it (its other claims are adopted on re-plan).
+        Candidates come from the inventory; each is re-read from the API server before any
+        repair, so a stale view (a lagging watch, a replica just resumed) never repairs what
+        is not broken.
         """
         repaired = {"orphans": 0, "reclaimed": 0, "replanned": 0}
-        now = time.time()
         grace = self.settings.claim_grace
         for d in list(self.inv.devices.values()):
             claim = d.claim
             if claim is None or claim.uid in self.inflight or d.name in self.inv.reserved:
                 continue
-            vm = self.inv.vms.get((claim.namespace, claim.name))
-            if (
-                vm is not None
-                and vm.metadata.uid == claim.uid
-                and (d.name in _listed_devices(vm) or _is_deleting(vm))
-            ):
+            if claim.claimed_at is not None and time.time() - claim.claimed_at < grace:
                 continue
-            if claim.claimed_at is not None and now - claim.claimed_at < grace:
+            vm = self.inv.vms.get((claim.namespace, claim.name))
+            if self._vm_holds(vm, claim.uid, d.name):
+                continue
+            # Looks orphaned: confirm against the API server before touching it.
+            fresh = await self._fresh_device(d.name)
+            ref = fresh.spec.claim_ref if fresh else None
+            if ref is None or ref.uid != claim.uid or ref.bind_id != claim.bind_id:
+                continue
+            vm = await self._fresh_vm(claim.namespace, claim.name)
+            if self._vm_holds(vm, claim.uid, d.name) or claim.uid in self.inflight:
                 continue
             if await self.binder.release(d.name, claim.uid, claim.bind_id):
                 repaired["orphans"] += 1
                 self.stats.orphans_released += 1
-                why = (
-                    "its VM is gone"
-                    if vm is None or vm.metadata.uid != claim.uid
-                    else "its VM does not list it"
-                )
+                gone = vm is None or vm.metadata.uid != claim.uid
+                why = "its VM is gone" if gone else "its VM does not list it"
                 log.info(
                     "released orphaned claim device=%s vm=%s/%s: %s",
                     d.name,
@@ -628,24 +699,48 @@ class Runtime:
                     c.REASON_ORPHAN_RELEASED,
                     f"released claim of {claim.namespace}/{claim.name}: {why}",
                 )
-        for vm in list(self.inv.vms.values()):
-            uid = vm.metadata.uid or ""
-            if not vm.status.node_name or _is_deleting(vm) or uid in self.inflight:
+        for cached in list(self.inv.vms.values()):
+            uid = cached.metadata.uid or ""
+            if not cached.status.node_name or _is_deleting(cached) or uid in self.inflight:
                 continue
-            for name in sorted(_listed_devices(vm)):
-                listed = self.inv.devices.get(name)
-                if listed is None or (listed.claim is not None and listed.claim.uid == uid):
+            suspects = [
+                n
+                for n in sorted(_listed_devices(cached))
+                if (x := self.inv.devices.get(n)) is not None
+                and (x.claim is None or x.claim.uid != uid)
+            ]
+            if not suspects:
+                continue
+            vm = await self._fresh_vm(cached.metadata.namespace or "", cached.metadata.name)
+            if vm is None or vm.metadata.uid != uid or not vm.status.node_name or _is_deleting(vm):
+                continue
+            for name in suspects:
+                dev = await self._fresh_device(name)
+                if dev is None or name not in _listed_devices(vm):
                     continue
-                if listed.claim is None:
+                ref = dev.spec.claim_ref
+                if ref is not None and ref.uid == uid:
+                    continue
+                if ref is None:
                     if await self._reclaim(vm, name):
                         repaired["reclaimed"] += 1
                     continue
                 repaired["replanned"] += 1
-                await self._replan(vm, name, listed.claim.namespace, listed.claim.name)
+                await self._replan(vm, name, ref.namespace, ref.name)
                 break
         if any(repaired.values()):
             log.info("audit repaired %s", repaired)
         return repaired
+
+    @staticmethod
+    def _vm_holds(vm: PassthroughVM | None, uid: str, device: str) -> bool:
+        """The VM exists under that UID and lists the device (or is being deleted: its
+        release is the finalizer's business)."""
+        return (
+            vm is not None
+            and vm.metadata.uid == uid
+            and (device in _listed_devices(vm) or _is_deleting(vm))
+        )
 
     async def _reclaim(self, vm: PassthroughVM, name: str) -> bool:
         d = self.inv.devices[name]

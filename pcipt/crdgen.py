@@ -212,8 +212,53 @@ def file_name(kind: type[ResourceKind]) -> str:
     return f"{c.GROUP}_{kind.crd_plural}.yaml"
 
 
+def kopf_peering_crd() -> dict[str, Any]:
+    """kopf's ClusterKopfPeering, for running controller replicas with kopf peering (HA)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": "clusterkopfpeerings.kopf.dev",
+            "labels": {"app.kubernetes.io/part-of": "pcipt"},
+        },
+        "spec": {
+            "group": "kopf.dev",
+            "names": {
+                "kind": "ClusterKopfPeering",
+                "plural": "clusterkopfpeerings",
+                "singular": "clusterkopfpeering",
+            },
+            "scope": "Cluster",
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "Keep-alives of kopf operators that share the "
+                            "work (peering): the highest-priority live operator acts, the "
+                            "others pause.",
+                            "properties": {
+                                "status": {
+                                    "type": "object",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
 def rendered_files() -> dict[str, str]:
-    return {file_name(k): render(k) for k in KINDS}
+    files = {file_name(k): render(k) for k in KINDS}
+    body = yaml.dump(kopf_peering_crd(), Dumper=_Dumper, sort_keys=True, width=100)
+    files["kopf.dev_clusterkopfpeerings.yaml"] = HEADER + body
+    return files
 
 
 # --- API reference ------------------------------------------------------------------------

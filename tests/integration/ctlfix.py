@@ -64,7 +64,7 @@ class ControllerProcess:
             "-m",
             "controller",
             "run",
-            "--standalone",
+            *([] if "--peering" in self.extra else ["--standalone"]),
             "--namespace",
             OPERATOR_NS,
             "--node-dead-after",
@@ -156,10 +156,15 @@ class LeaseKeeper:
                 with contextlib.suppress(Exception):
                     self.renew(n)
 
-    def stop(self) -> None:
+    def stop(self, delete: bool = True) -> None:
+        """Stop renewing; delete the Leases too unless told not to (a node that died)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if delete:
+            for n in sorted(self.nodes):
+                with contextlib.suppress(client.ApiException):
+                    self.coord.delete_namespaced_lease(f"{c.NODE_LEASE_PREFIX}{n}", OPERATOR_NS)
 
 
 @dataclass
