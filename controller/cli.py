@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodes", type=Path, help="Node manifests (labels; Ready=False means not alive)"
     )
     plan.add_argument(
+        "--namespace",
+        help="namespace the VM would be created in (default: its own, else default)",
+    )
+    plan.add_argument(
         "--namespace-labels", type=Path, help="Namespace manifests, or a map {namespace: {labels}}"
     )
     plan.add_argument("--scoring", choices=["best-fit", "spread"], default="best-fit")
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.vm,
                 nodes=args.nodes,
                 namespace_labels=args.namespace_labels,
+                namespace=args.namespace,
                 output=args.output,
                 policy=args.scoring,
             )

@@ -76,6 +76,7 @@ def build_input(
     *,
     nodes: Path | None = None,
     namespace_labels: Path | None = None,
+    namespace: str | None = None,
     policy: ScoringPolicy = "best-fit",
 ) -> SchedulingInput:
     devs = [
@@ -86,8 +87,7 @@ def build_input(
     if len(vms) != 1:
         raise PlanError(f"{vm}: expected exactly one PassthroughVM, found {len(vms)}")
     the_vm = vms[0]
-    if not the_vm.metadata.namespace:
-        the_vm.metadata.namespace = "default"
+    the_vm.metadata.namespace = namespace or the_vm.metadata.namespace or "default"
     if not the_vm.metadata.uid:
         the_vm.metadata.uid = f"plan-{the_vm.metadata.namespace}-{the_vm.metadata.name}"
     node_facts: dict[str, NodeFacts] = {}
@@ -176,12 +176,19 @@ def run_plan(
     *,
     nodes: Path | None,
     namespace_labels: Path | None,
+    namespace: str | None = None,
     output: str,
     policy: ScoringPolicy,
 ) -> tuple[int, str]:
     """(exit code, output): 0 when placed, 2 when refused."""
     inp = build_input(
-        devices, flavors, vm, nodes=nodes, namespace_labels=namespace_labels, policy=policy
+        devices,
+        flavors,
+        vm,
+        nodes=nodes,
+        namespace_labels=namespace_labels,
+        namespace=namespace,
+        policy=policy,
     )
     result = schedule(inp)
     return (0 if isinstance(result, Placement) else 2), render(result, inp.vm, output)

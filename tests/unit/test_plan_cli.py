@@ -183,3 +183,37 @@ def test_plan_console_script_runs(files: dict[str, Path]) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "result: Placed" in proc.stdout
+
+
+def test_the_readme_plan_example(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ex = REPO_ROOT / "examples"
+    args = [
+        "plan",
+        "--devices",
+        str(ex / "lab-devices.yaml"),
+        "--flavors",
+        str(ex / "flavor-gpu-a100.yaml"),
+        "--vm",
+        str(ex / "vm-2gpu.yaml"),
+        "--namespace",
+        "gpu-tenants",
+        "--namespace-labels",
+        str(ex / "namespace-gpu-tenant.yaml"),
+    ]
+    assert main(args) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["node"] == "node-a" and [d["address"] for d in out["devices"]] == [
+        "0000:3b:00.0",
+        "0000:3c:00.0",
+    ]
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n"
+        "status: {conditions: [{type: Ready, status: 'False'}]}\n"
+    )
+    assert main([*args, "--nodes", str(nodes)]) == 2
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert (
+        out["message"]
+        == "0/2 nodes are available: 1 node(s) have only 1 free a100 (need 2); 1 node(s) not alive."
+    )
