@@ -245,20 +245,7 @@ class Watcher:
 async def create_vms(api: KubeClient, names: list[str], concurrency: int = 16) -> dict[str, float]:
     created: dict[str, float] = {}
 
-    async def one(name: str) -> None:
-        await retry_transient(
-            api.create,
-            crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS),
-            {
-                "apiVersion": c.API_VERSION,
-                "kind": "PassthroughVM",
-                "metadata": {"name": name},
-                "spec": {"memory": "1Gi", "devices": [{"name": "gpu", "flavor": FLAVOR}]},
-            },
-        )
-        created[name] = time.monotonic()
-
-    await gather_limited(concurrency, [one(n) for n in names])
+    await gather_limited(concurrency, [_create_one(api, n, created) for n in names])
     return created
 
 
@@ -468,7 +455,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _create_one(api: KubeClient, name: str, created: dict[str, float]) -> None:
-    await api.create(
+    """Create one single-GPU VM and note when the API server accepted it."""
+    await retry_transient(
+        api.create,
         crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS),
         {
             "apiVersion": c.API_VERSION,

@@ -27,37 +27,17 @@ def set_condition(
 ) -> list[Condition]:
     """Return `conditions` with `type_` set; lastTransitionTime moves only when status does."""
     st = status if isinstance(status, str) else ("True" if status else "False")
-    out: list[Condition] = []
-    found = False
-    for cond in conditions:
-        if cond.type != type_:
-            out.append(cond)
-            continue
-        found = True
-        changed = cond.status != st
-        out.append(
-            Condition(
-                type=type_,
-                status=st,
-                reason=reason,
-                message=message[:32000],
-                last_transition_time=now
-                if changed or cond.last_transition_time is None
-                else cond.last_transition_time,
-                observed_generation=generation,
-            )
-        )
-    if not found:
-        out.append(
-            Condition(
-                type=type_,
-                status=st,
-                reason=reason,
-                message=message[:32000],
-                last_transition_time=now,
-                observed_generation=generation,
-            )
-        )
+    old = get_condition(conditions, type_)
+    keep_time = old is not None and old.status == st and old.last_transition_time is not None
+    new = Condition(
+        type=type_,
+        status=st,
+        reason=reason,
+        message=message[:32000],
+        last_transition_time=old.last_transition_time if keep_time and old else now,
+        observed_generation=generation,
+    )
+    out = [x for x in conditions if x.type != type_] + [new]
     order = {t: i for i, t in enumerate(CONDITION_ORDER)}
     return sorted(out, key=lambda x: (order.get(x.type, len(order)), x.type))
 

@@ -28,7 +28,11 @@ MODELS: dict[str, type[pydantic.BaseModel]] = {
 }
 
 
-@pytest.mark.parametrize(("path", "doc"), example_docs(), ids=lambda x: getattr(x, "name", ""))
+@pytest.mark.parametrize(
+    ("path", "doc"),
+    [x for x in example_docs() if x[1]["kind"] in MODELS],
+    ids=lambda x: getattr(x, "name", ""),
+)
 def test_examples_round_trip_through_the_models(path: object, doc: dict[str, Any]) -> None:
     model = MODELS[doc["kind"]].model_validate(doc)
     once = model.to_dict()  # type: ignore[attr-defined]
