@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed
 # Go is only needed to build the control-plane binaries once; find it where Go installs itself.
 export PATH := $(PATH):/usr/local/go/bin:$(HOME)/go/bin
 
-.PHONY: test unit integration lint crds crds-check controlplane system-deps venv clean help
+.PHONY: test demo demo-stop unit integration lint crds crds-check controlplane system-deps venv clean help
 
 help:
+	@echo "make demo    pcipt end to end: control plane, controller, two simulated hosts, VMs"
 	@echo "make test    install what is missing, then run every gate and test"
 	@echo "make crds    regenerate crds/ from the models"
 
@@ -47,6 +48,12 @@ integration: $(STAMP) controlplane
 
 test: $(STAMP) crds-check lint controlplane
 	$(VENV)/bin/pytest
+
+demo: $(STAMP) controlplane
+	$(PY) demo/run.py $(DEMO_ARGS)
+
+demo-stop: $(STAMP)
+	$(PY) demo/run.py --stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

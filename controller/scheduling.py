@@ -200,6 +200,8 @@ class Placement:
     assignments: tuple[Assignment, ...]
     skipped: tuple[tuple[str, str], ...] = ()
     score: tuple[int, ...] = ()
+    numa_node: int | None = None
+    """The NUMA node to pin the VM to: the one node every locality-asking request ended on."""
 
     def devices(self) -> list[str]:
         return [a.device for a in self.assignments]
@@ -665,7 +667,15 @@ def _place_on_node(
     # else counts, so a re-plan converges on the claims already made instead of churning.
     own = sum(1 for got in picked.values() for d, _ in got if d.claim is not None)
     score = (len(all_skipped), -own, penalty, stranded)
-    return _NodeResult(Placement(node.name, tuple(assignments), all_skipped, score), [], [])
+    local = {
+        d.numa
+        for r in reqs
+        if r.numa_policy in ("required", "preferred") or r.name in same_numa
+        for d, counts in picked.get(r.name, [])
+        if counts
+    }
+    pin = next(iter(local)) if len(local) == 1 and min(local) >= 0 else None
+    return _NodeResult(Placement(node.name, tuple(assignments), all_skipped, score, pin), [], [])
 
 
 # --- the whole decision ---------------------------------------------------------------------

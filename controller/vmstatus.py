@@ -18,6 +18,7 @@ from pcipt.api.v1alpha1 import (
     SkippedRequest,
 )
 from pcipt.conditions import ready_condition, same_conditions, set_condition
+from pcipt.pci import generated_mac
 
 MAX_NODES_IN_STATUS = 20
 
@@ -30,7 +31,8 @@ def device_summary(vm: PassthroughVM, placement: Placement) -> str:
 
 def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> dict[str, Any]:
     """Status after a successful bind: node, devices, networks, Scheduled and DevicesBound."""
-    macs = {n.name: n.mac for n in vm.spec.networks}
+    uid = vm.metadata.uid or ""
+    macs = {n.name: n.mac or generated_mac(uid, n.name) for n in vm.spec.networks}
     vlans = {n.name: n.vlan for n in vm.spec.networks}
     devices = [
         DeviceBinding(
@@ -87,6 +89,7 @@ def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> 
             SkippedRequest(request=r, reason=why).to_dict() for r, why in placement.skipped
         ],
         "deviceSummary": device_summary(vm, placement),
+        "numaNode": placement.numa_node if vm.spec.cpu.pinning == "auto" else None,
         "scheduling": None,
         "conditions": [x.to_dict() for x in conds],
         "observedGeneration": gen,

@@ -245,8 +245,9 @@ class KubeClient:
             )
         )
 
-    async def delete(self, path: str) -> Any:
-        return await self.request("DELETE", path)
+    async def delete(self, path: str, *, body: Mapping[str, Any] | None = None) -> Any:
+        """DELETE; `body` may carry DeleteOptions, e.g. preconditions on resourceVersion."""
+        return await self.request("DELETE", path, body=body)
 
     async def watch(
         self,

@@ -6,6 +6,7 @@ definition decides what a valid address is.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -66,6 +67,13 @@ def canonical_address(text: str) -> str:
 
 def is_canonical_address(text: str) -> bool:
     return re.match(ADDRESS_PATTERN, text) is not None
+
+
+def generated_mac(uid: str, name: str) -> str:
+    """A stable, locally administered unicast MAC for a VM's network, from its UID and the
+    network's name (52:54:00 is the prefix QEMU uses for guests)."""
+    digest = hashlib.sha256(f"{uid}/{name}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
 def normalize_hex_id(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Shared test settings: every test under tests/integration is marked `integration`."""
+"""Shared test settings: tests under tests/integration are marked `integration`, those under
+tests/e2e `e2e`."""
 
 from __future__ import annotations
 
@@ -13,3 +14,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "tests/integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
+        if "tests/e2e" in str(item.path):
+            item.add_marker(pytest.mark.e2e)

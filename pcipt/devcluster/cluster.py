@@ -47,6 +47,7 @@ class ClusterState:
     etcd_url: str
     kubernetes_version: str
     started_at: float
+    apiserver_cmd: list[str] | None = None
 
 
 def _stderr(msg: str) -> None:
@@ -223,6 +224,7 @@ class LocalCluster:
             etcd_url=etcd_url,
             kubernetes_version=binaries.KUBERNETES_VERSION,
             started_at=time.time(),
+            apiserver_cmd=apiserver_cmd,
         )
         self.state_file.write_text(json.dumps(asdict(st), indent=2))
         self._wait_ready(st, timeout)
@@ -274,6 +276,23 @@ class LocalCluster:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         else:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def stop_apiserver(self) -> None:
+        """Take the API server away (etcd keeps running), as an outage would."""
+        st = self.state()
+        assert st is not None, "not running"
+        _stop(st.apiserver_pid, "kube-apiserver")
+        proc = self._procs.pop("kube-apiserver", None)
+        if proc is not None:
+            proc.wait()
+
+    def start_apiserver(self, timeout: float = 120.0) -> None:
+        """Bring the API server back on the same port, with the same certificates."""
+        st = self.state()
+        assert st is not None and st.apiserver_cmd, "not running"
+        st.apiserver_pid = self._spawn("kube-apiserver", st.apiserver_cmd)
+        self.state_file.write_text(json.dumps(asdict(st), indent=2))
+        self._wait_ready(st, timeout)
 
     def env(self) -> dict[str, str]:
         return {"KUBECONFIG": str(self.kubeconfig)}

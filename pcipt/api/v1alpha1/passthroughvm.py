@@ -330,6 +330,9 @@ class DomainStatus(ApiModel):
     """Domain UUID."""
     state: str | None = None
     """libvirt's state of the domain: running, shut off, paused, ..."""
+    devices: list[str] = Field(default_factory=list)
+    """PCI addresses the domain passes through, read back from libvirt: what the guest really
+    got, to compare with status.devices and status.networks."""
 
 
 class PassthroughVMStatus(ApiModel):
@@ -347,6 +350,10 @@ class PassthroughVMStatus(ApiModel):
     """Optional requests the VM was placed without."""
     device_summary: str | None = None
     """Bound/requested device count, e.g. 2/2, for kubectl get."""
+    numa_node: int | None = None
+    """The host NUMA node the VM's vCPUs and memory are pinned to: set when a request's NUMA
+    policy (or placement.sameNUMA) asks for locality, all those devices share one node, and
+    cpu.pinning is auto."""
     scheduling: SchedulingStatus | None = None
     """Why the VM is not placed yet, when it is Pending."""
     domain: DomainStatus | None = None

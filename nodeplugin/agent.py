@@ -1,0 +1,686 @@
+"""The node plugin's loops: rescan the host and keep this node's PciDevices true, renew the
+node Lease, and turn each PassthroughVM scheduled here into a running libvirt domain with its
+devices bound to vfio-pci — and back, when it stops or goes.
+
+Decisions are made by the pure modules (discovery, devicespec, publish, domain); this module
+reads, calls them, and writes. Nothing it knows is lost when the API server is away: writes
+are retried on the next pass, watches list again, device moves are kept in a state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nodeplugin import pciids
+from nodeplugin.devicespec import DeviceSpecError, DeviceSpecs, decide, load_specs
+from nodeplugin.discovery import HostInventory, discover
+from nodeplugin.domain.build import BuildError, HostFacts, build_domain, domain_name
+from nodeplugin.domain.render import passthrough_addresses, render
+from nodeplugin.publish import COND_HEALTHY, Plan, desired_devices, plan
+from nodeplugin.simulate import SimulatedKernel
+from nodeplugin.sriov import CommandRunner, IpRunner, RecordingRunner, SriovError, configure_vf
+from nodeplugin.vfio import FileWriter, PrepareError, Preparer, SysfsWriter
+from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM
+from pcipt.conditions import ready_condition, same_conditions, set_condition
+from pcipt.informer import Informer
+from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
+
+log = logging.getLogger("pcipt.nodeplugin")
+
+
+@dataclass
+class AgentSettings:
+    node: str
+    sysfs_root: Path = Path("/sys")
+    config: Path | None = None
+    nova_conf: Path | None = None
+    libvirt_uri: str = "qemu:///system"
+    namespace: str = c.DEFAULT_NAMESPACE
+    state_dir: Path = Path("/var/lib/pcipt")
+    pci_ids: Path | None = None
+    rescan_interval: float = 30.0
+    lease_interval: float = 10.0
+    lease_duration: int = 40
+    resync_interval: float = 5.0
+    restore_drivers: bool = True
+    domain_type: str = "kvm"
+    machine: str | None = "q35"
+    stop_grace: float = 30.0
+    simulate: bool = False
+    """Run on a simulated host: a fake sysfs tree answered by a simulated kernel, VF commands
+    recorded instead of run (make demo, the end-to-end test)."""
+
+
+@dataclass
+class AgentStats:
+    rescans: int = 0
+    last_rescan_writes: int = 0
+    rescan_writes: list[int] = field(default_factory=list)
+    last_discovery_s: float = 0.0
+    config_error: str | None = None
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _deleting(vm: PassthroughVM) -> bool:
+    return vm.metadata.deletion_timestamp is not None
+
+
+def _vm_addresses(vm: PassthroughVM) -> set[str]:
+    return {d.address for d in vm.status.devices} | {n.address for n in vm.status.networks}
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        api: KubeClient,
+        settings: AgentSettings,
+        *,
+        writer: SysfsWriter | None = None,
+        runner: CommandRunner | None = None,
+        hypervisor: Hypervisor | None = None,
+    ) -> None:
+        self.api = api
+        self.s = settings
+        root = settings.sysfs_root
+        if writer is None:
+            writer = SimulatedKernel(root) if settings.simulate else FileWriter()
+        self.runner = runner or (RecordingRunner() if settings.simulate else IpRunner())
+        self.preparer = Preparer(
+            root,
+            writer,
+            settings.state_dir / f"{settings.node}-vfio.json",
+            restore=settings.restore_drivers,
+        )
+        self.hyper = hypervisor or Hypervisor(settings.libvirt_uri)
+        self.ids = pciids.load(settings.pci_ids)
+        self.specs = DeviceSpecs()
+        self._config_stamp: tuple[float, ...] | None = None
+        self.host = HostInventory(())
+        self.node_labels: dict[str, str] = {"kubernetes.io/hostname": settings.node}
+        self.stats = AgentStats()
+        node_sel = f"{c.LABEL_NODE}={settings.node}"
+        self.devices = Informer(
+            api,
+            crd_path(c.PLURAL_PCIDEVICE),
+            label_selector=node_sel,
+            on_event=lambda _k, _o: None,
+            name="pcidevices",
+        )
+        self.vms = Informer(
+            api,
+            crd_path(c.PLURAL_PASSTHROUGHVM),
+            label_selector=node_sel,
+            on_event=self._vm_event,
+            name="passthroughvms",
+        )
+        self._dirty: set[str] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._rescan_now = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self.devices.run(), name="devices"),
+            loop.create_task(self.vms.run(), name="vms"),
+            loop.create_task(self._lease_loop(), name="lease"),
+            loop.create_task(self._rescan_loop(), name="rescan"),
+            loop.create_task(self._resync_loop(), name="resync"),
+        ]
+        log.info(
+            "node plugin started node=%s sysfs=%s libvirt=%s",
+            self.s.node,
+            self.s.sysfs_root,
+            self.s.libvirt_uri,
+        )
+
+    async def stop(self) -> None:
+        for t in [*self._tasks, *self._running.values()]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._running.values(), return_exceptions=True)
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            await self.stop()
+
+    # --- the node's devices ----------------------------------------------------------------
+
+    def _load_config(self) -> None:
+        """Re-read the device specs when their files changed; keep the last good ones on error."""
+        paths = [p for p in (self.s.config, self.s.nova_conf) if p is not None]
+        stamp = tuple(p.stat().st_mtime if p.exists() else -1.0 for p in paths)
+        if stamp == self._config_stamp:
+            return
+        self._config_stamp = stamp
+        try:
+            text = self.s.config.read_text() if self.s.config and self.s.config.exists() else None
+            nova = (
+                self.s.nova_conf.read_text()
+                if self.s.nova_conf and self.s.nova_conf.exists()
+                else None
+            )
+            self.specs = load_specs(text, nova_conf=nova)
+            self.stats.config_error = None
+            log.info(
+                "loaded device specs entries=%d nova=%d",
+                len(self.specs.entries),
+                len(self.specs.nova),
+            )
+        except (DeviceSpecError, OSError) as e:
+            self.stats.config_error = str(e)
+            log.error("device specs refused, keeping the last good ones: %s", e)
+            self._event_on_node(
+                "Warning", "DeviceSpecInvalid", f"device specs refused, last good ones kept: {e}"
+            )
+
+    async def rescan(self) -> Plan:
+        """Discover, decide, and write only what differs from what the API server holds."""
+        self._load_config()
+        started = time.monotonic()
+        self.host = await asyncio.to_thread(discover, self.s.sysfs_root)
+        self.stats.last_discovery_s = time.monotonic() - started
+        await self._refresh_node_labels()
+        try:
+            decisions = decide(self.specs, self.host, self.node_labels)
+        except DeviceSpecError as e:
+            self.stats.config_error = str(e)
+            log.error("device specs do not fit this host, offering nothing new: %s", e)
+            self._event_on_node("Warning", "DeviceSpecInvalid", str(e))
+            decisions = []
+        desired = desired_devices(self.s.node, self.host, decisions, self.ids)
+        current = {o["metadata"]["name"]: o for o in self.devices.items.values()}
+        present = {
+            f"{self.s.node}.{f.address.replace(':', '-').replace('.', '-')}"
+            for f in self.host.functions
+        }
+        p = plan(desired, current, present)
+        await self._apply(p)
+        self.stats.rescans += 1
+        self.stats.last_rescan_writes = p.writes
+        self.stats.rescan_writes.append(p.writes)
+        if p.writes:
+            log.info("rescanned node=%s devices=%d writes=%d", self.s.node, len(desired), p.writes)
+        return p
+
+    async def _apply(self, p: Plan) -> None:
+        t = _ts(now())
+        for d in p.apply_spec:
+            body = {
+                "apiVersion": c.API_VERSION,
+                "kind": c.KIND_PCIDEVICE,
+                "metadata": {"name": d.name, "labels": d.labels},
+                "spec": d.spec,
+            }
+            got = await self._ssa(crd_path(c.PLURAL_PCIDEVICE, d.name), body)
+            self.devices.apply("MODIFIED", got)
+        for d in p.apply_status:
+            status = dict(d.status)
+            status["conditions"] = [{**x, "lastTransitionTime": t} for x in status["conditions"]]
+            body = {
+                "apiVersion": c.API_VERSION,
+                "kind": c.KIND_PCIDEVICE,
+                "metadata": {"name": d.name},
+                "status": status,
+            }
+            got = await self._ssa(crd_path(c.PLURAL_PCIDEVICE, d.name, subresource="status"), body)
+            self.devices.apply("MODIFIED", got)
+        for name, health, reason, message in p.mark:
+            body = {
+                "apiVersion": c.API_VERSION,
+                "kind": c.KIND_PCIDEVICE,
+                "metadata": {"name": name},
+                "status": {
+                    "health": health,
+                    "conditions": [
+                        {
+                            "type": COND_HEALTHY,
+                            "status": "False",
+                            "reason": reason,
+                            "message": message,
+                            "lastTransitionTime": t,
+                        }
+                    ],
+                },
+            }
+            got = await self._ssa(crd_path(c.PLURAL_PCIDEVICE, name, subresource="status"), body)
+            self.devices.apply("MODIFIED", got)
+            log.info("marked device=%s health=%s reason=%s", name, health, reason)
+        for name, rv in p.delete:
+            try:
+                await self.api.delete(
+                    crd_path(c.PLURAL_PCIDEVICE, name),
+                    body={
+                        "apiVersion": "v1",
+                        "kind": "DeleteOptions",
+                        "preconditions": {"resourceVersion": rv},
+                    },
+                )
+                self.devices.apply("DELETED", {"metadata": {"name": name}})
+                log.info("unpublished device=%s", name)
+            except (Conflict, NotFound):
+                pass  # changed meanwhile (a VM claimed it?): the next rescan decides again
+
+    async def _ssa(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply as the node plugin: it owns spec.nodeName, spec.address, labels
+        and status, and never touches what the controller or an admin set."""
+        return await self.api.patch(
+            path, body, patch_type="apply", field_manager=c.FIELD_MANAGER_NODEPLUGIN, force=True
+        )
+
+    async def _refresh_node_labels(self) -> None:
+        try:
+            node = await self.api.get(f"/api/v1/nodes/{self.s.node}")
+            labels = node.get("metadata", {}).get("labels") or {}
+        except NotFound:
+            labels = {}
+        except ApiError:
+            return
+        self.node_labels = {"kubernetes.io/hostname": self.s.node, **labels}
+
+    def _event_on_node(self, type_: str, reason: str, message: str) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{self.s.node}.", "namespace": "default"},
+            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": self.s.node},
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "pcipt-nodeplugin", "host": self.s.node},
+            "firstTimestamp": _ts(now()),
+            "lastTimestamp": _ts(now()),
+            "count": 1,
+        }
+
+        async def post() -> None:
+            try:
+                await self.api.create("/api/v1/namespaces/default/events", body)
+            except (ApiError, OSError) as e:
+                log.warning("event not posted: %s", e)
+
+        asyncio.get_running_loop().create_task(post())
+
+    async def _rescan_loop(self) -> None:
+        await self.devices.synced.wait()
+        last = 0.0
+        while True:
+            if time.monotonic() - last >= self.s.rescan_interval or self._config_changed():
+                last = time.monotonic()
+                try:
+                    await self.rescan()
+                except Exception as e:
+                    log.warning("rescan failed, retrying soon: %s", e)
+                    last = time.monotonic() - self.s.rescan_interval + 2
+            await asyncio.sleep(1.0)
+
+    def _config_changed(self) -> bool:
+        paths = [p for p in (self.s.config, self.s.nova_conf) if p is not None]
+        stamp = tuple(p.stat().st_mtime if p.exists() else -1.0 for p in paths)
+        return stamp != self._config_stamp
+
+    async def _lease_loop(self) -> None:
+        name = f"{c.NODE_LEASE_PREFIX}{self.s.node}"
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{self.s.namespace}/leases"
+        while True:
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": name, "namespace": self.s.namespace},
+                "spec": {
+                    "holderIdentity": self.s.node,
+                    "leaseDurationSeconds": self.s.lease_duration,
+                    "renewTime": now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                },
+            }
+            try:
+                await self.api.patch(
+                    f"{path}/{name}",
+                    body,
+                    patch_type="apply",
+                    field_manager=c.FIELD_MANAGER_NODEPLUGIN,
+                    force=True,
+                )
+            except Exception as e:
+                log.warning("lease not renewed node=%s: %s", self.s.node, e)
+            await asyncio.sleep(self.s.lease_interval)
+
+    # --- VMs --------------------------------------------------------------------------------
+
+    def _vm_event(self, kind: str, obj: dict[str, Any]) -> None:
+        uid = obj.get("metadata", {}).get("uid", "")
+        if uid:
+            self.request(uid)
+
+    def request(self, uid: str) -> None:
+        """Reconcile a VM soon; never two reconciles of one VM at once."""
+        self._dirty.add(uid)
+        if uid not in self._running:
+            self._running[uid] = asyncio.get_running_loop().create_task(self._reconcile_loop(uid))
+
+    async def _reconcile_loop(self, uid: str) -> None:
+        try:
+            while uid in self._dirty:
+                self._dirty.discard(uid)
+                try:
+                    await self.reconcile(uid)
+                except Exception:
+                    log.exception("reconcile failed vm-uid=%s", uid)
+        finally:
+            self._running.pop(uid, None)
+
+    def _vm(self, uid: str) -> PassthroughVM | None:
+        for obj in self.vms.items.values():
+            if obj["metadata"].get("uid") == uid:
+                return PassthroughVM.model_validate(obj)
+        return None
+
+    async def _resync_loop(self) -> None:
+        """Look at every VM and domain now and then: guests that stopped by themselves, domains
+        that vanished (a host reboot), domains whose VM is gone."""
+        await self.vms.synced.wait()
+        await self.devices.synced.wait()
+        while True:
+            try:
+                for obj in list(self.vms.items.values()):
+                    self.request(obj["metadata"]["uid"])
+                known = {o["metadata"]["uid"] for o in self.vms.items.values()}
+                for dom in await asyncio.to_thread(self.hyper.ours):
+                    if (
+                        dom.vm is not None
+                        and dom.vm.uid not in known
+                        and dom.uuid not in self._running
+                    ):
+                        await self._remove_orphan(dom)
+            except Exception as e:
+                log.warning("resync failed: %s", e)
+            await asyncio.sleep(self.s.resync_interval)
+
+    async def _remove_orphan(self, dom: DomainInfo) -> None:
+        log.info("removing domain=%s: its VM is no longer scheduled here", dom.name)
+        await asyncio.to_thread(self.hyper.remove, dom.uuid)
+        await self._restore(set(passthrough_addresses(dom.xml)))
+
+    def _claimed_by(self, address: str) -> dict[str, Any] | None:
+        name = f"{self.s.node}.{address.replace(':', '-').replace('.', '-')}"
+        obj = self.devices.items.get(name)
+        return None if obj is None else (obj.get("spec") or {}).get("claimRef")
+
+    async def _restore(self, addresses: set[str]) -> None:
+        """Give back devices no VM of this node still lists."""
+        in_use = set()
+        for obj in self.vms.items.values():
+            vm = PassthroughVM.model_validate(obj)
+            if not _deleting(vm) and vm.status.node_name == self.s.node:
+                in_use |= _vm_addresses(vm)
+        await asyncio.to_thread(self.preparer.restore, sorted(addresses - in_use))
+
+    async def reconcile(self, uid: str) -> None:
+        vm = self._vm(uid)
+        dom = await asyncio.to_thread(self.hyper.lookup, uid)
+        if vm is None:
+            if dom is not None and dom.vm is not None:
+                await self._remove_orphan(dom)
+            return
+        if _deleting(vm) or vm.status.node_name != self.s.node:
+            await self._teardown(vm, dom)
+            return
+        problem = self._check_claims(vm) or await self._check_in_use(vm)
+        if problem is not None:
+            reason, message = problem
+            await self._report(
+                vm,
+                dom,
+                phase="Starting" if dom is None or not dom.active else vm.status.phase,
+                ready=False,
+                reason=reason,
+                message=message,
+            )
+            return
+        try:
+            dom = await self._ensure_domain(vm, dom)
+        except (PrepareError, SriovError, BuildError, VirtError) as e:
+            reason = {
+                PrepareError: "PrepareFailed",
+                SriovError: "PrepareFailed",
+                BuildError: "InvalidSpec",
+                VirtError: "StartFailed",
+            }[type(e)]
+            log.warning("vm=%s/%s failed: %s", vm.metadata.namespace, vm.metadata.name, e)
+            await self._report(
+                vm,
+                await asyncio.to_thread(self.hyper.lookup, uid),
+                phase="Failed",
+                ready=False,
+                reason=reason,
+                message=str(e),
+            )
+            return
+        if dom.active:
+            await self._report(
+                vm,
+                dom,
+                phase="Running",
+                ready=True,
+                reason="Running",
+                message=f"domain {dom.name} is {dom.state}",
+            )
+        else:
+            await self._report(
+                vm,
+                dom,
+                phase="Stopped",
+                ready=False,
+                reason="Stopped",
+                message=f"domain {dom.name} is {dom.state}, as spec.running asks",
+            )
+
+    def _check_claims(self, vm: PassthroughVM) -> tuple[str, str] | None:
+        """The node's own check before it touches a device: every one the VM's status lists must
+        be claimed for exactly this VM."""
+        for addr in sorted(_vm_addresses(vm)):
+            ref = self._claimed_by(addr)
+            if ref is None or ref.get("uid") != vm.metadata.uid:
+                holder = f"{ref.get('namespace')}/{ref.get('name')}" if ref else "nobody"
+                return (
+                    "DeviceNotClaimed",
+                    f"device {addr} is claimed by {holder}, not by this VM: not starting",
+                )
+        return None
+
+    async def _check_in_use(self, vm: PassthroughVM) -> tuple[str, str] | None:
+        mine = _vm_addresses(vm)
+        for dom in await asyncio.to_thread(self.hyper.domains):
+            if dom.uuid == vm.metadata.uid or not dom.active:
+                continue
+            shared = mine & set(passthrough_addresses(dom.xml))
+            if shared:
+                return (
+                    "DeviceInUse",
+                    f"device {min(shared)} is still attached to domain {dom.name}",
+                )
+        return None
+
+    async def _prepare(self, vm: PassthroughVM) -> None:
+        macvtap = {n.name for n in vm.spec.networks if n.mode == "macvtap"}
+        vfio = [d.address for d in vm.status.devices] + [
+            n.address for n in vm.status.networks if n.name not in macvtap
+        ]
+        await asyncio.to_thread(self.preparer.bind_vfio, vfio)
+        by_addr = (
+            self.host.by_address()
+            or (await asyncio.to_thread(discover, self.s.sysfs_root)).by_address()
+        )
+        requests = {n.name: n for n in vm.spec.networks}
+        for nb in vm.status.networks:
+            f, req = by_addr.get(nb.address), requests.get(nb.name)
+            if f is None or req is None or f.phys_fn is None or f.vf_index is None:
+                continue
+            pf = by_addr.get(f.phys_fn)
+            if pf is None or not pf.netdev:
+                raise SriovError(
+                    f"network {nb.name}: the PF of VF {nb.address} has no netdev to configure it on"
+                )
+            await asyncio.to_thread(
+                configure_vf,
+                self.runner,
+                pf.netdev,
+                f.vf_index,
+                spoof_check=req.spoof_check,
+                trusted=req.trusted,
+                mac=nb.mac,
+                vlan=req.vlan,
+                macvtap=req.mode == "macvtap",
+            )
+
+    async def _ensure_domain(self, vm: PassthroughVM, dom: DomainInfo | None) -> DomainInfo:
+        facts = HostFacts(self.host.numa_cpus, self.s.domain_type, self.s.machine)
+        want = build_domain(vm, facts)
+        wanted_addresses = sorted(_vm_addresses(vm))
+        stale = dom is not None and (
+            passthrough_addresses(dom.xml) != wanted_addresses
+            or (dom.vm is not None and dom.vm.generation != want.vm.generation)
+        )
+        if dom is not None and dom.active and passthrough_addresses(dom.xml) != wanted_addresses:
+            # The devices it holds are no longer all this VM's: stop it before anything else.
+            log.warning("stopping domain=%s: its devices changed", dom.name)
+            await asyncio.to_thread(self.hyper.stop, dom.uuid, self.s.stop_grace)
+            dom = await asyncio.to_thread(self.hyper.lookup, dom.uuid)
+        if dom is None or (stale and not dom.active):
+            await self._prepare(vm)
+            dom = await asyncio.to_thread(self.hyper.define, render(want))
+            self._keep_xml(dom)
+            log.info("defined domain=%s devices=%d", dom.name, len(wanted_addresses))
+        if vm.spec.running and not dom.active:
+            await self._prepare(vm)
+            dom = await asyncio.to_thread(self.hyper.start, dom.uuid)
+            log.info("started domain=%s", dom.name)
+        elif not vm.spec.running and dom.active:
+            dom = await asyncio.to_thread(self.hyper.stop, dom.uuid, self.s.stop_grace) or dom
+            log.info("stopped domain=%s", dom.name)
+        return dom
+
+    def _keep_xml(self, dom: DomainInfo) -> None:
+        """The defined domain's XML, as libvirt holds it, in <state-dir>/domains/ for people."""
+        folder = self.s.state_dir / "domains"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{dom.name}.xml").write_text(dom.xml)
+
+    async def _teardown(self, vm: PassthroughVM, dom: DomainInfo | None) -> None:
+        if dom is not None:
+            (self.s.state_dir / "domains" / f"{dom.name}.xml").unlink(missing_ok=True)
+            await asyncio.to_thread(self.hyper.remove, dom.uuid)
+            log.info("removed domain=%s", dom.name)
+        await self._restore(_vm_addresses(vm))
+        if _deleting(vm) and vm.status.node_name == self.s.node:
+            await self._write_status(vm, self._gone_status)
+
+    def _gone_status(self, vm: PassthroughVM) -> dict[str, Any] | None:
+        conds = set_condition(
+            vm.status.conditions,
+            c.COND_DOMAIN_GONE,
+            True,
+            "DomainRemoved",
+            f"domain {domain_name(vm.metadata.namespace or '', vm.metadata.name)} "
+            f"removed from {self.s.node}",
+            generation=vm.metadata.generation,
+            now=now(),
+        )
+        if same_conditions(vm.status.conditions, conds):
+            return None
+        return {"conditions": [x.to_dict() for x in conds], "domain": None}
+
+    async def _report(
+        self,
+        vm: PassthroughVM,
+        dom: DomainInfo | None,
+        *,
+        phase: str,
+        ready: bool,
+        reason: str,
+        message: str,
+    ) -> None:
+        def compute(v: PassthroughVM) -> dict[str, Any] | None:
+            gen = v.metadata.generation
+            conds = set_condition(
+                v.status.conditions,
+                c.COND_DOMAIN_READY,
+                ready,
+                reason,
+                message,
+                generation=gen,
+                now=now(),
+            )
+            ok, r, m = ready_condition(conds, running=v.spec.running)
+            conds = set_condition(conds, c.COND_READY, ok, r, m, generation=gen, now=now())
+            domain = None
+            if dom is not None:
+                domain = {
+                    "name": dom.name,
+                    "uuid": dom.uuid,
+                    "state": dom.state,
+                    "devices": passthrough_addresses(dom.xml),
+                }
+            have_dom = v.status.domain.to_dict() if v.status.domain else None
+            if (
+                v.status.phase == phase
+                and same_conditions(v.status.conditions, conds)
+                and have_dom == domain
+            ):
+                return None
+            return {
+                "phase": phase,
+                "domain": domain,
+                "conditions": [x.to_dict() for x in conds],
+                "observedGeneration": gen,
+            }
+
+        await self._write_status(vm, compute)
+
+    async def _write_status(self, vm: PassthroughVM, compute: Any) -> None:
+        """Conditional status write; on a conflict, recompute from the fresh object once."""
+        for _ in range(3):
+            body = compute(vm)
+            if body is None:
+                return
+            path = crd_path(
+                c.PLURAL_PASSTHROUGHVM,
+                vm.metadata.name,
+                namespace=vm.metadata.namespace,
+                subresource="status",
+            )
+            try:
+                got = await self.api.patch(
+                    path,
+                    {"metadata": {"resourceVersion": vm.metadata.resource_version}, "status": body},
+                )
+                self.vms.apply("MODIFIED", got)
+                return
+            except Conflict:
+                fresh = await self.api.get(
+                    crd_path(
+                        c.PLURAL_PASSTHROUGHVM, vm.metadata.name, namespace=vm.metadata.namespace
+                    )
+                )
+                vm = PassthroughVM.model_validate(fresh)
+            except NotFound:
+                return

@@ -1,0 +1,254 @@
+"""The pcipt-nodeplugin command line: run (the agent), discover (what would be published,
+without a cluster) and simulate-host (build a fake sysfs tree from a hardware profile).
+
+Every setting has an environment twin (PCIPT_<NAME>), so the DaemonSet can set them either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import yaml
+
+from nodeplugin import pciids
+from nodeplugin.agent import AgentSettings, NodeAgent
+from nodeplugin.devicespec import DeviceSpecError, decide, load_specs
+from nodeplugin.discovery import discover
+from nodeplugin.publish import desired_devices
+from nodeplugin.simulate import build_host, load_profile
+from pcipt import constants as c
+from pcipt.kubeclient import KubeClient, load_credentials
+from pcipt.logs import setup_logging
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"PCIPT_{name}", default)
+
+
+def _opt_path(value: str) -> Path | None:
+    return Path(value) if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pcipt-nodeplugin", description="The pcipt node agent.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--node-name", default=_env("NODE_NAME", socket.gethostname()), help="this node's name"
+        )
+        sp.add_argument(
+            "--sysfs-root",
+            type=Path,
+            default=Path(_env("SYSFS_ROOT", "/sys")),
+            help="sysfs to read",
+        )
+        sp.add_argument(
+            "--config",
+            type=_opt_path,
+            default=_opt_path(_env("DEVICE_CONFIG", "")),
+            help="the node's device specs (YAML or JSON)",
+        )
+        sp.add_argument(
+            "--nova-conf",
+            type=_opt_path,
+            default=_opt_path(_env("NOVA_CONF", "")),
+            help="a nova.conf whose [pci] device_spec / passthrough_whitelist to honour",
+        )
+        sp.add_argument(
+            "--pci-ids",
+            type=_opt_path,
+            default=_opt_path(_env("PCI_IDS", "")),
+            help="pci.ids database (default: /usr/share/misc/pci.ids or /usr/share/hwdata/pci.ids)",
+        )
+
+    run = sub.add_parser("run", help="run the agent")
+    common(run)
+    run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    run.add_argument("--libvirt-uri", default=_env("LIBVIRT_URI", "qemu:///system"))
+    run.add_argument(
+        "--namespace",
+        default=_env("NAMESPACE", c.DEFAULT_NAMESPACE),
+        help="where the node Lease lives",
+    )
+    run.add_argument("--state-dir", type=Path, default=Path(_env("STATE_DIR", "/var/lib/pcipt")))
+    run.add_argument("--rescan-interval", type=float, default=float(_env("RESCAN_INTERVAL", "30")))
+    run.add_argument("--lease-interval", type=float, default=float(_env("LEASE_INTERVAL", "10")))
+    run.add_argument("--lease-duration", type=int, default=int(_env("LEASE_DURATION", "40")))
+    run.add_argument("--resync-interval", type=float, default=float(_env("RESYNC_INTERVAL", "5")))
+    run.add_argument(
+        "--no-restore-drivers",
+        action="store_true",
+        default=_env("RESTORE_DRIVERS", "1") == "0",
+        help="leave devices on vfio-pci after their VM goes",
+    )
+    run.add_argument("--domain-type", default=_env("DOMAIN_TYPE", "kvm"))
+    run.add_argument(
+        "--machine", default=_env("MACHINE", "q35"), help="guest machine type ('' for none)"
+    )
+    run.add_argument(
+        "--simulate",
+        action="store_true",
+        default=_env("SIMULATE", "") == "1",
+        help="the sysfs root is a simulated host: answer driver binds as a kernel would",
+    )
+    run.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
+    run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+
+    disc = sub.add_parser("discover", help="print what this node would publish, without a cluster")
+    common(disc)
+    disc.add_argument(
+        "--node-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of this node, for entries limited by nodeSelector (repeatable)",
+    )
+    disc.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    disc.add_argument(
+        "--all", action="store_true", help="table: list functions that are not offered too"
+    )
+
+    sim = sub.add_parser("simulate-host", help="build a fake sysfs tree from a hardware profile")
+    sim.add_argument("--profile", type=Path, required=True)
+    sim.add_argument("--host", required=True, help="which host of the profile")
+    sim.add_argument("--root", type=Path, required=True, help="empty folder to build the tree in")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "discover":
+        return cmd_discover(args)
+    if args.cmd == "simulate-host":
+        hosts = {h.name: h for h in load_profile(args.profile.read_text())}
+        if args.host not in hosts:
+            print(
+                f"pcipt-nodeplugin: {args.profile} has no host {args.host!r} "
+                f"(it has {sorted(hosts)})",
+                file=sys.stderr,
+            )
+            return 1
+        build_host(args.root, hosts[args.host])
+        print(f"built {args.root} for {args.host}")
+        return 0
+    return cmd_run(args)
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    try:
+        specs = load_specs(
+            args.config.read_text() if args.config else None,
+            nova_conf=args.nova_conf.read_text() if args.nova_conf else None,
+        )
+        host = discover(args.sysfs_root)
+        labels = {"kubernetes.io/hostname": args.node_name}
+        labels.update(dict(kv.split("=", 1) for kv in args.node_label))
+        decisions = decide(specs, host, labels)
+    except (DeviceSpecError, OSError) as e:
+        print(f"pcipt-nodeplugin discover: {e}", file=sys.stderr)
+        return 1
+    ids = pciids.load(args.pci_ids)
+    desired = desired_devices(args.node_name, host, decisions, ids)
+    if args.output in ("yaml", "json"):
+        objs = [
+            {
+                "apiVersion": c.API_VERSION,
+                "kind": c.KIND_PCIDEVICE,
+                "metadata": {"name": d.name, "labels": d.labels},
+                "spec": d.spec,
+                "status": d.status,
+            }
+            for d in desired.values()
+        ]
+        if args.output == "json":
+            print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}, indent=2))
+        else:
+            print(yaml.safe_dump_all(objs, sort_keys=False), end="")
+        return 0
+    by_addr = {d.address: d for d in decisions}
+    rows = [
+        (
+            "ADDRESS",
+            "VENDOR:PRODUCT",
+            "CLASS",
+            "DRIVER",
+            "NUMA",
+            "IOMMU",
+            "SR-IOV",
+            "NETDEV",
+            "OFFERED",
+            "BY",
+            "PHYSNET",
+            "NAME",
+        )
+    ]
+    for f in host.functions:
+        d = by_addr[f.address]
+        if not d.publish and not args.all:
+            continue
+        sriov = f.sriov_role if f.sriov_role != "VF" else f"VF{f.vf_index} of {f.phys_fn}"
+        rows.append(
+            (
+                f.address,
+                f"{f.vendor_id}:{f.product_id}",
+                f.class_code,
+                f.driver or "-",
+                str(f.numa_node),
+                str(f.iommu_group) if f.iommu_group is not None else "-",
+                sriov if sriov != "None" else "-",
+                f.netdev or "-",
+                "yes" if d.publish else "no",
+                d.entry or "-",
+                d.physical_network or "-",
+                ids.device(f.vendor_id, f.product_id) or "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    if len(rows) == 1:
+        print(
+            "(nothing offered: no device spec entry matches; --all lists every function)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_format, args.log_level)
+    settings = AgentSettings(
+        node=args.node_name,
+        sysfs_root=args.sysfs_root,
+        config=args.config,
+        nova_conf=args.nova_conf,
+        libvirt_uri=args.libvirt_uri,
+        namespace=args.namespace,
+        state_dir=args.state_dir,
+        pci_ids=args.pci_ids,
+        rescan_interval=args.rescan_interval,
+        lease_interval=args.lease_interval,
+        lease_duration=args.lease_duration,
+        resync_interval=args.resync_interval,
+        restore_drivers=not args.no_restore_drivers,
+        domain_type=args.domain_type,
+        machine=args.machine or None,
+        simulate=args.simulate,
+    )
+
+    async def main_async() -> None:
+        async with KubeClient(
+            load_credentials(args.kubeconfig), user_agent="pcipt-nodeplugin"
+        ) as api:
+            await NodeAgent(api, settings).run_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main_async())
+    return 0

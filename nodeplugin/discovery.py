@@ -1,0 +1,213 @@
+"""Discover a host's PCI functions and NUMA topology from a sysfs tree.
+
+PURE over a root path: reads files and symlinks under `root` (the real `/sys`, or a fake tree
+in tests and simulated hosts), imports no client, writes nothing. What to publish is decided
+elsewhere (devicespec.py); names come from pci.ids (pciids.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pcipt.pci import PciAddress
+
+BRIDGE_CLASS_PREFIX = "0604"  # PCI-to-PCI bridges share IOMMU groups but are never passed through
+
+
+@dataclass(frozen=True)
+class PciFunction:
+    """One PCI function as sysfs describes it."""
+
+    address: str
+    vendor_id: str
+    product_id: str
+    subsystem_vendor_id: str
+    subsystem_id: str
+    class_code: str
+    revision: str = ""
+    driver: str | None = None
+    driver_override: str | None = None
+    numa_node: int = -1
+    iommu_group: int | None = None
+    iommu_group_peers: tuple[str, ...] = ()
+    """Other endpoint functions in the IOMMU group (bridges excluded)."""
+    sriov_role: str = "None"
+    phys_fn: str | None = None
+    vf_index: int | None = None
+    total_vfs: int | None = None
+    num_vfs: int | None = None
+    virtfns: tuple[str, ...] = ()
+    netdevs: tuple[str, ...] = ()
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.class_code.startswith(BRIDGE_CLASS_PREFIX)
+
+    @property
+    def netdev(self) -> str | None:
+        return self.netdevs[0] if self.netdevs else None
+
+
+@dataclass(frozen=True)
+class HostInventory:
+    functions: tuple[PciFunction, ...]
+    numa_cpus: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """CPU IDs of each NUMA node."""
+
+    def by_address(self) -> dict[str, PciFunction]:
+        return {f.address: f for f in self.functions}
+
+    def by_netdev(self) -> dict[str, PciFunction]:
+        return {n: f for f in self.functions for n in f.netdevs}
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _hex(path: Path, width: int) -> str:
+    text = _read(path) or ""
+    text = text.lower().removeprefix("0x")
+    try:
+        return f"{int(text, 16):0{width}x}"
+    except ValueError:
+        return ""
+
+
+def _int(path: Path) -> int | None:
+    text = _read(path)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _link_name(path: Path) -> str | None:
+    """The last component a symlink points to (driver name, group number, PF address)."""
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def parse_cpulist(text: str) -> tuple[int, ...]:
+    """`0-3,8,10-11` -> (0, 1, 2, 3, 8, 10, 11)."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(cpus)
+
+
+def format_cpulist(cpus: tuple[int, ...] | list[int]) -> str:
+    """(0, 1, 2, 3, 8) -> `0-3,8`."""
+    out: list[str] = []
+    ordered = sorted(set(cpus))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _netdevs(dev: Path) -> tuple[str, ...]:
+    names: list[str] = []
+    for net in [dev / "net", *sorted(dev.glob("virtio*/net"))]:
+        if net.is_dir():
+            names.extend(sorted(p.name for p in net.iterdir()))
+    return tuple(names)
+
+
+def _group_members(root: Path, group: int) -> list[str]:
+    folder = root / "kernel" / "iommu_groups" / str(group) / "devices"
+    try:
+        return sorted(p.name for p in folder.iterdir())
+    except OSError:
+        return []
+
+
+def read_function(root: Path, address: str) -> PciFunction:
+    dev = root / "bus" / "pci" / "devices" / address
+    group_name = _link_name(dev / "iommu_group")
+    group = int(group_name) if group_name and group_name.isdigit() else None
+    virtfns = sorted(
+        (p for p in dev.glob("virtfn*") if p.name[6:].isdigit()), key=lambda p: int(p.name[6:])
+    )
+    phys_fn = _link_name(dev / "physfn")
+    total_vfs = _int(dev / "sriov_totalvfs")
+    vf_index = None
+    if phys_fn is not None:
+        pf = root / "bus" / "pci" / "devices" / phys_fn
+        for link in pf.glob("virtfn*"):
+            if _link_name(link) == address and link.name[6:].isdigit():
+                vf_index = int(link.name[6:])
+    role = "VF" if phys_fn is not None else ("PF" if total_vfs is not None else "None")
+    numa = _int(dev / "numa_node")
+    override = _read(dev / "driver_override")
+    return PciFunction(
+        address=address,
+        vendor_id=_hex(dev / "vendor", 4),
+        product_id=_hex(dev / "device", 4),
+        subsystem_vendor_id=_hex(dev / "subsystem_vendor", 4),
+        subsystem_id=_hex(dev / "subsystem_device", 4),
+        class_code=_hex(dev / "class", 6),
+        revision=_hex(dev / "revision", 2),
+        driver=_link_name(dev / "driver"),
+        driver_override=None if override in (None, "", "(null)") else override,
+        numa_node=numa if numa is not None else -1,
+        iommu_group=group,
+        sriov_role=role,
+        phys_fn=phys_fn,
+        vf_index=vf_index,
+        total_vfs=total_vfs,
+        num_vfs=_int(dev / "sriov_numvfs"),
+        virtfns=tuple(n for p in virtfns if (n := _link_name(p)) is not None),
+        netdevs=_netdevs(dev),
+    )
+
+
+def read_numa(root: Path) -> dict[int, tuple[int, ...]]:
+    nodes: dict[int, tuple[int, ...]] = {}
+    base = root / "devices" / "system" / "node"
+    for d in sorted(base.glob("node[0-9]*")) if base.is_dir() else []:
+        text = _read(d / "cpulist")
+        if text is not None and d.name[4:].isdigit():
+            nodes[int(d.name[4:])] = parse_cpulist(text)
+    return nodes
+
+
+def discover(root: Path) -> HostInventory:
+    """Every PCI function under `root`/bus/pci/devices, and the host's NUMA nodes."""
+    devices_dir = root / "bus" / "pci" / "devices"
+    addresses = sorted(
+        (p.name for p in devices_dir.iterdir()) if devices_dir.is_dir() else [],
+        key=PciAddress.parse,
+    )
+    functions = [read_function(root, a) for a in addresses]
+    numa = read_numa(root)
+    by_addr = {f.address: f for f in functions}
+    single_node = len(numa) == 1
+    out = []
+    for f in functions:
+        peers: tuple[str, ...] = ()
+        if f.iommu_group is not None:
+            members = _group_members(root, f.iommu_group)
+            peers = tuple(
+                m for m in members if m != f.address and not (m in by_addr and by_addr[m].is_bridge)
+            )
+        numa_node = f.numa_node
+        if numa_node < 0 and single_node:
+            # Single-socket hosts report -1: every device is local to the only node there is.
+            numa_node = next(iter(numa))
+        out.append(replace(f, iommu_group_peers=peers, numa_node=numa_node))
+    return HostInventory(tuple(out), numa)

@@ -1,0 +1,102 @@
+"""A scheduled PassthroughVM + the host's facts -> the domain model. PURE.
+
+The VM's status says which devices it holds (the controller wrote them, claims verified by the
+caller); spec says how the guest sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from nodeplugin.domain.model import (
+    DirectInterface,
+    Disk,
+    Domain,
+    HostdevInterface,
+    HostdevPci,
+    Placement,
+    VmRef,
+)
+from pcipt.api.v1alpha1 import PassthroughVM
+from pcipt.pci import PciAddress, generated_mac
+from pcipt.quantity import quantity_bytes
+
+
+class BuildError(ValueError):
+    """The VM cannot become a domain on this host; the message says why."""
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    numa_cpus: Mapping[int, tuple[int, ...]]
+    domain_type: str = "kvm"
+    machine: str | None = "q35"
+
+
+def domain_name(namespace: str, name: str) -> str:
+    """`<namespace>_<name>`: unique per cluster, and '_' cannot occur in either part."""
+    return f"{namespace}_{name}"
+
+
+def _targets(bus: str, index: int) -> str:
+    prefix = "vd" if bus == "virtio" else "sd"
+    return prefix + "abcdefghijklmnopqrstuvwxyz"[index]
+
+
+def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
+    ns = vm.metadata.namespace or "default"
+    uid = vm.metadata.uid or ""
+    spec, status = vm.spec, vm.status
+    counters: dict[str, int] = {}
+    disks = []
+    for d in spec.disks:
+        n = counters.get(d.bus, 0)
+        counters[d.bus] = n + 1
+        fmt: Literal["qcow2", "raw"] = "qcow2" if d.image.endswith(".qcow2") else "raw"
+        target = _targets(d.bus, n)
+        if d.image.startswith("file://"):
+            path = d.image[len("file://") :]
+            disks.append(Disk(target, d.bus, file=path, read_only=d.read_only, format=fmt))
+        else:
+            disks.append(Disk(target, d.bus, url=d.image, read_only=True, format=fmt))
+    per_request: dict[str, int] = {}
+    hostdevs = []
+    for b in status.devices:
+        i = per_request.get(b.request, 0)
+        per_request[b.request] = i + 1
+        hostdevs.append(HostdevPci(PciAddress.parse(b.address), f"ua-{b.request}-{i}"))
+    requests = {n.name: n for n in spec.networks}
+    interfaces: list[HostdevInterface | DirectInterface] = []
+    for nb in status.networks:
+        req = requests.get(nb.name)
+        if req is None:
+            raise BuildError(f"status lists network {nb.name}, which the spec no longer asks for")
+        mac = nb.mac or req.mac or generated_mac(uid, nb.name)
+        alias = f"ua-net-{nb.name}"
+        if req.mode == "macvtap":
+            if not nb.netdev:
+                raise BuildError(f"network {nb.name}: VF {nb.address} has no netdev for macvtap")
+            interfaces.append(DirectInterface(nb.netdev, alias, mac))
+        else:
+            interfaces.append(HostdevInterface(PciAddress.parse(nb.address), alias, mac, req.vlan))
+    placement = None
+    if status.numa_node is not None and spec.cpu.pinning == "auto":
+        cpus = host.numa_cpus.get(status.numa_node)
+        if not cpus:
+            raise BuildError(f"NUMA node {status.numa_node} has no CPUs on this host")
+        placement = Placement(status.numa_node, tuple(cpus))
+    return Domain(
+        name=domain_name(ns, vm.metadata.name),
+        uuid=uid,
+        memory_kib=-(-quantity_bytes(spec.memory) // 1024),
+        vcpus=spec.cpu.cores,
+        vm=VmRef(ns, vm.metadata.name, uid, vm.metadata.generation or 0),
+        domain_type=host.domain_type,
+        machine=host.machine,
+        placement=placement,
+        disks=tuple(disks),
+        hostdevs=tuple(hostdevs),
+        interfaces=tuple(interfaces),
+    )

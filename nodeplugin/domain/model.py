@@ -1,0 +1,85 @@
+"""Typed model of the libvirt domain XML subset pcipt writes. Types only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pcipt.pci import PciAddress
+
+XMLNS = "https://pcipt.io/xmlns/domain/v1alpha1"
+
+
+@dataclass(frozen=True)
+class Disk:
+    target: str
+    """Guest device name: vda, sda, ..."""
+    bus: Literal["virtio", "sata", "scsi", "usb"]
+    file: str | None = None
+    """Host path, for file:// images."""
+    url: str | None = None
+    """http(s) URL, for network images (read-only)."""
+    read_only: bool = False
+    format: Literal["qcow2", "raw"] = "qcow2"
+
+
+@dataclass(frozen=True)
+class HostdevPci:
+    """A PCI function passed through (`<hostdev mode='subsystem' type='pci'>`)."""
+
+    address: PciAddress
+    alias: str
+    """ua-<request>-<n>: user aliases let `virsh` and humans tell devices apart."""
+
+
+@dataclass(frozen=True)
+class HostdevInterface:
+    """An SR-IOV VF given to the guest as a NIC (`<interface type='hostdev'>`)."""
+
+    address: PciAddress
+    alias: str
+    mac: str | None = None
+    vlan: int | None = None
+
+
+@dataclass(frozen=True)
+class DirectInterface:
+    """A macvtap in passthrough mode over a VF's netdev (`<interface type='direct'>`)."""
+
+    netdev: str
+    alias: str
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """vCPU and memory pinning to one NUMA node of the host."""
+
+    numa_node: int
+    cpus: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class VmRef:
+    """Which PassthroughVM the domain belongs to (kept in the domain's metadata)."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    uuid: str
+    memory_kib: int
+    vcpus: int
+    vm: VmRef
+    domain_type: str = "kvm"
+    machine: str | None = "q35"
+    placement: Placement | None = None
+    disks: tuple[Disk, ...] = ()
+    hostdevs: tuple[HostdevPci, ...] = ()
+    interfaces: tuple[HostdevInterface | DirectInterface, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,176 @@
+"""Domain model -> libvirt domain XML, with ElementTree (never by pasting strings), and back
+to the few facts a running domain is checked for. PURE."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from urllib.parse import urlparse
+
+from nodeplugin.discovery import format_cpulist
+from nodeplugin.domain.model import (
+    XMLNS,
+    DirectInterface,
+    Disk,
+    Domain,
+    HostdevInterface,
+    HostdevPci,
+    VmRef,
+)
+from pcipt.pci import PciAddress
+
+ET.register_namespace("pcipt", XMLNS)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _pci_attrs(a: PciAddress) -> dict[str, str]:
+    return {
+        "domain": f"0x{a.domain:04x}",
+        "bus": f"0x{a.bus:02x}",
+        "slot": f"0x{a.device:02x}",
+        "function": f"0x{a.function:x}",
+    }
+
+
+def _disk(devices: ET.Element, d: Disk) -> None:
+    if d.file is not None:
+        el = _sub(devices, "disk", type_="file", device="disk")
+        _sub(el, "driver", name="qemu", type_=d.format)
+        _sub(el, "source", file=d.file)
+    else:
+        assert d.url is not None
+        u = urlparse(d.url)
+        el = _sub(devices, "disk", type_="network", device="disk")
+        _sub(el, "driver", name="qemu", type_=d.format)
+        src = _sub(el, "source", protocol=u.scheme, name=u.path or "/")
+        port = u.port or (443 if u.scheme == "https" else 80)
+        _sub(src, "host", name=u.hostname or "", port=str(port))
+    _sub(el, "target", dev=d.target, bus=d.bus)
+    if d.read_only or d.url is not None:
+        _sub(el, "readonly")
+
+
+def _hostdev(devices: ET.Element, h: HostdevPci) -> None:
+    el = _sub(devices, "hostdev", mode="subsystem", type_="pci", managed="no")
+    src = _sub(el, "source")
+    _sub(src, "address", **_pci_attrs(h.address))
+    _sub(el, "alias", name=h.alias)
+
+
+def _interface(devices: ET.Element, i: HostdevInterface | DirectInterface) -> None:
+    if isinstance(i, HostdevInterface):
+        el = _sub(devices, "interface", type_="hostdev", managed="no")
+        if i.mac:
+            _sub(el, "mac", address=i.mac)
+        src = _sub(el, "source")
+        _sub(src, "address", type_="pci", **_pci_attrs(i.address))
+        if i.vlan is not None:
+            vlan = _sub(el, "vlan")
+            _sub(vlan, "tag", id=str(i.vlan))
+    else:
+        el = _sub(devices, "interface", type_="direct")
+        if i.mac:
+            _sub(el, "mac", address=i.mac)
+        _sub(el, "source", dev=i.netdev, mode="passthrough")
+        _sub(el, "model", type_="virtio")
+    _sub(el, "alias", name=i.alias)
+
+
+def _metadata(root: ET.Element, vm: VmRef) -> None:
+    meta = _sub(root, "metadata")
+    el = ET.SubElement(meta, f"{{{XMLNS}}}vm")
+    for tag, value in (
+        ("namespace", vm.namespace),
+        ("name", vm.name),
+        ("uid", vm.uid),
+        ("generation", str(vm.generation)),
+    ):
+        ET.SubElement(el, f"{{{XMLNS}}}{tag}").text = value
+
+
+def render(d: Domain) -> str:
+    """The domain's XML, deterministic for the same model."""
+    root = ET.Element("domain", {"type": d.domain_type})
+    _sub(root, "name", d.name)
+    _sub(root, "uuid", d.uuid)
+    _metadata(root, d.vm)
+    _sub(root, "memory", str(d.memory_kib), unit="KiB")
+    _sub(root, "vcpu", str(d.vcpus), placement="static")
+    if d.placement is not None:
+        cputune = _sub(root, "cputune")
+        cpuset = format_cpulist(list(d.placement.cpus))
+        for v in range(d.vcpus):
+            _sub(cputune, "vcpupin", vcpu=str(v), cpuset=cpuset)
+        _sub(cputune, "emulatorpin", cpuset=cpuset)
+        numatune = _sub(root, "numatune")
+        _sub(numatune, "memory", mode="strict", nodeset=str(d.placement.numa_node))
+    os_el = _sub(root, "os")
+    type_attrs = {"arch": "x86_64"}
+    if d.machine:
+        type_attrs["machine"] = d.machine
+    _sub(os_el, "type", "hvm", **type_attrs)
+    _sub(os_el, "boot", dev="hd")
+    features = _sub(root, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    _sub(root, "cpu", mode="host-passthrough")
+    _sub(root, "on_poweroff", "destroy")
+    _sub(root, "on_reboot", "restart")
+    _sub(root, "on_crash", "destroy")
+    devices = _sub(root, "devices")
+    for disk in d.disks:
+        _disk(devices, disk)
+    for h in d.hostdevs:
+        _hostdev(devices, h)
+    for i in d.interfaces:
+        _interface(devices, i)
+    serial = _sub(devices, "serial", type_="pty")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type_="pty")
+    _sub(console, "target", type_="serial", port="0")
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def vm_ref_of(xml: str) -> VmRef | None:
+    """Which PassthroughVM a domain belongs to, from its metadata; None for foreign domains."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    el = root.find(f"metadata/{{{XMLNS}}}vm")
+    if el is None:
+        return None
+
+    def text(tag: str) -> str:
+        child = el.find(f"{{{XMLNS}}}{tag}")
+        return (child.text or "") if child is not None else ""
+
+    gen = text("generation")
+    return VmRef(text("namespace"), text("name"), text("uid"), int(gen) if gen.isdigit() else 0)
+
+
+def passthrough_addresses(xml: str) -> list[str]:
+    """PCI addresses a domain passes through (hostdevs and hostdev interfaces)."""
+    root = ET.fromstring(xml)
+    out = []
+    for el in root.iterfind(".//devices/*/source/address"):
+        try:
+            out.append(
+                str(
+                    PciAddress(
+                        int(el.get("domain", "0"), 16),
+                        int(el.get("bus", "0"), 16),
+                        int(el.get("slot", "0"), 16),
+                        int(el.get("function", "0"), 16),
+                    )
+                )
+            )
+        except ValueError:
+            continue
+    return sorted(out)

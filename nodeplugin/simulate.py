@@ -1,0 +1,343 @@
+"""Simulated hosts: a hardware profile becomes a sysfs tree laid out as the kernel lays it out
+(devices under the root complex, bus/pci/devices and driver symlinks, IOMMU groups, SR-IOV
+physfn/virtfnN links, net/ folders, NUMA nodes), and a simulated kernel reacts to the writes
+that bind drivers the way Linux does.
+
+Tests build fake hosts with it; `make demo` and the end-to-end test run node plugins on such
+hosts (`--simulate`). Production never uses it: there the tree is /sys and the kernel is real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodeplugin.discovery import format_cpulist, parse_cpulist
+from pcipt.pci import PciAddress
+
+ROOT_COMPLEX = "pci0000:00"
+SIM_STATE = ".simulated.json"
+KNOWN_DRIVERS = ("vfio-pci",)
+
+
+@dataclass
+class SriovSpec:
+    total_vfs: int
+    num_vfs: int
+    vf_device: str
+    vf_driver: str | None = "iavf"
+    vf_netdev_prefix: str | None = None
+
+
+@dataclass
+class DeviceSpec:
+    address: str
+    vendor: str
+    device: str
+    cls: str
+    numa: int = -1
+    driver: str | None = None
+    iommu_group: int | None = None
+    subsystem_vendor: str | None = None
+    subsystem: str | None = None
+    revision: str = "a1"
+    netdev: str | None = None
+    sriov: SriovSpec | None = None
+
+
+@dataclass
+class HostProfile:
+    name: str
+    numa: dict[int, str] = field(default_factory=lambda: {0: "0-7"})
+    """NUMA node -> cpulist"""
+    devices: list[DeviceSpec] = field(default_factory=list)
+
+
+def _dev(d: Mapping[str, Any]) -> DeviceSpec:
+    sriov = d.get("sriov")
+    return DeviceSpec(
+        address=str(d["address"]),
+        vendor=str(d["vendor"]),
+        device=str(d["device"]),
+        cls=str(d["class"]),
+        numa=int(d.get("numa", -1)),
+        driver=d.get("driver"),
+        iommu_group=d.get("iommuGroup"),
+        subsystem_vendor=d.get("subsystemVendor"),
+        subsystem=d.get("subsystem"),
+        netdev=d.get("netdev"),
+        sriov=SriovSpec(
+            total_vfs=int(sriov["totalVFs"]),
+            num_vfs=int(sriov.get("numVFs", sriov["totalVFs"])),
+            vf_device=str(sriov["vfDevice"]),
+            vf_driver=sriov.get("vfDriver", "iavf"),
+            vf_netdev_prefix=sriov.get("vfNetdevPrefix"),
+        )
+        if sriov
+        else None,
+    )
+
+
+def load_profile(text: str) -> list[HostProfile]:
+    """A hardware profile: `hosts: {name: {numa: {0: "0-15"}, devices: [...]}}`."""
+    doc = yaml.safe_load(text) or {}
+    hosts = []
+    for name, h in (doc.get("hosts") or {}).items():
+        hosts.append(
+            HostProfile(
+                name=name,
+                numa={int(k): str(v) for k, v in (h.get("numa") or {0: "0-7"}).items()},
+                devices=[_dev(d) for d in h.get("devices") or []],
+            )
+        )
+    return hosts
+
+
+def vf_address(
+    pf: str, index: int, per_slot: int = 8, slots_per_pf: int | None = None, total: int = 0
+) -> str:
+    """VFs sit on the PF's bus from slot 2 on, eight functions a slot, each PF's VFs after the
+    previous PF's (function 1's VFs after function 0's), as common NICs place them."""
+    a = PciAddress.parse(pf)
+    span = slots_per_pf or max(1, math.ceil(total / per_slot))
+    slot = 2 + a.function * span + index // per_slot
+    return str(PciAddress(a.domain, a.bus, slot, index % per_slot))
+
+
+class SysfsTree:
+    """Builds and edits a fake sysfs tree under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.devices = root / "devices" / ROOT_COMPLEX
+        self.bus = root / "bus" / "pci"
+
+    def _rel(self, src: Path, dst: Path) -> None:
+        src.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink() or src.exists():
+            src.unlink()
+        os.symlink(os.path.relpath(dst, src.parent), src)
+
+    def ensure_driver(self, name: str) -> Path:
+        d = self.bus / "drivers" / name
+        if not d.exists():
+            d.mkdir(parents=True)
+            for f in ("bind", "unbind", "new_id", "remove_id"):
+                (d / f).write_text("")
+        return d
+
+    def add_function(
+        self,
+        address: str,
+        vendor: str,
+        device: str,
+        cls: str,
+        *,
+        numa: int = -1,
+        driver: str | None = None,
+        subsystem_vendor: str | None = None,
+        subsystem: str | None = None,
+        revision: str = "a1",
+        iommu_group: int | None = None,
+        netdev: str | None = None,
+    ) -> Path:
+        dev = self.devices / address
+        dev.mkdir(parents=True, exist_ok=True)
+        files = {
+            "vendor": f"0x{vendor}",
+            "device": f"0x{device}",
+            "class": f"0x{cls}",
+            "subsystem_vendor": f"0x{subsystem_vendor or vendor}",
+            "subsystem_device": f"0x{subsystem or device}",
+            "revision": f"0x{revision}",
+            "numa_node": str(numa),
+            "driver_override": "(null)",
+            "enable": "1",
+        }
+        for k, v in files.items():
+            (dev / k).write_text(v + "\n")
+        self._rel(self.bus / "devices" / address, dev)
+        if driver:
+            self.bind(address, driver)
+        if iommu_group is not None:
+            group = self.root / "kernel" / "iommu_groups" / str(iommu_group)
+            self._rel(group / "devices" / address, dev)
+            self._rel(dev / "iommu_group", group)
+        if netdev:
+            (dev / "net" / netdev).mkdir(parents=True, exist_ok=True)
+        return dev
+
+    def bind(self, address: str, driver: str) -> None:
+        drv = self.ensure_driver(driver)
+        dev = self.devices / address
+        self._rel(dev / "driver", drv)
+        self._rel(drv / address, dev)
+
+    def unbind(self, address: str) -> str | None:
+        dev = self.devices / address
+        link = dev / "driver"
+        if not link.is_symlink():
+            return None
+        name = os.path.basename(os.readlink(link))
+        link.unlink()
+        (self.bus / "drivers" / name / address).unlink(missing_ok=True)
+        return name
+
+    def driver(self, address: str) -> str | None:
+        link = self.devices / address / "driver"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def set_numa(self, numa: Mapping[int, str]) -> None:
+        base = self.root / "devices" / "system" / "node"
+        base.mkdir(parents=True, exist_ok=True)
+        for n, cpus in numa.items():
+            (base / f"node{n}").mkdir(exist_ok=True)
+            (base / f"node{n}" / "cpulist").write_text(format_cpulist(parse_cpulist(cpus)) + "\n")
+        (base / "online").write_text(format_cpulist(list(numa)) + "\n")
+        (base / "possible").write_text(format_cpulist(list(numa)) + "\n")
+
+    def remove_function(self, address: str) -> None:
+        """The device is gone (unplugged, or the host rebooted without it)."""
+        self.unbind(address)
+        (self.bus / "devices" / address).unlink(missing_ok=True)
+        shutil.rmtree(self.devices / address, ignore_errors=True)
+
+
+def build_host(root: Path, host: HostProfile) -> SysfsTree:
+    """Write the host's sysfs tree under `root` (which must be empty or absent)."""
+    tree = SysfsTree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (tree.bus / "devices").mkdir(parents=True, exist_ok=True)
+    for f in ("drivers_probe", "rescan"):
+        (tree.bus / f).write_text("")
+    for name in KNOWN_DRIVERS:
+        tree.ensure_driver(name)
+    tree.set_numa(host.numa)
+    used = {d.iommu_group for d in host.devices if d.iommu_group is not None}
+    next_group = max(used, default=0) + 1
+    native: dict[str, str | None] = {}
+    for d in host.devices:
+        tree.add_function(
+            d.address,
+            d.vendor,
+            d.device,
+            d.cls,
+            numa=d.numa,
+            driver=d.driver,
+            subsystem_vendor=d.subsystem_vendor,
+            subsystem=d.subsystem,
+            revision=d.revision,
+            iommu_group=d.iommu_group,
+            netdev=d.netdev,
+        )
+        native[d.address] = d.driver
+        if d.sriov is None:
+            continue
+        dev = tree.devices / d.address
+        (dev / "sriov_totalvfs").write_text(f"{d.sriov.total_vfs}\n")
+        (dev / "sriov_numvfs").write_text(f"{d.sriov.num_vfs}\n")
+        for k in range(d.sriov.num_vfs):
+            vf = vf_address(d.address, k, total=d.sriov.total_vfs)
+            netdev = f"{d.sriov.vf_netdev_prefix}{k}" if d.sriov.vf_netdev_prefix else None
+            tree.add_function(
+                vf,
+                d.vendor,
+                d.sriov.vf_device,
+                d.cls,
+                numa=d.numa,
+                driver=d.sriov.vf_driver,
+                iommu_group=next_group,
+                netdev=netdev,
+            )
+            next_group += 1
+            native[vf] = d.sriov.vf_driver
+            tree._rel(dev / f"virtfn{k}", tree.devices / vf)
+            tree._rel(tree.devices / vf / "physfn", dev)
+    (root / SIM_STATE).write_text(json.dumps({"host": host.name, "native": native}, indent=1))
+    return tree
+
+
+class SimulatedKernel:
+    """Writes into a fake sysfs tree and answers as Linux does to the driver-binding files:
+    driver_override, drivers/<d>/bind and unbind, drivers_probe (which binds the override, or
+    the device's own driver). Anything else is written as a plain file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tree = SysfsTree(root)
+        state = json.loads((root / SIM_STATE).read_text()) if (root / SIM_STATE).exists() else {}
+        self.native: dict[str, str | None] = state.get("native", {})
+
+    def write(self, path: Path, value: str) -> None:
+        rel = path.relative_to(self.root).parts
+        text = value.strip()
+        if rel[:3] == ("bus", "pci", "drivers_probe"):
+            self._probe(text)
+        elif (
+            rel[:3] == ("bus", "pci", "drivers") and len(rel) == 5 and rel[4] in ("bind", "unbind")
+        ):
+            driver, op = rel[3], rel[4]
+            if op == "unbind":
+                if self.tree.driver(text) != driver:
+                    raise OSError(19, f"{text} is not bound to {driver}")  # ENODEV
+                self.tree.unbind(text)
+            else:
+                if self.tree.driver(text) is not None:
+                    raise OSError(16, f"{text} is already bound")  # EBUSY
+                self.tree.bind(text, driver)
+        elif rel[-1] == "driver_override":
+            path.write_text((text or "(null)") + "\n")
+            return
+        path.write_text(value)
+
+    def _probe(self, address: str) -> None:
+        if self.tree.driver(address) is not None:
+            return
+        override = (self.tree.devices / address / "driver_override").read_text().strip()
+        driver = override if override not in ("", "(null)") else self.native.get(address)
+        if driver:
+            self.tree.bind(address, driver)
+
+
+def write_profile(hosts: Sequence[HostProfile]) -> str:
+    """The inverse of load_profile, for tests that build profiles in code."""
+    doc: dict[str, Any] = {"hosts": {}}
+    for h in hosts:
+        doc["hosts"][h.name] = {
+            "numa": {k: v for k, v in h.numa.items()},
+            "devices": [
+                {
+                    k: v
+                    for k, v in {
+                        "address": d.address,
+                        "vendor": d.vendor,
+                        "device": d.device,
+                        "class": d.cls,
+                        "numa": d.numa,
+                        "driver": d.driver,
+                        "iommuGroup": d.iommu_group,
+                        "netdev": d.netdev,
+                        "sriov": {
+                            "totalVFs": d.sriov.total_vfs,
+                            "numVFs": d.sriov.num_vfs,
+                            "vfDevice": d.sriov.vf_device,
+                            "vfDriver": d.sriov.vf_driver,
+                            "vfNetdevPrefix": d.sriov.vf_netdev_prefix,
+                        }
+                        if d.sriov
+                        else None,
+                    }.items()
+                    if v is not None
+                }
+                for d in h.devices
+            ],
+        }
+    return yaml.safe_dump(doc, sort_keys=False)

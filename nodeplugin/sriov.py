@@ -1,0 +1,67 @@
+"""Administrative settings of an SR-IOV VF, made on its PF with `ip link`: spoof checking and
+trust always; VLAN and MAC too in macvtap mode (in hostdev mode libvirt sets those itself from
+the domain's `<interface type='hostdev'>`).
+
+Commands go through a runner: the real one runs `ip`; simulated hosts record them.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger("pcipt.nodeplugin.sriov")
+
+
+class CommandRunner(Protocol):
+    def run(self, argv: list[str]) -> None: ...
+
+
+class SriovError(RuntimeError):
+    """A VF setting was refused; the message carries the command's own words."""
+
+
+class IpRunner:
+    def run(self, argv: list[str]) -> None:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+        if proc.returncode != 0:
+            raise SriovError(f"`{' '.join(argv)}` failed: {proc.stderr.strip() or proc.returncode}")
+
+
+@dataclass
+class RecordingRunner:
+    """Records commands instead of running them (tests, simulated hosts)."""
+
+    commands: list[list[str]] = field(default_factory=list)
+
+    def run(self, argv: list[str]) -> None:
+        self.commands.append(list(argv))
+
+
+def vf_commands(
+    pf_netdev: str,
+    vf_index: int,
+    *,
+    spoof_check: bool,
+    trusted: bool,
+    mac: str | None = None,
+    vlan: int | None = None,
+    macvtap: bool = False,
+) -> list[list[str]]:
+    base = ["ip", "link", "set", "dev", pf_netdev, "vf", str(vf_index)]
+    cmds = [
+        [*base, "spoofchk", "on" if spoof_check else "off", "trust", "on" if trusted else "off"]
+    ]
+    if macvtap:
+        cmds.append([*base, "vlan", str(vlan or 0)])
+        if mac:
+            cmds.append([*base, "mac", mac])
+    return cmds
+
+
+def configure_vf(runner: CommandRunner, pf_netdev: str, vf_index: int, **settings: object) -> None:
+    for argv in vf_commands(pf_netdev, vf_index, **settings):  # type: ignore[arg-type]
+        runner.run(argv)
+        log.info("configured vf pf=%s vf=%d: %s", pf_netdev, vf_index, " ".join(argv[7:]))

@@ -1,0 +1,111 @@
+"""List, then watch, a collection, keeping a local copy current and calling back on each change.
+
+After a watch error (410 Gone, a dropped connection, the API server restarting) it lists again
+and reports what changed meanwhile, objects deleted included, so callers never lose an event
+that matters; it backs off while the server is away. For the node plugin's watches (the
+controller's come through kopf).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pcipt.kubeclient import KubeClient
+
+log = logging.getLogger("pcipt.informer")
+
+Handler = Callable[[str, dict[str, Any]], None]
+
+
+def object_key(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata", {})
+    ns = meta.get("namespace")
+    return f"{ns}/{meta['name']}" if ns else str(meta["name"])
+
+
+class Informer:
+    def __init__(
+        self,
+        api: KubeClient,
+        path: str,
+        *,
+        label_selector: str | None = None,
+        on_event: Handler | None = None,
+        name: str = "",
+    ) -> None:
+        self.api = api
+        self.path = path
+        self.label_selector = label_selector
+        self.on_event = on_event or (lambda _t, _o: None)
+        self.name = name or path
+        self.items: dict[str, dict[str, Any]] = {}
+        self.synced = asyncio.Event()
+
+    def _emit(self, kind: str, obj: dict[str, Any]) -> None:
+        try:
+            self.on_event(kind, obj)
+        except Exception:
+            log.exception("handler failed informer=%s event=%s", self.name, kind)
+
+    async def relist(self) -> str:
+        got = await self.api.list(self.path, label_selector=self.label_selector)
+        fresh = {object_key(o): o for o in got.get("items", [])}
+        for key, gone in list(self.items.items()):
+            if key not in fresh:
+                del self.items[key]
+                self._emit("DELETED", gone)
+        for key, obj in fresh.items():
+            prev = self.items.get(key)
+            rv = obj["metadata"].get("resourceVersion")
+            if prev is None or prev.get("metadata", {}).get("resourceVersion") != rv:
+                self.items[key] = obj
+                self._emit("ADDED" if prev is None else "MODIFIED", obj)
+        self.synced.set()
+        return str(got.get("metadata", {}).get("resourceVersion", ""))
+
+    def apply(self, kind: str, obj: dict[str, Any]) -> None:
+        """Record an object we wrote ourselves, before the watch brings it back."""
+        key = object_key(obj)
+        if kind == "DELETED":
+            if self.items.pop(key, None) is not None:
+                self._emit("DELETED", obj)
+            return
+        self.items[key] = obj
+        self._emit(kind, obj)
+
+    async def run(self) -> None:
+        delay = 0.5
+        rv = ""
+        while True:
+            try:
+                if not rv:
+                    rv = await self.relist()
+                    delay = 0.5
+                async for ev in self.api.watch(
+                    self.path, resource_version=rv, label_selector=self.label_selector
+                ):
+                    kind, obj = ev.get("type", ""), ev.get("object", {})
+                    if kind == "ERROR":
+                        rv = ""  # usually 410 Gone: our resourceVersion is too old
+                        break
+                    rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                    if kind == "BOOKMARK":
+                        continue
+                    key = object_key(obj)
+                    if kind == "DELETED":
+                        self.items.pop(key, None)
+                    else:
+                        self.items[key] = obj
+                    self._emit(kind, obj)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning(
+                    "watch interrupted informer=%s: %s; listing again in %.1fs", self.name, e, delay
+                )
+                rv = ""
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)

@@ -1,0 +1,582 @@
+"""The node plugin's agent against the real kube-apiserver and libvirt's test driver, on a
+simulated host. The controller's writes (claims, the VM's scheduled status) are made by the
+test the way the controller makes them; tests/e2e runs the real controller with it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import libvirt
+import pytest
+from kubernetes import client
+
+from nodeplugin.agent import AgentSettings, NodeAgent
+from nodeplugin.domain.build import domain_name
+from nodeplugin.domain.render import passthrough_addresses
+from nodeplugin.simulate import SysfsTree, build_host
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, pcidevice_name
+from pcipt.devcluster import LocalCluster
+from pcipt.devcluster.crds import apply_crds
+from pcipt.kubeclient import KubeClient, crd_path, load_credentials
+from tests.integration.conftest import KubeCluster
+from tests.unit.hosts import lab_host
+
+GPU, AUDIO = "0000:3b:00.0", "0000:3b:00.1"
+CONFIG = """
+devices:
+  - name: gpu
+    match: {vendorID: "10de"}
+  - name: vfs
+    match: {netdev: "ens1f0#0-3"}
+    physicalNetwork: physnet2
+"""
+OPERATOR_NS = "pcipt-system"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def operator_namespace(kube: KubeCluster) -> None:
+    try:
+        client.CoreV1Api(kube.api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS))
+        )
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+
+
+class Rig:
+    """One simulated host with its agent, and helpers to act as the controller would."""
+
+    def __init__(self, kubeconfig: Path, tmp: Path, namespace: str) -> None:
+        self.node = f"np-{uuid.uuid4().hex[:6]}"
+        self.root = tmp / "sys"
+        build_host(self.root, lab_host())
+        self.tree = SysfsTree(self.root)
+        self.config = tmp / "config.yaml"
+        self.config.write_text(CONFIG)
+        self.namespace = namespace
+        self.settings = AgentSettings(
+            node=self.node,
+            sysfs_root=self.root,
+            config=self.config,
+            libvirt_uri="test:///default",
+            namespace=OPERATOR_NS,
+            state_dir=tmp / "state",
+            rescan_interval=3600,
+            lease_interval=0.5,
+            resync_interval=0.5,
+            domain_type="kvm",
+            stop_grace=2,
+            simulate=True,
+        )
+        self.kubeconfig = kubeconfig
+        self.api: KubeClient | None = None
+        self.agent: NodeAgent | None = None
+
+    async def start(self) -> NodeAgent:
+        if self.api is None:
+            self.api = KubeClient(load_credentials(str(self.kubeconfig)))
+        self.agent = NodeAgent(self.api, self.settings)
+        await self.agent.start()
+        await self.agent.devices.synced.wait()
+        await self.agent.rescan()
+        return self.agent
+
+    async def stop(self) -> None:
+        if self.agent is not None:
+            await self.agent.stop()
+        if self.api is not None:
+            await self.api.close()
+            self.api = None
+
+    def name(self, address: str) -> str:
+        return pcidevice_name(self.node, address)
+
+    async def device(self, address: str) -> dict[str, Any] | None:
+        assert self.api is not None
+        try:
+            return await self.api.get(crd_path(c.PLURAL_PCIDEVICE, self.name(address)))
+        except Exception:
+            return None
+
+    async def schedule_vm(
+        self, name: str, addresses: list[str], *, stolen: frozenset[str] = frozenset(), **spec: Any
+    ) -> PassthroughVM:
+        """Create a VM and write what the controller writes when it binds one here. Devices in
+        `stolen` are listed in its status but claimed by another VM (a broken state)."""
+        assert self.api is not None
+        body = {
+            "apiVersion": c.API_VERSION,
+            "kind": "PassthroughVM",
+            "metadata": {
+                "name": name,
+                "labels": {c.LABEL_VM_NODE: self.node},
+                "finalizers": [c.FINALIZER_RELEASE],
+            },
+            "spec": {"memory": "1Gi", "devices": [{"name": "gpu", "flavor": "a100"}], **spec},
+        }
+        vm = await self.api.create(crd_path(c.PLURAL_PASSTHROUGHVM, namespace=self.namespace), body)
+        for i, a in enumerate(addresses):
+            owner = (
+                ("other", "owner", "someone-else")
+                if a in stolen
+                else (self.namespace, name, vm["metadata"]["uid"])
+            )
+            await self.api.patch(
+                crd_path(c.PLURAL_PCIDEVICE, self.name(a)),
+                {
+                    "spec": {
+                        "claimRef": {
+                            "namespace": owner[0],
+                            "name": owner[1],
+                            "uid": owner[2],
+                            "request": "gpu",
+                            "companion": i > 0,
+                        }
+                    }
+                },
+            )
+        status = {
+            "phase": "Scheduled",
+            "nodeName": self.node,
+            "devices": [
+                {
+                    "request": "gpu",
+                    "pciDevice": self.name(a),
+                    "address": a,
+                    "numaNode": 0,
+                    "companion": i > 0,
+                }
+                for i, a in enumerate(addresses)
+            ],
+            "conditions": [
+                {
+                    "type": t,
+                    "status": "True",
+                    "reason": t,
+                    "message": "",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }
+                for t in (c.COND_SCHEDULED, c.COND_DEVICES_BOUND)
+            ],
+        }
+        got = await self.api.patch(
+            crd_path(c.PLURAL_PASSTHROUGHVM, name, namespace=self.namespace, subresource="status"),
+            {"status": status},
+        )
+        return PassthroughVM.model_validate(got)
+
+    async def vm(self, name: str) -> PassthroughVM | None:
+        assert self.api is not None
+        try:
+            return PassthroughVM.model_validate(
+                await self.api.get(crd_path(c.PLURAL_PASSTHROUGHVM, name, namespace=self.namespace))
+            )
+        except Exception:
+            return None
+
+    async def patch_vm(self, name: str, patch: dict[str, Any]) -> None:
+        assert self.api is not None
+        await self.api.patch(
+            crd_path(c.PLURAL_PASSTHROUGHVM, name, namespace=self.namespace), patch
+        )
+
+
+async def until(pred: Callable[[], Awaitable[Any]], timeout: float = 15.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await pred()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}: last={last!r}")
+
+
+@pytest.fixture
+def rig(kube: KubeCluster, namespace: str, tmp_path: Path) -> Iterator[Rig]:
+    yield Rig(kube.kubeconfig, tmp_path, namespace)
+
+
+def driver(rig: Rig, address: str) -> str | None:
+    return rig.tree.driver(address)
+
+
+def libvirt_domain(name: str) -> libvirt.virDomain | None:
+    conn = libvirt.open("test:///default")
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# --- publishing ------------------------------------------------------------------------------
+
+
+def test_publishes_offered_devices_and_a_quiet_rescan_writes_nothing(rig: Rig) -> None:
+    async def scenario() -> None:
+        agent = await rig.start()
+        try:
+            gpu = PciDevice.model_validate(await rig.device(GPU))
+            assert gpu.spec.node_name == rig.node and gpu.status.driver == "nvidia"
+            assert gpu.status.iommu_group == 7 and gpu.status.iommu_group_peers == [AUDIO]
+            assert (
+                gpu.metadata.labels[c.LABEL_NODE] == rig.node
+                and gpu.metadata.labels[c.LABEL_CLASS] == "030200"
+            )
+            vf = PciDevice.model_validate(await rig.device("0000:5e:02.1"))
+            assert (
+                vf.status.physical_network == "physnet2"
+                and vf.status.sriov
+                and vf.status.sriov.role == "VF"
+            )
+            assert vf.status.sriov.phys_fn == "0000:5e:00.0" and vf.status.netdev == "ens1f0v1"
+            assert await rig.device("0000:af:00.0") is None  # the NVMe drive is not offered
+            managers = (
+                {m.manager for m in gpu.metadata.model_extra.get("managed_fields", [])}
+                if gpu.metadata.model_extra
+                else set()
+            )
+            del managers
+            before = {n: o["metadata"]["resourceVersion"] for n, o in agent.devices.items.items()}
+            plan = await agent.rescan()
+            assert plan.writes == 0
+            assert rig.api is not None
+            got = await rig.api.list(
+                crd_path(c.PLURAL_PCIDEVICE), label_selector=f"{c.LABEL_NODE}={rig.node}"
+            )
+            assert {
+                o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in got["items"]
+            } == before
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+def test_uses_its_own_field_manager_and_leaves_claims_alone(rig: Rig, kube: KubeCluster) -> None:
+    async def scenario() -> None:
+        agent = await rig.start()
+        try:
+            assert rig.api is not None
+            await rig.api.patch(
+                crd_path(c.PLURAL_PCIDEVICE, rig.name(GPU)),
+                {
+                    "spec": {
+                        "unschedulable": True,
+                        "claimRef": {"namespace": "t", "name": "v", "uid": "u", "request": "gpu"},
+                    }
+                },
+            )
+            agent.devices.apply("MODIFIED", await rig.device(GPU) or {})
+            (rig.root / "devices/pci0000:00" / GPU / "numa_node").write_text("1\n")
+            plan = await agent.rescan()
+            assert [d.name for d in plan.apply_status] == [rig.name(GPU)]
+            got = await rig.device(GPU)
+            assert (
+                got is not None
+                and got["spec"]["unschedulable"] is True
+                and got["spec"]["claimRef"]["uid"] == "u"
+            )
+            assert got["status"]["numaNode"] == 1
+            managers = {m["manager"] for m in got["metadata"]["managedFields"]}
+            assert c.FIELD_MANAGER_NODEPLUGIN in managers
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+def test_vanished_devices_are_deleted_when_free_and_marked_missing_when_held(rig: Rig) -> None:
+    async def scenario() -> None:
+        agent = await rig.start()
+        try:
+            assert rig.api is not None
+            await rig.api.patch(
+                crd_path(c.PLURAL_PCIDEVICE, rig.name("0000:5e:02.0")),
+                {
+                    "spec": {
+                        "claimRef": {"namespace": "t", "name": "v", "uid": "u", "request": "net"}
+                    }
+                },
+            )
+            rig.tree.remove_function("0000:5e:02.0")
+            rig.tree.remove_function("0000:5e:02.1")
+            await until(lambda: asyncio.sleep(0.2, result=True))
+            await agent.rescan()
+            held = await rig.device("0000:5e:02.0")
+            assert held is not None and held["status"]["health"] == "Missing"
+            assert await rig.device("0000:5e:02.1") is None
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+def test_a_config_edit_marks_held_devices_and_a_bad_config_keeps_the_last_good(
+    rig: Rig, kube: KubeCluster
+) -> None:
+    async def scenario() -> None:
+        agent = await rig.start()
+        try:
+            assert rig.api is not None
+            await rig.api.patch(
+                crd_path(c.PLURAL_PCIDEVICE, rig.name(GPU)),
+                {
+                    "spec": {
+                        "claimRef": {"namespace": "t", "name": "v", "uid": "u", "request": "gpu"}
+                    }
+                },
+            )
+            await asyncio.sleep(0.3)
+            rig.config.write_text("devices: [{name: vfs, match: {netdev: 'ens1f0#0-3'}}]\n")
+            os.utime(rig.config, (time.time() + 5, time.time() + 5))
+            await agent.rescan()
+            gpu = await rig.device(GPU)
+            assert gpu is not None and gpu["status"]["health"] == "Unhealthy"
+            assert gpu["status"]["conditions"][0]["reason"] == "NotInDeviceSpec"
+            assert await rig.device(AUDIO) is None  # free, no longer offered: unpublished
+
+            rig.config.write_text("devices: [{name: broken, match: {vendorID: 'nothex'}}]\n")
+            os.utime(rig.config, (time.time() + 10, time.time() + 10))
+            plan = await agent.rescan()
+            assert plan.writes == 0 and agent.stats.config_error is not None
+            assert "devices[0].match.vendorID (entry 'broken')" in agent.stats.config_error
+            assert await rig.device("0000:5e:02.0") is not None  # last good config still published
+            events = client.CoreV1Api(kube.api).list_namespaced_event("default").items
+            assert any(
+                e.reason == "DeviceSpecInvalid" and e.involved_object.name == rig.node
+                for e in events
+            )
+        finally:
+            await rig.stop()
+
+    for _ in range(1):
+        run(scenario())
+
+
+def test_renews_its_node_lease(rig: Rig, kube: KubeCluster) -> None:
+    async def scenario() -> None:
+        await rig.start()
+        try:
+            coord = client.CoordinationV1Api(kube.api)
+            first = coord.read_namespaced_lease(
+                f"{c.NODE_LEASE_PREFIX}{rig.node}", OPERATOR_NS
+            ).spec.renew_time
+            await asyncio.sleep(1.2)
+            later = coord.read_namespaced_lease(
+                f"{c.NODE_LEASE_PREFIX}{rig.node}", OPERATOR_NS
+            ).spec.renew_time
+            assert later > first
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+# --- VMs --------------------------------------------------------------------------------------
+
+
+def test_a_scheduled_vm_runs_with_exactly_its_devices_stops_starts_and_goes(rig: Rig) -> None:
+    async def scenario() -> None:
+        await rig.start()
+        try:
+            vm = await rig.schedule_vm("gpu-vm", [GPU, AUDIO])
+            name = domain_name(rig.namespace, "gpu-vm")
+            running = await until(lambda: _phase(rig, "gpu-vm", "Running"), what="Running")
+            assert driver(rig, GPU) == driver(rig, AUDIO) == "vfio-pci"
+            dom = libvirt_domain(name)
+            assert dom is not None and dom.isActive() and dom.UUIDString() == vm.metadata.uid
+            assert passthrough_addresses(dom.XMLDesc()) == [GPU, AUDIO]
+            assert (
+                running.status.domain.devices == [GPU, AUDIO]
+                and running.status.domain.state == "running"
+            )
+            conds = {x.type: x for x in running.status.conditions}
+            assert (
+                conds[c.COND_DOMAIN_READY].status == "True" and conds[c.COND_READY].status == "True"
+            )
+
+            await rig.patch_vm("gpu-vm", {"spec": {"running": False}})
+            stopped = await until(lambda: _phase(rig, "gpu-vm", "Stopped"), what="Stopped")
+            assert not dom.isActive() and stopped.status.domain.state == "shut off"
+            assert (
+                next(x for x in stopped.status.conditions if x.type == c.COND_READY).status
+                == "True"
+            )
+            assert driver(rig, GPU) == "vfio-pci"  # a stopped VM keeps its devices
+
+            await rig.patch_vm("gpu-vm", {"spec": {"running": True}})
+            await until(lambda: _phase(rig, "gpu-vm", "Running"), what="Running again")
+
+            assert rig.api is not None
+            await rig.api.delete(
+                crd_path(c.PLURAL_PASSTHROUGHVM, "gpu-vm", namespace=rig.namespace)
+            )
+            gone = await until(
+                lambda: _condition(rig, "gpu-vm", c.COND_DOMAIN_GONE), what="DomainGone"
+            )
+            assert gone.status.domain is None
+            assert libvirt_domain(name) is None
+            assert driver(rig, GPU) == "nvidia" and driver(rig, AUDIO) == "snd_hda_intel"
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+def test_a_restart_adopts_the_running_domain_and_a_vanished_domain_comes_back(rig: Rig) -> None:
+    async def scenario() -> None:
+        await rig.start()
+        try:
+            await rig.schedule_vm("adopt", [GPU, AUDIO])
+            await until(lambda: _phase(rig, "adopt", "Running"), what="Running")
+            name = domain_name(rig.namespace, "adopt")
+            dom = libvirt_domain(name)
+            assert dom is not None
+            first_id = dom.ID()
+            assert rig.agent is not None
+            await rig.agent.stop()
+            await rig.start()  # a restarted plugin
+            await asyncio.sleep(1.5)
+            again = libvirt_domain(name)
+            assert (
+                again is not None and again.isActive() and again.ID() == first_id
+            )  # not restarted
+
+            again.destroy()  # the host rebooted
+            again.undefine()
+            await until(
+                lambda: asyncio.sleep(
+                    0, result=(d := libvirt_domain(name)) is not None and d.isActive()
+                ),
+                what="the domain recreated",
+            )
+        finally:
+            await rig.stop()
+            dom = libvirt_domain(domain_name(rig.namespace, "adopt"))
+            if dom is not None:
+                dom.destroy()
+                dom.undefine()
+
+    run(scenario())
+
+
+def test_a_start_failure_is_failed_with_libvirts_message(rig: Rig) -> None:
+    async def scenario() -> None:
+        conn = libvirt.open("test:///default")
+        foreign = conn.defineXML(  # someone else's domain already has the name
+            f"<domain type='test'><name>{domain_name(rig.namespace, 'clash')}</name><memory>1024</memory>"
+            "<os><type>hvm</type></os></domain>"
+        )
+        await rig.start()
+        try:
+            await rig.schedule_vm("clash", [GPU, AUDIO])
+            failed = await until(lambda: _phase(rig, "clash", "Failed"), what="Failed")
+            cond = next(x for x in failed.status.conditions if x.type == c.COND_DOMAIN_READY)
+            assert cond.reason == "StartFailed" and "already exists" in cond.message
+            ready = next(x for x in failed.status.conditions if x.type == c.COND_READY)
+            assert ready.status == "False" and "already exists" in ready.message
+        finally:
+            await rig.stop()
+            foreign.undefine()
+
+    run(scenario())
+
+
+def test_devices_not_claimed_for_the_vm_are_never_touched(rig: Rig) -> None:
+    async def scenario() -> None:
+        await rig.start()
+        try:
+            await rig.schedule_vm("thief", [GPU, AUDIO], stolen=frozenset({GPU}))
+            vm = await until(
+                lambda: _condition_reason(rig, "thief", c.COND_DOMAIN_READY, "DeviceNotClaimed"),
+                what="DeviceNotClaimed",
+            )
+            cond = next(x for x in vm.status.conditions if x.type == c.COND_DOMAIN_READY)
+            assert "claimed by other/owner" in cond.message
+            assert driver(rig, GPU) == "nvidia" and driver(rig, AUDIO) == "snd_hda_intel"
+            assert libvirt_domain(domain_name(rig.namespace, "thief")) is None
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+async def _phase(rig: Rig, name: str, phase: str) -> PassthroughVM | None:
+    vm = await rig.vm(name)
+    return vm if vm is not None and vm.status.phase == phase else None
+
+
+async def _condition(rig: Rig, name: str, type_: str) -> PassthroughVM | None:
+    vm = await rig.vm(name)
+    if vm is not None and any(x.type == type_ and x.status == "True" for x in vm.status.conditions):
+        return vm
+    return None
+
+
+async def _condition_reason(rig: Rig, name: str, type_: str, reason: str) -> PassthroughVM | None:
+    vm = await rig.vm(name)
+    if vm is not None and any(x.type == type_ and x.reason == reason for x in vm.status.conditions):
+        return vm
+    return None
+
+
+# --- the API server going away ----------------------------------------------------------------
+
+
+def test_survives_the_api_server_going_away_and_catches_up(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path / "cp")
+    cluster.up()
+    try:
+        from kubernetes import config as k8s_config
+
+        api = k8s_config.new_client_from_config(str(cluster.kubeconfig))
+        apply_crds(api)
+        client.CoreV1Api(api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS))
+        )
+        client.CoreV1Api(api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name="t"))
+        )
+        rig = Rig(cluster.kubeconfig, tmp_path, "t")
+
+        async def scenario() -> None:
+            agent = await rig.start()
+            try:
+                cluster.stop_apiserver()
+                rig.tree.remove_function("0000:5e:02.3")  # changes while the server is away
+                with pytest.raises((aiohttp.ClientError, OSError)):
+                    await agent.rescan()
+                await asyncio.sleep(2)
+                await asyncio.to_thread(cluster.start_apiserver)
+                await agent.devices.synced.wait()
+                await until(lambda: _rescan_ok(agent), timeout=60, what="a rescan after the outage")
+                assert await rig.device("0000:5e:02.3") is None
+                assert await rig.device("0000:5e:02.2") is not None
+            finally:
+                await rig.stop()
+
+        run(scenario())
+    finally:
+        cluster.down()
+
+
+async def _rescan_ok(agent: NodeAgent) -> bool:
+    try:
+        await agent.rescan()
+        return True
+    except Exception:
+        return False

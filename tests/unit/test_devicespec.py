@@ -1,0 +1,268 @@
+"""Device specs: the native format, Nova's device_spec with Nova's semantics, and refusals
+that name the entry and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodeplugin.devicespec import (
+    DeviceSpecError,
+    decide,
+    load_specs,
+    nova_conf_specs,
+    parse_netdev_range,
+)
+from nodeplugin.discovery import HostInventory, discover
+from tests.unit.hosts import build_lab
+
+GPU, AUDIO, BRIDGE = "0000:3b:00.0", "0000:3b:00.1", "0000:3a:00.0"
+PF0, PF1, NVME, NODRV = "0000:5e:00.0", "0000:d8:00.0", "0000:af:00.0", "0000:b0:00.0"
+VFS0 = ["0000:5e:02.0", "0000:5e:02.1", "0000:5e:02.2", "0000:5e:02.3"]
+VFS1 = ["0000:d8:02.0", "0000:d8:02.1"]
+HOSTNAME = {"kubernetes.io/hostname": "node-a"}
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> HostInventory:
+    root = tmp_path_factory.mktemp("lab") / "sys"
+    build_lab(root)
+    return discover(root)
+
+
+def offered(
+    host: HostInventory, config: str, labels: dict[str, str] | None = None
+) -> dict[str, tuple[str, str | None, dict[str, str]]]:
+    specs = load_specs(config)
+    return {
+        d.address: (d.entry, d.physical_network, d.attributes)
+        for d in decide(specs, host, labels or HOSTNAME)
+        if d.publish
+    }
+
+
+# --- native ---------------------------------------------------------------------------------
+
+
+def test_nothing_is_offered_without_an_entry(host: HostInventory) -> None:
+    assert offered(host, "") == {}
+    assert offered(host, "devices: []") == {}
+
+
+def test_vendor_and_product(host: HostInventory) -> None:
+    got = offered(
+        host,
+        "devices: [{name: a100, match: {vendorID: '10DE', productID: '20b0'}, attributes: {tier: gold}}]",
+    )
+    assert got == {GPU: ("a100", None, {"tier": "gold"})}
+
+
+def test_bridges_are_never_offered(host: HostInventory) -> None:
+    assert BRIDGE not in offered(host, "devices: [{match: {vendorID: '8086'}}]")
+
+
+def test_address_glob_and_lspci_short_form(host: HostInventory) -> None:
+    assert set(offered(host, "devices: [{match: {address: '0000:3b:*.*'}}]")) == {GPU, AUDIO}
+    assert set(offered(host, "devices: [{match: {address: '3b:00.1'}}]")) == {AUDIO}
+
+
+def test_address_per_field_regex_matches_whole_fields(host: HostInventory) -> None:
+    got = offered(host, "devices: [{match: {address: {bus: '5e', slot: '02', function: '[0-1]'}}}]")
+    assert set(got) == set(VFS0[:2])
+
+
+def test_netdev_with_a_vf_range_and_physnet(host: HostInventory) -> None:
+    got = offered(
+        host,
+        "devices: [{name: p2, match: {netdev: 'ens1f0#0,2-3'}, physicalNetwork: physnet2, trusted: true}]",
+    )
+    assert set(got) == {VFS0[0], VFS0[2], VFS0[3]}
+    assert got[VFS0[0]] == ("p2", "physnet2", {"physical_network": "physnet2", "trusted": "true"})
+
+
+def test_netdev_without_range_is_that_interface(host: HostInventory) -> None:
+    assert set(offered(host, "devices: [{match: {netdev: ens1f0}}]")) == {PF0}
+
+
+def test_class_driver_role_numa(host: HostInventory) -> None:
+    assert set(offered(host, "devices: [{match: {classCode: '0108'}}]")) == {NVME}
+    assert set(offered(host, "devices: [{match: {driver: iavf, numaNode: 1}}]")) == set(VFS1)
+    assert set(offered(host, "devices: [{match: {sriovRole: PF}}]")) == {PF0, PF1}
+
+
+def test_first_matching_entry_wins(host: HostInventory) -> None:
+    got = offered(
+        host,
+        "devices: [{name: first, match: {vendorID: '10de', productID: '20b0'}},"
+        " {name: second, match: {vendorID: '10de'}}]",
+    )
+    assert got[GPU][0] == "first" and got[AUDIO][0] == "second"
+
+
+def test_entries_limited_to_nodes_by_label(host: HostInventory) -> None:
+    cfg = "devices: [{match: {vendorID: '10de'}, nodeSelector: {matchLabels: {gpu: 'yes'}}}]"
+    assert offered(host, cfg) == {}
+    assert set(offered(host, cfg, {**HOSTNAME, "gpu": "yes"})) == {GPU, AUDIO}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            "devices: [{name: gpus, match: {vendorID: '10dex'}}]",
+            "devices[0].match.vendorID (entry 'gpus')",
+        ),
+        (
+            "devices: [{match: {vendorID: '10de'}}, {name: nic, match: {netdev: 'ens1f0#7-2'}}]",
+            "devices[1].match.netdev (entry 'nic'): Value error, 'ens1f0#7-2': range '7-2' runs backwards",
+        ),
+        ("devices: [{match: {address: {bus: '('}}}]", "devices[0].match.address"),
+        ("devices: [{match: {vendorID: '10de'}, colour: blue}]", "devices[0].colour"),
+        ("devices: [{match: {classCode: '030'}}]", "is not a class-code prefix"),
+        ("devices: nope", "devices"),
+        ("[1, 2]", "must be a map"),
+        ("devices: [{match: {vendorID: '10de'}", "not YAML or JSON"),
+    ],
+)
+def test_bad_native_config_names_entry_and_field(config: str, message: str) -> None:
+    with pytest.raises(DeviceSpecError) as err:
+        load_specs(config)
+    assert message in str(err.value)
+
+
+def test_netdev_ranges() -> None:
+    assert parse_netdev_range("ens1f0#0-3,6") == ("ens1f0", {0, 1, 2, 3, 6})
+    assert parse_netdev_range("ens1f0") == ("ens1f0", None)
+    with pytest.raises(ValueError):
+        parse_netdev_range("#0-1")
+
+
+# --- Nova -----------------------------------------------------------------------------------
+
+
+def nova(host: HostInventory, *specs: str) -> dict[str, tuple[str, str | None, dict[str, str]]]:
+    quoted = ", ".join(repr(s) for s in specs)
+    return offered(host, f"novaDeviceSpecs: [{quoted}]")
+
+
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [
+        ('{"vendor_id": "10de", "product_id": "20b0"}', {GPU}),
+        ('{"vendor_id": "10de", "product_id": "*"}', {GPU, AUDIO}),
+        ('{"vendor_id": "10DE"}', {GPU, AUDIO}),
+        ('{"address": "0000:3b:00.1"}', {AUDIO}),
+        ('{"address": "*:3b:00.*"}', {GPU, AUDIO}),
+        ('{"address": ":3b:00."}', {GPU, AUDIO}),
+        ('{"address": "3b:00.1"}', {AUDIO}),
+        ('{"address": "5e:02.2"}', {VFS0[2]}),
+        ('{"address": {"bus": "5e", "slot": "02", "function": "[0-1]"}}', set(VFS0[:2])),
+        # Nova's regexes match at the start of the zero-padded field (re.match): "0" matches "02".
+        ('{"address": {"bus": "5e", "slot": "0"}}', {PF0, *VFS0}),
+        # A single PF address matches the PF and its VFs.
+        ('{"address": "0000:5e:00.0"}', {PF0, *VFS0}),
+        ('{"vendor_id": "8086", "product_id": "1889", "address": "0000:5e:00.0"}', set(VFS0)),
+        # A PF's devname matches its VFs too; a devname not on the host matches nothing.
+        ('{"devname": "ens1f0", "product_id": "1889"}', set(VFS0)),
+        ('{"devname": "ens1f0v1"}', {VFS0[1]}),
+        ('{"devname": "eth9"}', set()),
+        ('[{"address": "0000:3b:00.0"}, {"address": "0000:af:00.0"}]', {GPU, NVME}),
+    ],
+)
+def test_nova_matching(host: HostInventory, spec: str, want: set[str]) -> None:
+    assert set(nova(host, spec)) == want
+
+
+def test_nova_tags_become_attributes_and_physnet(host: HostInventory) -> None:
+    got = nova(
+        host,
+        '{"devname": "ens2f0", "physical_network": "physnet1", "trusted": "true", "resource_class": "CUSTOM_VF"}',
+    )
+    assert set(got) == {PF1, *VFS1}
+    entry, physnet, attrs = got[VFS1[0]]
+    assert entry == "novaDeviceSpecs[0]" and physnet == "physnet1"
+    assert attrs == {
+        "physical_network": "physnet1",
+        "trusted": "true",
+        "resource_class": "CUSTOM_VF",
+    }
+
+
+def test_native_entries_come_before_nova_ones(host: HostInventory) -> None:
+    got = offered(
+        host,
+        "devices: [{name: native, match: {vendorID: '10de'}}]\n"
+        'novaDeviceSpecs: [\'{"vendor_id": "10de", "physical_network": "x"}\']',
+    )
+    assert got[GPU][0] == "native"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("{not json", "invalid entry"),
+        ('"a string"', "expecting a list or an object"),
+        ("[1]", "expecting an object"),
+        ('{"vendor_id": "xyz1"}', "vendor_id ('xyz1') does not parse as a hex number"),
+        (
+            '{"product_id": "12345"}',
+            "product_id (12345) is greater than the maximum allowable value (FFFF)",
+        ),
+        ('{"address": "0000:3b:00.9"}', "address function (9) is greater than"),
+        ('{"address": "0000:3b:20.0"}', "address slot (20) is greater than"),
+        ('{"address": "1:2:3:4.0"}', "more than domain:bus:slot"),
+        ('{"address": "zz:00.0"}', "address bus ('zz') does not parse as a hex number"),
+        ('{"address": {"bus": "["}}', "address.bus '[' is not a regular expression"),
+        ('{"address": "0000:3b:00.0", "devname": "eth0"}', "devname or address, but not both"),
+    ],
+)
+def test_nova_refusals(spec: str, message: str) -> None:
+    with pytest.raises(DeviceSpecError) as err:
+        load_specs(f"novaDeviceSpecs: [{spec!r}]")
+    assert message in str(err.value) and "novaDeviceSpecs[0]" in str(err.value)
+
+
+def test_nova_refuses_remote_managed_on_a_pf(host: HostInventory) -> None:
+    specs = load_specs(
+        'novaDeviceSpecs: [\'{"address": "0000:5e:00.0", "remote_managed": "true"}\']'
+    )
+    with pytest.raises(DeviceSpecError, match=r"remote_managed cannot apply to PF 0000:5e:00\.0"):
+        decide(specs, host, HOSTNAME)
+    ok = load_specs(
+        'novaDeviceSpecs: [\'{"address": "0000:5e:00.0", "product_id": "1889", "remote_managed": "true"}\']'
+    )
+    assert {d.address for d in decide(ok, host, HOSTNAME) if d.publish} == set(VFS0)
+
+
+NOVA_CONF = """
+[DEFAULT]
+device_spec = {"vendor_id": "ffff"}
+
+[pci]
+# the VFs of port 0, on physnet2
+device_spec = {"devname": "ens1f0", "product_id": "1889",
+    "physical_network": "physnet2"}
+passthrough_whitelist = {"address": "0000:af:00.0"}
+alias = {"name": "a1", "vendor_id": "10de"}
+device_spec = [{"vendor_id": "10de", "product_id": "20b0"}]
+
+[libvirt]
+virt_type = kvm
+"""
+
+
+def test_nova_conf_pci_section_multi_valued_and_continued() -> None:
+    assert nova_conf_specs(NOVA_CONF) == [
+        '{"devname": "ens1f0", "product_id": "1889", "physical_network": "physnet2"}',
+        '{"address": "0000:af:00.0"}',
+        '[{"vendor_id": "10de", "product_id": "20b0"}]',
+    ]
+
+
+def test_nova_conf_specs_are_honoured(host: HostInventory, tmp_path: Path) -> None:
+    specs = load_specs(None, nova_conf=NOVA_CONF)
+    got = {d.address: d for d in decide(specs, host, HOSTNAME) if d.publish}
+    assert set(got) == {*VFS0, NVME, GPU}
+    assert got[VFS0[0]].physical_network == "physnet2"
+    assert got[GPU].entry == "novaDeviceSpecs[2]"

@@ -1,0 +1,196 @@
+"""Domain rendering: golden files, each validated with libvirt's own schema
+(virt-xml-validate). Set PCIPT_UPDATE_GOLDEN=1 to rewrite the golden files after a deliberate
+change, then read the diff."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeplugin.domain.build import BuildError, HostFacts, build_domain, domain_name
+from nodeplugin.domain.render import passthrough_addresses, render, vm_ref_of
+from pcipt.api.v1alpha1 import PassthroughVM
+
+GOLDEN = Path(__file__).resolve().parent.parent / "data" / "domains"
+HOST = HostFacts(numa_cpus={0: (0, 1, 2, 3, 8, 9, 10, 11), 1: (4, 5, 6, 7, 12, 13, 14, 15)})
+UID = "3f9a1c2e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"
+
+
+def vm(spec: dict[str, Any], status: dict[str, Any]) -> PassthroughVM:
+    return PassthroughVM.model_validate(
+        {
+            "metadata": {"name": "trainer", "namespace": "ml", "uid": UID, "generation": 3},
+            "spec": {"memory": "16Gi", **spec},
+            "status": {"nodeName": "node-a", **status},
+        }
+    )
+
+
+CASES: dict[str, PassthroughVM] = {
+    "two-gpus-numa-pinned": vm(
+        {
+            "cpu": {"cores": 4},
+            "disks": [{"name": "root", "image": "file:///var/lib/pcipt/images/ubuntu.qcow2"}],
+            "devices": [{"name": "gpus", "flavor": "a100", "count": 2, "numaPolicy": "required"}],
+        },
+        {
+            "numaNode": 1,
+            "devices": [
+                {
+                    "request": "gpus",
+                    "pciDevice": "node-a.0000-af-00-0",
+                    "address": "0000:af:00.0",
+                    "numaNode": 1,
+                },
+                {
+                    "request": "gpus",
+                    "pciDevice": "node-a.0000-af-00-1",
+                    "address": "0000:af:00.1",
+                    "numaNode": 1,
+                    "companion": True,
+                },
+                {
+                    "request": "gpus",
+                    "pciDevice": "node-a.0000-b0-00-0",
+                    "address": "0000:b0:00.0",
+                    "numaNode": 1,
+                },
+            ],
+        },
+    ),
+    "sriov-vf-on-vlan": vm(
+        {
+            "cpu": {"cores": 2, "pinning": "none"},
+            "memory": "4Gi",
+            "disks": [
+                {"name": "root", "image": "file:///images/router.qcow2"},
+                {
+                    "name": "data",
+                    "image": "file:///images/data.raw",
+                    "bus": "sata",
+                    "readOnly": True,
+                },
+            ],
+            "networks": [
+                {"name": "uplink", "flavor": "vf", "vlan": 120, "mac": "52:54:00:6e:10:01"}
+            ],
+        },
+        {
+            "networks": [
+                {
+                    "name": "uplink",
+                    "pciDevice": "node-b.0000-5e-02-1",
+                    "address": "0000:5e:02.1",
+                    "mac": "52:54:00:6e:10:01",
+                    "vlan": 120,
+                }
+            ]
+        },
+    ),
+    "macvtap-and-http-image": vm(
+        {
+            "cpu": {"cores": 1},
+            "memory": "2Gi",
+            "disks": [{"name": "boot", "image": "https://images.example.com/debian-12.qcow2"}],
+            "networks": [{"name": "mgmt", "flavor": "vf", "mode": "macvtap"}],
+        },
+        {
+            "networks": [
+                {
+                    "name": "mgmt",
+                    "pciDevice": "node-b.0000-5e-02-2",
+                    "address": "0000:5e:02.2",
+                    "netdev": "ens1f0v2",
+                }
+            ]
+        },
+    ),
+}
+
+
+def validate(xml: str, tmp_path: Path) -> None:
+    exe = shutil.which("virt-xml-validate")
+    assert exe, (
+        "virt-xml-validate is missing: install libvirt-clients (hack/install-system-deps.sh does)"
+    )
+    f = tmp_path / "domain.xml"
+    f.write_text(xml)
+    proc = subprocess.run([exe, str(f), "domain"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_domain(case: str, tmp_path: Path) -> None:
+    xml = render(build_domain(CASES[case], HOST))
+    golden = GOLDEN / f"{case}.xml"
+    if os.environ.get("PCIPT_UPDATE_GOLDEN") == "1":
+        golden.write_text(xml)
+    assert xml == golden.read_text(), f"{golden} differs; PCIPT_UPDATE_GOLDEN=1 rewrites it"
+    validate(xml, tmp_path)
+
+
+@pytest.mark.parametrize("golden", sorted(GOLDEN.glob("*.xml")), ids=lambda p: p.name)
+def test_every_golden_file_is_valid_libvirt_xml(golden: Path, tmp_path: Path) -> None:
+    validate(golden.read_text(), tmp_path)
+
+
+def test_pinning_follows_the_numa_node_the_controller_chose() -> None:
+    d = build_domain(CASES["two-gpus-numa-pinned"], HOST)
+    assert (
+        d.placement is not None
+        and d.placement.numa_node == 1
+        and d.placement.cpus == HOST.numa_cpus[1]
+    )
+    xml = render(d)
+    assert '<vcpupin vcpu="3" cpuset="4-7,12-15" />' in xml and 'nodeset="1"' in xml
+
+
+def test_no_pinning_when_asked_not_to() -> None:
+    v = CASES["two-gpus-numa-pinned"].model_copy(deep=True)
+    v.spec.cpu.pinning = "none"
+    assert build_domain(v, HOST).placement is None
+
+
+def test_hostdevs_are_exactly_the_bound_devices_and_read_back() -> None:
+    xml = render(build_domain(CASES["two-gpus-numa-pinned"], HOST))
+    assert passthrough_addresses(xml) == ["0000:af:00.0", "0000:af:00.1", "0000:b0:00.0"]
+    assert passthrough_addresses(render(build_domain(CASES["sriov-vf-on-vlan"], HOST))) == [
+        "0000:5e:02.1"
+    ]
+
+
+def test_metadata_names_the_vm() -> None:
+    ref = vm_ref_of(render(build_domain(CASES["sriov-vf-on-vlan"], HOST)))
+    assert ref is not None and (ref.namespace, ref.name, ref.uid, ref.generation) == (
+        "ml",
+        "trainer",
+        UID,
+        3,
+    )
+    assert vm_ref_of("<domain type='kvm'><name>foreign</name></domain>") is None
+
+
+def test_names_sizes_and_generated_mac() -> None:
+    d = build_domain(CASES["macvtap-and-http-image"], HOST)
+    assert d.name == domain_name("ml", "trainer") == "ml_trainer"
+    assert d.memory_kib == 2 * 1024 * 1024 and d.vcpus == 1
+    (iface,) = d.interfaces
+    assert iface.mac is not None and iface.mac.startswith("52:54:00:")
+    assert iface.mac == build_domain(CASES["macvtap-and-http-image"], HOST).interfaces[0].mac
+
+
+def test_rendering_is_deterministic() -> None:
+    for v in CASES.values():
+        assert render(build_domain(v, HOST)) == render(build_domain(v, HOST))
+
+
+def test_a_numa_node_the_host_lacks_is_refused() -> None:
+    v = CASES["two-gpus-numa-pinned"].model_copy(deep=True)
+    v.status.numa_node = 5
+    with pytest.raises(BuildError, match="NUMA node 5 has no CPUs on this host"):
+        build_domain(v, HOST)
