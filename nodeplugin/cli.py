@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("RESTORE_DRIVERS", "1") == "0",
         help="leave devices on vfio-pci after their VM goes",
     )
+    run.add_argument(
+        "--stop-grace",
+        type=float,
+        default=float(_env("STOP_GRACE", "30")),
+        help="seconds a guest gets to shut down before its domain is destroyed",
+    )
     run.add_argument("--domain-type", default=_env("DOMAIN_TYPE", "kvm"))
     run.add_argument(
         "--machine", default=_env("MACHINE", "q35"), help="guest machine type ('' for none)"
@@ -241,6 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         domain_type=args.domain_type,
         machine=args.machine or None,
         simulate=args.simulate,
+        stop_grace=args.stop_grace,
     )
 
     async def main_async() -> None:

@@ -136,7 +136,11 @@ def _group_members(root: Path, group: int) -> list[str]:
         return []
 
 
-def read_function(root: Path, address: str) -> PciFunction:
+def read_function(
+    root: Path, address: str, vf_indexes: dict[str, int] | None = None
+) -> PciFunction:
+    """One function; `vf_indexes` (VF address -> index under its PF) saves reading every PF's
+    links once per VF when the caller already has them."""
     dev = root / "bus" / "pci" / "devices" / address
     group_name = _link_name(dev / "iommu_group")
     group = int(group_name) if group_name and group_name.isdigit() else None
@@ -147,10 +151,9 @@ def read_function(root: Path, address: str) -> PciFunction:
     total_vfs = _int(dev / "sriov_totalvfs")
     vf_index = None
     if phys_fn is not None:
-        pf = root / "bus" / "pci" / "devices" / phys_fn
-        for link in pf.glob("virtfn*"):
-            if _link_name(link) == address and link.name[6:].isdigit():
-                vf_index = int(link.name[6:])
+        if vf_indexes is None:
+            vf_indexes = _vf_indexes(root / "bus" / "pci" / "devices" / phys_fn)
+        vf_index = vf_indexes.get(address)
     role = "VF" if phys_fn is not None else ("PF" if total_vfs is not None else "None")
     numa = _int(dev / "numa_node")
     override = _read(dev / "driver_override")
@@ -176,6 +179,14 @@ def read_function(root: Path, address: str) -> PciFunction:
     )
 
 
+def _vf_indexes(pf: Path) -> dict[str, int]:
+    out = {}
+    for link in pf.glob("virtfn*"):
+        if link.name[6:].isdigit() and (vf := _link_name(link)) is not None:
+            out[vf] = int(link.name[6:])
+    return out
+
+
 def read_numa(root: Path) -> dict[int, tuple[int, ...]]:
     nodes: dict[int, tuple[int, ...]] = {}
     base = root / "devices" / "system" / "node"
@@ -193,7 +204,11 @@ def discover(root: Path) -> HostInventory:
         (p.name for p in devices_dir.iterdir()) if devices_dir.is_dir() else [],
         key=PciAddress.parse,
     )
-    functions = [read_function(root, a) for a in addresses]
+    vf_indexes: dict[str, int] = {}
+    for a in addresses:
+        if (devices_dir / a / "sriov_totalvfs").exists():
+            vf_indexes.update(_vf_indexes(devices_dir / a))
+    functions = [read_function(root, a, vf_indexes) for a in addresses]
     numa = read_numa(root)
     by_addr = {f.address: f for f in functions}
     single_node = len(numa) == 1

@@ -1,0 +1,175 @@
+"""Discovery and publishing cost on a big SR-IOV host.
+
+    .venv/bin/python bench/discovery.py [--pfs 8] [--vfs 64] [--rounds 20]
+
+Builds a simulated host with --pfs PFs of --vfs VFs each (plus their PFs: 8 x 64 = 520
+functions), then reports:
+- discovery time (reading the sysfs tree), device-spec decision time, publish-plan time;
+- against the real local control plane, the node plugin's first rescan (publishes every VF)
+  and a quiet rescan after it: API writes each, and wall time.
+It prints figures; it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kubernetes import client  # noqa: E402
+from kubernetes import config as k8s_config  # noqa: E402
+
+from nodeplugin.agent import AgentSettings, NodeAgent  # noqa: E402
+from nodeplugin.devicespec import decide, load_specs  # noqa: E402
+from nodeplugin.discovery import discover  # noqa: E402
+from nodeplugin.pciids import load  # noqa: E402
+from nodeplugin.publish import desired_devices, plan  # noqa: E402
+from nodeplugin.simulate import DeviceSpec, HostProfile, SriovSpec, build_host  # noqa: E402
+from pcipt import constants as c  # noqa: E402
+from pcipt.devcluster import LocalCluster  # noqa: E402
+from pcipt.devcluster.crds import apply_crds  # noqa: E402
+from pcipt.kubeclient import KubeClient, load_credentials, retry_transient  # noqa: E402
+
+CONFIG = (
+    "devices: [{name: vfs, match: {vendorID: '8086', productID: '1889'}, "
+    "physicalNetwork: physnet2}]"
+)
+
+
+def profile(pfs: int, vfs: int) -> HostProfile:
+    devices = [
+        DeviceSpec(
+            f"0000:{0x18 + i:02x}:00.0",
+            "8086",
+            "1592",
+            "020000",
+            numa=i % 2,
+            driver="ice",
+            iommu_group=i + 1,
+            netdev=f"ens{i}f0",
+            sriov=SriovSpec(vfs, vfs, "1889", "iavf", f"ens{i}f0v"),
+        )
+        for i in range(pfs)
+    ]
+    return HostProfile("big", {0: "0-31", 1: "32-63"}, devices)
+
+
+def timed(fn: Any, rounds: int) -> tuple[float, Any]:
+    samples, out = [], None
+    for _ in range(rounds):
+        t = time.perf_counter()
+        out = fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples), out
+
+
+async def rescans(root: Path, kubeconfig: Path, state: Path, config: Path) -> dict[str, Any]:
+    async with KubeClient(load_credentials(str(kubeconfig))) as api:
+        agent = NodeAgent(
+            api,
+            AgentSettings(
+                node="big",
+                sysfs_root=root,
+                config=config,
+                libvirt_uri="test:///default",
+                state_dir=state,
+                rescan_interval=3600,
+                simulate=True,
+            ),
+        )
+        await retry_transient(agent.devices.relist)
+        t = time.perf_counter()
+        first = await agent.rescan()
+        first_s = time.perf_counter() - t
+        t = time.perf_counter()
+        quiet = await agent.rescan()
+        quiet_s = time.perf_counter() - t
+        return {
+            "first_rescan": {
+                "writes": first.writes,
+                "seconds": round(first_s, 2),
+                "devices": len(first.apply_spec),
+            },
+            "quiet_rescan": {"writes": quiet.writes, "seconds": round(quiet_s, 3)},
+        }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pfs", type=int, default=8)
+    p.add_argument("--vfs", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pcipt-discovery-"))
+    root = work / "sys"
+    build_host(root, profile(args.pfs, args.vfs))
+    ids = load()
+    specs = load_specs(CONFIG)
+    t_disc, host = timed(lambda: discover(root), args.rounds)
+    t_decide, decisions = timed(lambda: decide(specs, host, {}), args.rounds)
+    t_desired, desired = timed(lambda: desired_devices("big", host, decisions, ids), args.rounds)
+    out: dict[str, Any] = {
+        "functions": len(host.functions),
+        "offered": sum(d.publish for d in decisions),
+        "discovery_ms": round(t_disc * 1000, 1),
+        "decide_ms": round(t_decide * 1000, 1),
+        "desired_ms": round(t_desired * 1000, 1),
+    }
+    stored = {
+        name: {
+            "metadata": {"name": name, "labels": d.labels, "resourceVersion": "1"},
+            "spec": d.spec,
+            "status": d.status,
+        }
+        for name, d in desired.items()
+    }
+    t_plan, quiet = timed(lambda: plan(desired, stored, set(desired)), args.rounds)
+    out["quiet_plan_ms"] = round(t_plan * 1000, 1)
+    out["quiet_plan_writes"] = quiet.writes
+    print(
+        f"{out['functions']} functions ({args.pfs} PFs x {args.vfs} VFs): "
+        f"discovery {out['discovery_ms']} ms, "
+        f"device specs {out['decide_ms']} ms, desired objects {out['desired_ms']} ms, "
+        f"quiet plan {out['quiet_plan_ms']} ms ({quiet.writes} writes)",
+        flush=True,
+    )
+
+    cluster = LocalCluster(work / "cp")
+    cluster.up()
+    try:
+        api = k8s_config.new_client_from_config(str(cluster.kubeconfig))
+        apply_crds(api)
+        client.CoreV1Api(api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=c.DEFAULT_NAMESPACE))
+        )
+        (work / "config.yaml").write_text(CONFIG)
+        out.update(
+            asyncio.run(rescans(root, cluster.kubeconfig, work / "state", work / "config.yaml"))
+        )
+    finally:
+        cluster.down()
+    print(
+        f"first rescan against the API server: {out['first_rescan']['writes']} writes for "
+        f"{out['first_rescan']['devices']} devices in {out['first_rescan']['seconds']} s; "
+        f"quiet rescan: {out['quiet_rescan']['writes']} writes "
+        f"in {out['quiet_rescan']['seconds']} s",
+        flush=True,
+    )
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
