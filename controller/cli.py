@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("LIVENESS", ""),
         help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
     )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", "8080")),
+        help="port for /metrics, /healthz and /readyz (0: off)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        default=_env("METRICS_HOST", "127.0.0.1"),
+        help="address to serve metrics on (the chart sets 0.0.0.0)",
+    )
     run.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
@@ -188,7 +199,12 @@ def run(args: argparse.Namespace) -> int:
         }
     if webhook is not None:
         handlers.enable_webhook()
-    memo = kopf.Memo(settings=settings, webhook=webhook, peering_lifetime=args.peering_lifetime)
+    memo = kopf.Memo(
+        settings=settings,
+        webhook=webhook,
+        peering_lifetime=args.peering_lifetime,
+        metrics=(args.metrics_host, args.metrics_port),
+    )
     logging.getLogger("kopf").setLevel(logging.WARNING)
     asyncio.run(
         kopf.operator(

@@ -20,6 +20,7 @@ from controller.runtime import ControllerSettings, Runtime
 from pcipt import constants as c
 from pcipt import tls
 from pcipt.kubeclient import ApiError, KubeClient, load_credentials
+from pcipt.metrics import serve as serve_metrics
 
 registry = kopf.OperatorRegistry()
 log = logging.getLogger("pcipt.controller")
@@ -76,6 +77,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         await api.close()
         raise kopf.PermanentError(f"start-up failed: {e}") from e
     memo["runtime"] = runtime
+    host, port = memo.get("metrics", ("", 0))
+    if port:
+        memo["metrics_runner"] = await serve_metrics(
+            runtime.registry, host, port, health=runtime.ready.is_set
+        )
+        log.info("serving metrics and health on %s:%d", host or "*", port)
 
 
 @kopf.on.cleanup(registry=registry)
@@ -84,6 +91,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if runtime is not None:
         await runtime.stop()
         await runtime.api.close()
+    runner = memo.get("metrics_runner")
+    if runner is not None:
+        await runner.cleanup()
 
 
 def _runtime(memo: kopf.Memo) -> Runtime:

@@ -20,10 +20,12 @@ from controller.binding import Binder, LostRace, device_path, vm_path
 from controller.events import EventRecorder
 from controller.flavorstatus import compute_flavor_status
 from controller.inventory import Inventory, VmKey, vm_key
+from controller.metrics import ControllerMetrics
 from controller.peering import PeeringGate
 from controller.scheduling import Placement, Refusal, ScoringPolicy, request_problems, schedule
 from controller.vmstatus import condition_status, pending_status
 from pcipt import constants as c
+from pcipt import metrics as pm
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
 from pcipt.conditions import get_condition, is_true
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path, retry_transient
@@ -106,6 +108,9 @@ class Runtime:
         self.wake = asyncio.Event()
         self.bind_slots = asyncio.Semaphore(settings.bind_concurrency)
         self.stats = Stats()
+        self.registry = pm.Registry()
+        self.metrics = ControllerMetrics(self.registry, self.inv)
+        self.registry.collectors.append(lambda: self.metrics.pending.set(float(len(self.pending))))
         self.ready = asyncio.Event()
         self.active = asyncio.Event()
         """Set while this replica acts (always, standalone; with peering, while kopf would)."""
@@ -284,6 +289,7 @@ class Runtime:
                 await self._schedule_pass()
             except Exception:
                 log.exception("scheduling pass failed")
+                self.metrics.error("scheduling")
                 await asyncio.sleep(1)
                 self.wake.set()
 
@@ -323,7 +329,9 @@ class Runtime:
                 self.pending.pop(entry.uid, None)
                 continue
             entry.generation = vm.metadata.generation
+            started = time.perf_counter()
             result = schedule(self.inv.scheduling_input(vm, self.settings.scoring))
+            self.metrics.decision.observe(time.perf_counter() - started)
             decisions += 1
             if isinstance(result, Placement):
                 self.inflight.add(entry.uid)
@@ -335,6 +343,7 @@ class Runtime:
                 }:
                     self.waiting.setdefault(flavor, set()).add(entry.uid)
                 self.stats.refusals += 1
+                self.metrics.refusals.inc(result.reason)
                 self._spawn(self._refuse(entry, vm, result))
             if decisions % 16 == 0:
                 await asyncio.sleep(0)  # let watch events and binds in flight through
@@ -347,17 +356,22 @@ class Runtime:
                 result = await self.binder.bind(vm, placement)
         except LostRace as e:
             self.stats.conflicts += 1
+            self.metrics.conflicts.inc()
             log.info("bind lost a race vm=%s/%s: %s; re-planning", *entry.key, e)
             await self._refresh_after_race(entry.key, placement)
         except Exception:
+            self.metrics.error("bind")
             log.exception("bind failed vm=%s/%s", *entry.key)
             await asyncio.sleep(1)
         else:
             self.stats.binds += 1
+            self.metrics.binds.inc()
             self.stats.bind_writes += result.writes
             created = vm.metadata.creation_timestamp
             if created is not None:
-                self.stats.scheduled_latency.append((_now() - created).total_seconds())
+                latency = (_now() - created).total_seconds()
+                self.stats.scheduled_latency.append(latency)
+                self.metrics.latency.observe(latency)
             self.pending.pop(entry.uid, None)
             n = sum(1 for a in placement.assignments if not a.companion)
             log.info(
@@ -439,6 +453,7 @@ class Runtime:
             names = sorted({d.name for d in self.inv.claimed_by(uid)} | _listed_devices(vm))
             released = await self.binder.release_all(uid, names)
             self.stats.releases += released
+            self.metrics.releases.inc(by=released)
             finalizers = [f for f in vm.metadata.finalizers if f != c.FINALIZER_RELEASE]
             body = {
                 "metadata": {
@@ -519,6 +534,7 @@ class Runtime:
                         self._consider(vm)
             except Exception:
                 log.exception("tick failed")
+                self.metrics.error("tick")
 
     async def _mark_vms_on_nodes(self) -> None:
         """Give VMs on a node that stopped renewing its lease a condition saying so."""
@@ -628,6 +644,7 @@ class Runtime:
                 await self.audit()
             except Exception:
                 log.exception("audit failed")
+                self.metrics.error("audit")
 
     async def _fresh_vm(self, namespace: str, name: str) -> PassthroughVM | None:
         try:
@@ -730,6 +747,9 @@ class Runtime:
                 break
         if any(repaired.values()):
             log.info("audit repaired %s", repaired)
+            for kind, n in repaired.items():
+                if n:
+                    self.metrics.repairs.inc(kind, by=n)
         return repaired
 
     @staticmethod

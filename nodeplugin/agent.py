@@ -12,28 +12,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nodeplugin import pciids
 from nodeplugin.devicespec import DeviceSpecError, DeviceSpecs, decide, load_specs
 from nodeplugin.discovery import HostInventory, discover
 from nodeplugin.domain.build import BuildError, HostFacts, build_domain, domain_name
 from nodeplugin.domain.render import passthrough_addresses, render
+from nodeplugin.metrics import NodeMetrics
 from nodeplugin.publish import COND_HEALTHY, Plan, desired_devices, plan
 from nodeplugin.simulate import SimulatedKernel
 from nodeplugin.sriov import CommandRunner, IpRunner, RecordingRunner, SriovError, configure_vf
 from nodeplugin.vfio import FileWriter, PrepareError, Preparer, SysfsWriter
 from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
 from pcipt import constants as c
+from pcipt import metrics as pm
 from pcipt.api.v1alpha1 import PassthroughVM
 from pcipt.conditions import ready_condition, same_conditions, set_condition
 from pcipt.informer import Informer
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
 
 log = logging.getLogger("pcipt.nodeplugin")
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,6 +58,9 @@ class AgentSettings:
     domain_type: str = "kvm"
     machine: str | None = "q35"
     stop_grace: float = 30.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    """port for /metrics, /healthz and /readyz; 0: off"""
     simulate: bool = False
     """Run on a simulated host: a fake sysfs tree answered by a simulated kernel, VF commands
     recorded instead of run (make demo, the end-to-end test)."""
@@ -113,6 +120,9 @@ class NodeAgent:
         self.host = HostInventory(())
         self.node_labels: dict[str, str] = {"kubernetes.io/hostname": settings.node}
         self.stats = AgentStats()
+        self.registry = pm.Registry()
+        self.metrics = NodeMetrics(self.registry)
+        self.registry.collectors.append(self._collect)
         node_sel = f"{c.LABEL_NODE}={settings.node}"
         self.devices = Informer(
             api,
@@ -132,8 +142,20 @@ class NodeAgent:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._rescan_now = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._metrics_runner: Any = None
 
     # --- lifecycle -----------------------------------------------------------------------
+
+    async def _virt(self, op: str, fn: Callable[..., T], *args: Any) -> T:
+        """A libvirt call in a worker thread, timed and counted."""
+        started = time.monotonic()
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except VirtError:
+            self.metrics.libvirt_failures.inc(op)
+            raise
+        finally:
+            self.metrics.libvirt.observe(time.monotonic() - started, op)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -144,6 +166,13 @@ class NodeAgent:
             loop.create_task(self._rescan_loop(), name="rescan"),
             loop.create_task(self._resync_loop(), name="resync"),
         ]
+        if self.s.metrics_port:
+            self._metrics_runner = await pm.serve(
+                self.registry,
+                self.s.metrics_host,
+                self.s.metrics_port,
+                health=self.devices.synced.is_set,
+            )
         log.info(
             "node plugin started node=%s sysfs=%s libvirt=%s",
             self.s.node,
@@ -155,6 +184,8 @@ class NodeAgent:
         for t in [*self._tasks, *self._running.values()]:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._running.values(), return_exceptions=True)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
 
     async def run_forever(self) -> None:
         await self.start()
@@ -188,6 +219,7 @@ class NodeAgent:
             )
         except (DeviceSpecError, OSError) as e:
             self.stats.config_error = str(e)
+            self.metrics.config_errors.inc()
             log.error("device specs refused, keeping the last good ones: %s", e)
             self._event_on_node(
                 "Warning", "DeviceSpecInvalid", f"device specs refused, last good ones kept: {e}"
@@ -199,6 +231,7 @@ class NodeAgent:
         started = time.monotonic()
         self.host = await asyncio.to_thread(discover, self.s.sysfs_root)
         self.stats.last_discovery_s = time.monotonic() - started
+        self.metrics.discovery.observe(self.stats.last_discovery_s)
         await self._refresh_node_labels()
         try:
             decisions = decide(self.specs, self.host, self.node_labels)
@@ -216,6 +249,7 @@ class NodeAgent:
         p = plan(desired, current, present)
         await self._apply(p)
         self.stats.rescans += 1
+        self.metrics.rescan_writes.inc(by=p.writes)
         self.stats.last_rescan_writes = p.writes
         self.stats.rescan_writes.append(p.writes)
         if p.writes:
@@ -329,6 +363,7 @@ class NodeAgent:
                 try:
                     await self.rescan()
                 except Exception as e:
+                    self.metrics.error("rescan")
                     log.warning("rescan failed, retrying soon: %s", e)
                     last = time.monotonic() - self.s.rescan_interval + 2
             await asyncio.sleep(1.0)
@@ -384,6 +419,7 @@ class NodeAgent:
                 try:
                     await self.reconcile(uid)
                 except Exception:
+                    self.metrics.error("reconcile")
                     log.exception("reconcile failed vm-uid=%s", uid)
         finally:
             self._running.pop(uid, None)
@@ -404,7 +440,12 @@ class NodeAgent:
                 for obj in list(self.vms.items.values()):
                     self.request(obj["metadata"]["uid"])
                 known = {o["metadata"]["uid"] for o in self.vms.items.values()}
-                for dom in await asyncio.to_thread(self.hyper.ours):
+                ours = await self._virt("ours", self.hyper.ours)
+                states: dict[tuple[str, ...], float] = {}
+                for dom in ours:
+                    states[(dom.state,)] = states.get((dom.state,), 0.0) + 1
+                self.metrics.domains.replace(states)
+                for dom in ours:
                     if (
                         dom.vm is not None
                         and dom.vm.uid not in known
@@ -415,9 +456,16 @@ class NodeAgent:
                 log.warning("resync failed: %s", e)
             await asyncio.sleep(self.s.resync_interval)
 
+    def _collect(self) -> None:
+        health: dict[tuple[str, ...], float] = {}
+        for obj in self.devices.items.values():
+            h = (obj.get("status") or {}).get("health", "Unknown")
+            health[(h,)] = health.get((h,), 0.0) + 1
+        self.metrics.published.replace(health)
+
     async def _remove_orphan(self, dom: DomainInfo) -> None:
         log.info("removing domain=%s: its VM is no longer scheduled here", dom.name)
-        await asyncio.to_thread(self.hyper.remove, dom.uuid)
+        await self._virt("remove", self.hyper.remove, dom.uuid)
         await self._restore(set(passthrough_addresses(dom.xml)))
 
     def _claimed_by(self, address: str) -> dict[str, Any] | None:
@@ -436,7 +484,7 @@ class NodeAgent:
 
     async def reconcile(self, uid: str) -> None:
         vm = self._vm(uid)
-        dom = await asyncio.to_thread(self.hyper.lookup, uid)
+        dom = await self._virt("lookup", self.hyper.lookup, uid)
         if vm is None:
             if dom is not None and dom.vm is not None:
                 await self._remove_orphan(dom)
@@ -468,7 +516,7 @@ class NodeAgent:
             log.warning("vm=%s/%s failed: %s", vm.metadata.namespace, vm.metadata.name, e)
             await self._report(
                 vm,
-                await asyncio.to_thread(self.hyper.lookup, uid),
+                await self._virt("lookup", self.hyper.lookup, uid),
                 phase="Failed",
                 ready=False,
                 reason=reason,
@@ -509,7 +557,7 @@ class NodeAgent:
 
     async def _check_in_use(self, vm: PassthroughVM) -> tuple[str, str] | None:
         mine = _vm_addresses(vm)
-        for dom in await asyncio.to_thread(self.hyper.domains):
+        for dom in await self._virt("domains", self.hyper.domains):
             if dom.uuid == vm.metadata.uid or not dom.active:
                 continue
             shared = mine & set(passthrough_addresses(dom.xml))
@@ -563,19 +611,19 @@ class NodeAgent:
         if dom is not None and dom.active and passthrough_addresses(dom.xml) != wanted_addresses:
             # The devices it holds are no longer all this VM's: stop it before anything else.
             log.warning("stopping domain=%s: its devices changed", dom.name)
-            await asyncio.to_thread(self.hyper.stop, dom.uuid, self.s.stop_grace)
-            dom = await asyncio.to_thread(self.hyper.lookup, dom.uuid)
+            await self._virt("stop", self.hyper.stop, dom.uuid, self.s.stop_grace)
+            dom = await self._virt("lookup", self.hyper.lookup, dom.uuid)
         if dom is None or (stale and not dom.active):
             await self._prepare(vm)
-            dom = await asyncio.to_thread(self.hyper.define, render(want))
+            dom = await self._virt("define", self.hyper.define, render(want))
             self._keep_xml(dom)
             log.info("defined domain=%s devices=%d", dom.name, len(wanted_addresses))
         if vm.spec.running and not dom.active:
             await self._prepare(vm)
-            dom = await asyncio.to_thread(self.hyper.start, dom.uuid)
+            dom = await self._virt("start", self.hyper.start, dom.uuid)
             log.info("started domain=%s", dom.name)
         elif not vm.spec.running and dom.active:
-            dom = await asyncio.to_thread(self.hyper.stop, dom.uuid, self.s.stop_grace) or dom
+            dom = await self._virt("stop", self.hyper.stop, dom.uuid, self.s.stop_grace) or dom
             log.info("stopped domain=%s", dom.name)
         return dom
 
@@ -588,7 +636,7 @@ class NodeAgent:
     async def _teardown(self, vm: PassthroughVM, dom: DomainInfo | None) -> None:
         if dom is not None:
             (self.s.state_dir / "domains" / f"{dom.name}.xml").unlink(missing_ok=True)
-            await asyncio.to_thread(self.hyper.remove, dom.uuid)
+            await self._virt("remove", self.hyper.remove, dom.uuid)
             log.info("removed domain=%s", dom.name)
         await self._restore(_vm_addresses(vm))
         if _deleting(vm) and vm.status.node_name == self.s.node:

@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("SIMULATE", "") == "1",
         help="the sysfs root is a simulated host: answer driver binds as a kernel would",
     )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", "8080")),
+        help="port for /metrics, /healthz and /readyz (0: off)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        default=_env("METRICS_HOST", "127.0.0.1"),
+        help="address to serve metrics on (the chart sets 0.0.0.0)",
+    )
     run.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
@@ -248,6 +259,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         machine=args.machine or None,
         simulate=args.simulate,
         stop_grace=args.stop_grace,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
 
     async def main_async() -> None:

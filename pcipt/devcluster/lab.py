@@ -21,7 +21,7 @@ from kubernetes import config as k8s_config
 
 from pcipt import constants as c
 from pcipt.devcluster import binaries
-from pcipt.devcluster.cluster import LocalCluster
+from pcipt.devcluster.cluster import LocalCluster, free_port
 from pcipt.devcluster.crds import apply_crds
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -39,6 +39,8 @@ class Lab:
     cluster: LocalCluster | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     kubectl_path: str = ""
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    """Where each process serves /metrics (on 127.0.0.1)."""
 
     @property
     def kubeconfig(self) -> Path:
@@ -72,9 +74,19 @@ class Lab:
                 raise
         if not self.hosts:
             self.hosts = list((yaml.safe_load(self.profile.read_text()) or {}).get("hosts", {}))
+        self.metrics_ports = {"controller": free_port()}
         self.spawn(
             "controller",
-            [sys.executable, "-m", "controller", "run", "--standalone", *self.controller_args],
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "run",
+                "--standalone",
+                "--metrics-port",
+                str(self.metrics_ports["controller"]),
+                *self.controller_args,
+            ],
         )
         for host in self.hosts:
             root = self.host_root(host)
@@ -106,6 +118,8 @@ class Lab:
                     "--simulate",
                     "--node-name",
                     host,
+                    "--metrics-port",
+                    str(self.metrics_ports.setdefault(host, free_port())),
                     "--sysfs-root",
                     str(root),
                     "--config",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,3 +131,28 @@ spec:
     assert "cannot place gpus on a single NUMA node (at most 2 free a100 on one)" in got
     assert "have only 1 free a100 (need 3)" in got
     lab.kubectl("delete", "ptvm", "too-big", "-n", NS)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def test_controller_and_node_plugins_serve_metrics(lab: Lab) -> None:
+    ctl = scrape(lab.metrics_ports["controller"])
+    assert re.search(r"^pcipt_binds_total [1-9]", ctl, re.M)
+    assert re.search(
+        r'^pcipt_devices\{node="node-b",flavor="e810-vf-physnet2",state="free"\} [0-9]', ctl, re.M
+    )
+    assert re.search(r'^pcipt_scheduling_refusals_total\{reason="Unschedulable"\} [1-9]', ctl, re.M)
+    assert re.search(r"^pcipt_scheduling_latency_seconds_count [1-9]", ctl, re.M)
+    assert re.search(r'^pcipt_nodes_alive\{alive="true"\} 2$', ctl, re.M)
+    node = scrape(lab.metrics_ports["node-a"])
+    assert re.search(
+        r'^pcipt_libvirt_operation_seconds_count\{operation="start"\} [1-9]', node, re.M
+    )
+    assert re.search(
+        r'^pcipt_libvirt_operation_seconds_count\{operation="define"\} [1-9]', node, re.M
+    )
+    assert re.search(r"^pcipt_discovery_duration_seconds_count [1-9]", node, re.M)
+    assert re.search(r'^pcipt_published_devices\{health="Healthy"\} 4$', node, re.M)

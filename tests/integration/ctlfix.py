@@ -73,6 +73,8 @@ class ControllerProcess:
             "2",
             "--audit-interval",
             "2",
+            "--metrics-port",
+            "0",
             *self.extra,
         ]
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1")
