@@ -94,7 +94,11 @@ def test_every_metric_name_is_documented() -> None:
     from tests.conftest import REPO_ROOT
 
     doc = (REPO_ROOT / "docs" / "metrics.md").read_text()
-    names = [v for k, v in vars(m).items() if k.isupper() and isinstance(v, str) and v.startswith("pcipt_")]
+    names = [
+        v
+        for k, v in vars(m).items()
+        if k.isupper() and isinstance(v, str) and v.startswith("pcipt_")
+    ]
     assert len(names) >= 18
     for name in names:
         assert f"`{name}`" in doc, f"{name} is not in docs/metrics.md"

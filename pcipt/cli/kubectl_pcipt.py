@@ -1,0 +1,420 @@
+"""`kubectl pcipt`: what the cluster's passthrough devices are doing, in words.
+
+    kubectl pcipt inventory [-o table|yaml|json]   devices per node and flavor: total, free, ...
+    kubectl pcipt explain VM [-n NS]              where a VM is and why (or why not)
+    kubectl pcipt cordon|uncordon DEVICE          stop (or resume) giving a device to new VMs
+    kubectl pcipt describe node NODE              what a host offers, and to whom
+
+It finds the cluster as kubectl does (--kubeconfig, --context, $KUBECONFIG, ~/.kube/config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+from kubernetes import client, config
+
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
+from pcipt.selectors import DeviceFacts, device_selector_matches
+
+NOT_INSTALLED = (
+    "pcipt is not installed in this cluster (the API server serves no {what}.pcipt.io): "
+    "install it with `helm install pcipt charts/pcipt`, or `kubectl apply -f crds/`"
+)
+NO_FLAVOR = "<none>"
+
+
+class PluginError(Exception):
+    """Something the user can act on; printed without a traceback."""
+
+
+def _api(args: argparse.Namespace) -> client.ApiClient:
+    try:
+        api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=args.kubeconfig, context=args.context
+        )
+        return api
+    except config.ConfigException as e:
+        raise PluginError(f"no usable kubeconfig: {e}") from e
+
+
+def _list(api: client.ApiClient, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+    custom = client.CustomObjectsApi(api)
+    try:
+        if namespace is None:
+            got = custom.list_cluster_custom_object(c.GROUP, c.VERSION, plural)
+        else:
+            got = custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, plural)
+    except client.ApiException as e:
+        if e.status == 404:
+            raise PluginError(NOT_INSTALLED.format(what=plural)) from e
+        raise PluginError(f"listing {plural} failed: {e.status} {e.reason}") from e
+    items: list[dict[str, Any]] = dict(got).get("items", [])  # type: ignore[call-overload]
+    return items
+
+
+def _facts(d: PciDevice) -> DeviceFacts:
+    st = d.status
+    return DeviceFacts(
+        address=d.spec.address,
+        vendor_id=st.vendor_id or "",
+        product_id=st.product_id or "",
+        class_code=st.class_code or "",
+        driver=st.driver,
+        sriov_role=st.sriov.role if st.sriov else "None",
+        physical_network=st.physical_network,
+        attributes=dict(st.attributes),
+    )
+
+
+def _alive_nodes(api: client.ApiClient, namespace: str, dead_after: float) -> dict[str, bool]:
+    try:
+        leases = client.CoordinationV1Api(api).list_namespaced_lease(namespace).items
+    except client.ApiException:
+        return {}
+    now = datetime.now(UTC)
+    out = {}
+    for lease in leases:
+        name = (lease.metadata.name if lease.metadata else None) or ""
+        if name.startswith(c.NODE_LEASE_PREFIX) and lease.spec and lease.spec.renew_time:
+            out[name[len(c.NODE_LEASE_PREFIX) :]] = (
+                now - lease.spec.renew_time
+            ).total_seconds() <= dead_after
+    return out
+
+
+def _node_labels(api: client.ApiClient) -> dict[str, dict[str, str]]:
+    try:
+        nodes = client.CoreV1Api(api).list_node().items
+        return {
+            str(n.metadata.name): dict(n.metadata.labels or {})
+            for n in nodes
+            if n.metadata is not None
+        }
+    except client.ApiException:
+        return {}
+
+
+def _state(d: PciDevice, alive: bool) -> str:
+    if d.spec.claim_ref is not None:
+        return "allocated"
+    if d.status.health != "Healthy":
+        return "unhealthy"
+    if d.spec.unschedulable:
+        return "cordoned"
+    if not alive:
+        return "node-not-alive"
+    return "free"
+
+
+def inventory(args: argparse.Namespace) -> int:
+    api = _api(args)
+    devices = [PciDevice.model_validate(o) for o in _list(api, c.PLURAL_PCIDEVICE)]
+    flavors = [PciFlavor.model_validate(o) for o in _list(api, c.PLURAL_PCIFLAVOR)]
+    alive = _alive_nodes(api, args.operator_namespace, args.dead_after)
+    labels = _node_labels(api)
+    rows: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for d in devices:
+        node = d.spec.node_name
+        node_labels = {"kubernetes.io/hostname": node, **labels.get(node, {})}
+        member_of = [
+            f.metadata.name
+            for f in flavors
+            if device_selector_matches(f.spec.selector, _facts(d), node_labels)
+        ] or [NO_FLAVOR]
+        state = _state(d, alive.get(node, False))
+        for flavor in member_of:
+            row = rows[(node, flavor)]
+            row["total"] += 1
+            row[state] += 1
+    if args.node:
+        rows = {k: v for k, v in rows.items() if k[0] == args.node}
+    if args.flavor:
+        rows = {k: v for k, v in rows.items() if k[1] == args.flavor}
+    cols = ("total", "free", "allocated", "unhealthy", "cordoned", "node-not-alive")
+    records: list[dict[str, Any]] = [
+        {
+            "node": node,
+            "flavor": flavor,
+            "alive": alive.get(node, False),
+            **{k: row[k] for k in cols},
+        }
+        for (node, flavor), row in sorted(rows.items())
+    ]
+    if args.output in ("yaml", "json"):
+        _dump({"items": records}, args.output)
+        return 0
+    table = [("NODE", "FLAVOR", "TOTAL", "FREE", "ALLOCATED", "UNHEALTHY", "CORDONED", "ALIVE")]
+    for r in records:
+        table.append(
+            (
+                r["node"],
+                r["flavor"],
+                str(r["total"]),
+                str(r["free"]),
+                str(r["allocated"]),
+                str(r["unhealthy"]),
+                str(r["cordoned"]),
+                "yes" if r["alive"] else "no",
+            )
+        )
+    _print_table(table)
+    if not records:
+        print(
+            "no PciDevices published yet: are node plugins running, with device specs that "
+            "offer something?",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    api = _api(args)
+    ns = args.namespace or _current_namespace(args)
+    try:
+        raw = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            c.GROUP, c.VERSION, ns, c.PLURAL_PASSTHROUGHVM, args.vm
+        )
+    except client.ApiException as e:
+        if e.status == 404:
+            _list(
+                api, c.PLURAL_PASSTHROUGHVM, ns
+            )  # distinguishes "not installed" from "no such VM"
+            raise PluginError(f"passthroughvm {ns}/{args.vm} not found") from e
+        raise
+    vm = PassthroughVM.model_validate(raw)
+    st = vm.status
+    out: list[str] = [
+        f"VM {ns}/{vm.metadata.name}: {st.phase}" + (f" on {st.node_name}" if st.node_name else "")
+    ]
+    ready = next((x for x in st.conditions if x.type == c.COND_READY), None)
+    if ready is not None:
+        out.append(f"  ready: {ready.status} ({ready.reason}): {ready.message}")
+    if st.node_name:
+        if st.numa_node is not None:
+            out.append(f"  vCPUs and memory pinned to NUMA node {st.numa_node}")
+        for b in st.devices:
+            out.append(
+                f"  device  {b.request:<12} {b.address}  NUMA {b.numa_node}  {b.pci_device}"
+                + ("  (IOMMU companion)" if b.companion else "")
+            )
+        for n in st.networks:
+            out.append(
+                f"  network {n.name:<12} {n.address}  NUMA {n.numa_node}  {n.pci_device}"
+                f"  mac {n.mac or '-'}  vlan {n.vlan or '-'}"
+            )
+        for s in st.skipped:
+            out.append(f"  skipped {s.request}: {s.reason}")
+        if st.domain is not None:
+            through = ", ".join(st.domain.devices) or "nothing"
+            out.append(f"  domain  {st.domain.name} ({st.domain.state}), passing through {through}")
+            bound = sorted({b.address for b in st.devices} | {n.address for n in st.networks})
+            if st.domain.devices and sorted(st.domain.devices) != bound:
+                out.append(
+                    f"  WARNING: the domain's devices {sorted(st.domain.devices)} differ from "
+                    f"the bound ones {bound}"
+                )
+    elif st.scheduling is not None:
+        out.append(f"  why not placed: {st.scheduling.message}")
+        for refusal in st.scheduling.nodes:
+            out.append(f"    {refusal.node_name}: {'; '.join(refusal.reasons)}")
+        if st.scheduling.truncated:
+            out.append("    (more nodes were refused than are listed)")
+    else:
+        sched = next((x for x in st.conditions if x.type == c.COND_SCHEDULED), None)
+        out.append(
+            f"  {sched.message}"
+            if sched
+            else "  not looked at yet: is the pcipt controller running?"
+        )
+    for cond in st.conditions:
+        if cond.type != c.COND_READY:
+            out.append(
+                f"  condition {cond.type}={cond.status} ({cond.reason}) {cond.message}".rstrip()
+            )
+    print("\n".join(out))
+    return 0
+
+
+def cordon(args: argparse.Namespace, unschedulable: bool) -> int:
+    api = _api(args)
+    custom = client.CustomObjectsApi(api)
+    names: list[str] = list(args.devices)
+    if args.node:
+        names += [
+            o["metadata"]["name"]
+            for o in _list(api, c.PLURAL_PCIDEVICE)
+            if o["spec"]["nodeName"] == args.node
+        ]
+    if not names:
+        raise PluginError("name a PciDevice (or --node NODE for all of a node's)")
+    for name in names:
+        try:
+            custom.patch_cluster_custom_object(
+                c.GROUP,
+                c.VERSION,
+                c.PLURAL_PCIDEVICE,
+                name,
+                {"spec": {"unschedulable": unschedulable}},
+            )
+        except client.ApiException as e:
+            if e.status == 404:
+                _list(api, c.PLURAL_PCIDEVICE)
+                raise PluginError(f"pcidevice {name} not found") from e
+            raise
+        print(f"pcidevice.pcipt.io/{name} {'cordoned' if unschedulable else 'uncordoned'}")
+    return 0
+
+
+def describe_node(args: argparse.Namespace) -> int:
+    api = _api(args)
+    devices = sorted(
+        (
+            PciDevice.model_validate(o)
+            for o in _list(api, c.PLURAL_PCIDEVICE)
+            if o["spec"]["nodeName"] == args.name
+        ),
+        key=lambda d: d.spec.address,
+    )
+    flavors = [PciFlavor.model_validate(o) for o in _list(api, c.PLURAL_PCIFLAVOR)]
+    alive = _alive_nodes(api, args.operator_namespace, args.dead_after)
+    node_labels = {"kubernetes.io/hostname": args.name, **_node_labels(api).get(args.name, {})}
+    print(
+        f"Node {args.name}: "
+        f"{'alive' if alive.get(args.name) else 'NOT ALIVE (no recent Lease renewal)'}; "
+        f"{len(devices)} published device(s)"
+    )
+    if not devices:
+        print(
+            "  nothing published: is its node plugin running, with device specs that offer "
+            "something?"
+        )
+        return 0
+    table = [
+        (
+            "ADDRESS",
+            "VENDOR:PRODUCT",
+            "NAME",
+            "NUMA",
+            "IOMMU",
+            "DRIVER",
+            "FLAVORS",
+            "STATE",
+            "HELD-BY",
+        )
+    ]
+    for d in devices:
+        st = d.status
+        member_of = [
+            f.metadata.name
+            for f in flavors
+            if device_selector_matches(f.spec.selector, _facts(d), node_labels)
+        ]
+        ref = d.spec.claim_ref
+        held = (
+            f"{ref.namespace}/{ref.name}" + (" (companion)" if ref.companion else "")
+            if ref
+            else "-"
+        )
+        table.append(
+            (
+                d.spec.address,
+                f"{st.vendor_id}:{st.product_id}",
+                (st.product_name or "")[:40],
+                str(st.numa_node),
+                str(st.iommu_group) if st.iommu_group is not None else "-",
+                st.driver or "-",
+                ",".join(member_of) or NO_FLAVOR,
+                _state(d, alive.get(args.name, False)),
+                held,
+            )
+        )
+    _print_table(table)
+    return 0
+
+
+def _current_namespace(args: argparse.Namespace) -> str:
+    try:
+        _, ctx = config.list_kube_config_contexts(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+        if args.context:
+            contexts, _ = config.list_kube_config_contexts(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+            ctx = next((x for x in contexts if x["name"] == args.context), ctx)
+        return str(ctx.get("context", {}).get("namespace") or "default")
+    except (config.ConfigException, TypeError):
+        return "default"
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _dump(doc: Any, fmt: str) -> None:
+    print(
+        json.dumps(doc, indent=2) if fmt == "json" else yaml.safe_dump(doc, sort_keys=False),
+        end="\n" if fmt == "json" else "",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kubectl pcipt", description="What pcipt's passthrough devices are doing."
+    )
+    p.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)"
+    )
+    p.add_argument("--context", default=None, help="kubeconfig context")
+    p.add_argument(
+        "--operator-namespace", default=c.DEFAULT_NAMESPACE, help="where node Leases live"
+    )
+    p.add_argument(
+        "--dead-after",
+        type=float,
+        default=40.0,
+        help="seconds without a Lease renewal before a node counts as not alive",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    inv = sub.add_parser(
+        "inventory", help="devices per node and flavor: total, free, allocated, unhealthy, cordoned"
+    )
+    inv.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    inv.add_argument("--node")
+    inv.add_argument("--flavor")
+    ex = sub.add_parser("explain", help="where a VM is and why, or why it is not placed")
+    ex.add_argument("vm")
+    ex.add_argument("-n", "--namespace")
+    for verb in ("cordon", "uncordon"):
+        cp = sub.add_parser(verb, help=f"{verb} PciDevices (no new VM gets a cordoned device)")
+        cp.add_argument("devices", nargs="*", metavar="DEVICE")
+        cp.add_argument("--node", help="every device of this node")
+    de = sub.add_parser("describe", help="describe node NAME: what a host offers, and to whom")
+    de.add_argument("what", choices=["node"])
+    de.add_argument("name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "inventory":
+            return inventory(args)
+        if args.cmd == "explain":
+            return explain(args)
+        if args.cmd in ("cordon", "uncordon"):
+            return cordon(args, args.cmd == "cordon")
+        return describe_node(args)
+    except PluginError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except client.ApiException as e:
+        print(f"error: the API server answered {e.status} {e.reason}", file=sys.stderr)
+        return 1
