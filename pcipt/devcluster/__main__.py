@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("env", help='print shell exports (eval "$(python -m pcipt.devcluster env)")')
     sub.add_parser("kubeconfig", help="print the admin kubeconfig's path")
     sub.add_parser("status", help="say whether it runs, and where")
-    sub.add_parser(
+    build = sub.add_parser(
         "build", help="find or build etcd, kube-apiserver and kubectl; print their paths"
     )
+    build.add_argument("--helm", action="store_true", help="helm too (the chart's tests need it)")
     sub.add_parser("install-crds", help="create or update pcipt's CRDs and wait until Established")
     args = parser.parse_args(argv)
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "build":
             for name, path in binaries.ensure().as_dict().items():
                 print(f"{name}: {path}")
+            if args.helm:
+                print(f"helm: {binaries.ensure_helm()}")
         elif args.cmd == "up":
             st = cluster.up()
             print(f"control plane ready at {st.server} (Kubernetes {st.kubernetes_version})")

@@ -9,6 +9,9 @@ Lookup order for each binary:
      replaces each staging module with its published version of the same release), etcd from
      go.etcd.io/etcd/server/v3. Debian's etcd-server (3.4) is too old for Kubernetes 1.34+.
 
+helm, needed by the chart's tests only, is looked up the same way (ensure_helm) and built from
+helm.sh/helm/v3 into ~/.cache/pcipt/bin/helm-<version>/ when missing.
+
 This module runs programs (go, --version probes) but never downloads binaries.
 """
 
@@ -31,6 +34,9 @@ from typing import Final
 
 KUBERNETES_VERSION: Final = "v1.37.2"
 ETCD_VERSION: Final = "v3.6.16"
+HELM_VERSION: Final = "v3.22.0"
+# The oldest helm 3 whose JSON-schema validation and server-side apply the chart's tests use.
+MIN_HELM: Final = (3, 18, 0)
 # The oldest versions whose features the CRDs rely on (CEL quantity library, messageExpression)
 # and that Kubernetes supports as its store.
 MIN_APISERVER_MINOR: Final = 33
@@ -99,6 +105,8 @@ def binary_version(name: str, path: Path) -> tuple[int, int, int] | None:
         with contextlib.suppress(ValueError, KeyError):
             return _semver(json.loads(text[text.index("{") :])["clientVersion"]["gitVersion"])
         return _semver(text)
+    if name == "helm":
+        return _semver(_run_version(path, "version", "--template", "{{.Version}}"))
     if name == "etcd":
         m = re.search(r"etcd Version:\s*(\S+)", _run_version(path, "--version"))
         return _semver(m.group(1)) if m else None
@@ -115,6 +123,8 @@ def _why_unsupported(name: str, version: tuple[int, int, int] | None) -> str | N
         return f"etcd {'.'.join(map(str, version))} is older than {'.'.join(map(str, MIN_ETCD))}"
     if name == "kube-apiserver" and version[:2] < (1, MIN_APISERVER_MINOR):
         return f"kube-apiserver {version[0]}.{version[1]} is older than 1.{MIN_APISERVER_MINOR}"
+    if name == "helm" and not (MIN_HELM <= version < (4, 0, 0)):
+        return f"helm {'.'.join(map(str, version))} is not a helm 3 from 3.{MIN_HELM[1]} on"
     if name == "kubectl" and abs(version[1] - want[1]) > 1:
         return f"kubectl 1.{version[1]} is more than one minor version from 1.{want[1]}"
     return None
@@ -304,20 +314,89 @@ def build_kubernetes(dest: Path, log: Log = _stderr) -> None:
     log(f"devcluster: built kube-apiserver and kubectl in {elapsed:.0f}s -> {dest}")
 
 
-def build_etcd(dest: Path, log: Log = _stderr) -> None:
-    log(f"devcluster: building etcd {ETCD_VERSION} from the Go module proxy (first run only)")
+def _build_module_binary(
+    binary: str,
+    require: str,
+    package: str,
+    dest: Path,
+    *,
+    log: Log,
+    ldflags: Callable[[Path], str] = lambda _work: "-s -w",
+) -> None:
+    """Build one binary from a throw-away module that requires `require` ("module version");
+    ldflags may read the resolved module graph in the work folder."""
+    log(f"devcluster: building {binary} ({require}) from the Go module proxy (first run only)")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="pcipt-etcd-build-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"pcipt-{binary}-build-") as tmp:
         work = Path(tmp)
         (work / "go.mod").write_text(
-            "module pcipt.local/etcd-build\n\ngo 1.25.0\n\n"
-            f"require go.etcd.io/etcd/server/v3 {ETCD_VERSION}\n"
+            f"module pcipt.local/{binary}-build\n\ngo 1.25.0\n\nrequire {require}\n"
         )
-        out = work / "etcd"
-        _run_go(
-            ["build", "-trimpath", "-ldflags=-s -w", "-o", str(out), "go.etcd.io/etcd/server/v3"],
-            work,
-            log,
-        )
-        _install(out, dest / "etcd")
-    log(f"devcluster: built etcd in {time.monotonic() - started:.0f}s -> {dest}")
+        out = work / binary
+        flags = ldflags(work)
+        _run_go(["build", "-trimpath", f"-ldflags={flags}", "-o", str(out), package], work, log)
+        _install(out, dest / binary)
+    log(f"devcluster: built {binary} in {time.monotonic() - started:.0f}s -> {dest}")
+
+
+def build_etcd(dest: Path, log: Log = _stderr) -> None:
+    module = "go.etcd.io/etcd/server/v3"
+    _build_module_binary("etcd", f"{module} {ETCD_VERSION}", module, dest, log=log)
+
+
+# --- helm -------------------------------------------------------------------------------------
+
+
+def helm_cache_dir() -> Path:
+    return cache_root() / "bin" / f"helm-{HELM_VERSION}"
+
+
+def find_helm(log: Log = _stderr) -> Path | None:
+    """helm from the asset folder, PATH (a supported version) or the cache; None: build it."""
+    if assets := _asset_dir():
+        path = assets[1] / "helm"
+        if os.access(path, os.X_OK):
+            return path
+    on_path = shutil.which("helm")
+    if on_path:
+        why = _why_unsupported("helm", binary_version("helm", Path(on_path)))
+        if why is None:
+            return Path(on_path)
+        if (on_path, why) not in _told:
+            _told.add((on_path, why))
+            log(f"devcluster: not using {on_path}: {why}")
+    cached = helm_cache_dir() / "helm"
+    return cached if os.access(cached, os.X_OK) else None
+
+
+def ensure_helm(log: Log = _stderr) -> Path:
+    found = find_helm(log)
+    if found is None:
+        with _build_lock():
+            found = find_helm(log)
+            if found is None:
+                build_helm(helm_cache_dir(), log)
+                found = find_helm(log)
+    if found is None:
+        raise BinaryError(f"helm is still missing after building it into {helm_cache_dir()}")
+    return found
+
+
+def build_helm(dest: Path, log: Log = _stderr) -> None:
+    def ldflags(work: Path) -> str:
+        # As helm's Makefile does: its own version, and the Kubernetes version `helm template`
+        # and `helm lint` assume without a cluster, from the client-go it is built with (unset,
+        # they assume 1.20, older than the chart's kubeVersion allows).
+        client_go = _run_go(["list", "-m", "-f", "{{.Version}}", "k8s.io/client-go"], work, log)
+        _, kube_minor, _ = _semver(client_go) or (0, 0, 0)
+        stamp = [f"helm.sh/helm/v3/internal/version.version={HELM_VERSION}"] + [
+            f"helm.sh/helm/v3/pkg/{pkg}.{var}={value}"
+            for pkg in ("chartutil", "lint/rules")
+            for var, value in (("k8sVersionMajor", 1), ("k8sVersionMinor", kube_minor))
+        ]
+        return " ".join(["-s -w", *(f"-X {s}" for s in stamp)])
+
+    module = "helm.sh/helm/v3"
+    _build_module_binary(
+        "helm", f"{module} {HELM_VERSION}", f"{module}/cmd/helm", dest, log=log, ldflags=ldflags
+    )
