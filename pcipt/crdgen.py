@@ -1,7 +1,9 @@
 """Generate the CustomResourceDefinitions from the pydantic API models.
 
-`python -m pcipt.crdgen` writes crds/*.yaml; `--check` exits 1 when the files on disk differ
-from what the models generate (CI runs it). Pure apart from the file writes in `main`.
+`python -m pcipt.crdgen` writes crds/*.yaml and the chart's copies in
+charts/pcipt/templates/crds/ (the same CRDs behind `crds.enabled`, with a keep policy so
+`helm uninstall` leaves them and the tenants' objects); `--check` exits 1 when any file on disk
+differs from what the models generate (CI runs it). Pure apart from the file writes in `main`.
 
 How pydantic's JSON Schema becomes a Kubernetes structural schema:
 - `$ref`s are inlined (structural schemas may not reference), with the field's description
@@ -36,6 +38,8 @@ HEADER = (
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "crds"
+CHART_OUT = REPO_ROOT / "charts" / "pcipt" / "templates" / "crds"
+CHART_GUARD = ("{{- if .Values.crds.enabled }}\n", "{{- end }}\n")
 
 _DROP_KEYS = {"title", "$defs", "discriminator"}
 
@@ -254,10 +258,23 @@ def kopf_peering_crd() -> dict[str, Any]:
     }
 
 
-def rendered_files() -> dict[str, str]:
-    files = {file_name(k): render(k) for k in KINDS}
-    body = yaml.dump(kopf_peering_crd(), Dumper=_Dumper, sort_keys=True, width=100)
-    files["kopf.dev_clusterkopfpeerings.yaml"] = HEADER + body
+def rendered_files(*, chart: bool = False) -> dict[str, str]:
+    """File name -> text. chart=True: the chart's copies, guarded by `crds.enabled` and kept
+    on `helm uninstall` (deleting a CRD deletes every object of its kind)."""
+    docs = {file_name(k): crd(k) for k in KINDS}
+    docs["kopf.dev_clusterkopfpeerings.yaml"] = kopf_peering_crd()
+    files = {}
+    for name, doc in docs.items():
+        if chart:
+            doc["metadata"]["annotations"] = {"helm.sh/resource-policy": "keep"}
+        body = yaml.dump(doc, Dumper=_Dumper, sort_keys=True, width=100, allow_unicode=True)
+        if chart:
+            if "{{" in body:  # helm would read it as a template action
+                raise SchemaError(f"{name}: a description contains '{{{{'")
+            body = CHART_GUARD[0] + HEADER + body + CHART_GUARD[1]
+        else:
+            body = HEADER + body
+        files[name] = body
     return files
 
 
@@ -380,10 +397,10 @@ def _diff(path: Path, text: str) -> str | None:
     return "".join(diff) or f"{path}: missing"
 
 
-def check(out_dir: Path) -> list[str]:
+def check(out_dir: Path, *, chart: bool = False) -> list[str]:
     """Differences between the generated CRDs and the files in out_dir, as unified diffs."""
     problems: list[str] = []
-    wanted = rendered_files()
+    wanted = rendered_files(chart=chart)
     for name, text in wanted.items():
         if (problem := _diff(out_dir / name, text)) is not None:
             problems.append(problem)
@@ -393,10 +410,10 @@ def check(out_dir: Path) -> list[str]:
     return problems
 
 
-def write(out_dir: Path) -> list[Path]:
+def write(out_dir: Path, *, chart: bool = False) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in rendered_files().items():
+    for name, text in rendered_files(chart=chart).items():
         path = out_dir / name
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
@@ -409,7 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pcipt.crdgen", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--out", type=Path, action="append", help="output folder (repeatable); default crds/"
+        "--out",
+        type=Path,
+        action="append",
+        help="output folder (repeatable); default crds/ and the chart's templates/crds/",
     )
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if the files differ from the models"
@@ -418,9 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         "--docs", type=Path, default=DOCS_FILE, help="API reference to write (default %(default)s)"
     )
     args = parser.parse_args(argv)
-    out_dirs: list[Path] = args.out or [DEFAULT_OUT]
+    # (folder, chart flavour)
+    out_dirs: list[tuple[Path, bool]] = (
+        [(d, False) for d in args.out] if args.out else [(DEFAULT_OUT, False), (CHART_OUT, True)]
+    )
     if args.check:
-        problems = [p for d in out_dirs for p in check(d)]
+        problems = [p for d, chart in out_dirs for p in check(d, chart=chart)]
         if (doc_problem := _diff(args.docs, render_docs())) is not None:
             problems.append(doc_problem)
         for p in problems:
@@ -428,10 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             print("CRDs are out of date: run `python -m pcipt.crdgen` and commit.", file=sys.stderr)
             return 1
-        print(f"CRDs up to date in {', '.join(str(d) for d in out_dirs)}")
+        print(f"CRDs up to date in {', '.join(str(d) for d, _ in out_dirs)}")
         return 0
-    for d in out_dirs:
-        for path in write(d):
+    for d, chart in out_dirs:
+        for path in write(d, chart=chart):
             print(f"wrote {path}")
     docs = render_docs()
     if _diff(args.docs, docs) is not None:

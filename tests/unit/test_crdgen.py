@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from pcipt import crdgen
@@ -33,6 +34,25 @@ def _schema(kind: type[ResourceKind]) -> dict[str, Any]:
 def test_committed_crds_and_api_reference_match_the_models() -> None:
     assert crdgen.check(crdgen.DEFAULT_OUT) == [], "run `python -m pcipt.crdgen`"
     assert crdgen.DOCS_FILE.read_text() == crdgen.render_docs(), "run `python -m pcipt.crdgen`"
+
+
+def test_the_charts_crds_are_the_same_crds_kept_on_uninstall() -> None:
+    assert crdgen.check(crdgen.CHART_OUT, chart=True) == [], "run `python -m pcipt.crdgen`"
+    plain, chart = crdgen.rendered_files(), crdgen.rendered_files(chart=True)
+    assert plain.keys() == chart.keys()
+    for name, text in chart.items():
+        guard_open, guard_close = crdgen.CHART_GUARD
+        assert text.startswith(guard_open) and text.endswith(guard_close)
+        doc = yaml.safe_load(text.removeprefix(guard_open).removesuffix(guard_close))
+        assert doc["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        assert doc == yaml.safe_load(plain[name]), name
+
+
+def test_default_check_covers_crds_and_the_chart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert crdgen.main(["--check"]) == 0
+    assert str(crdgen.CHART_OUT) in capsys.readouterr().out
 
 
 def test_api_reference_lists_every_field_and_rule_message() -> None:
