@@ -4,7 +4,9 @@ can discover (the physical network a port is cabled to, trust, free attributes).
 PURE: a config (YAML/JSON text, or a nova.conf) and a discovered host in; for each function,
 whether to publish it and with which attributes, out. Nothing is published that no entry
 matches. Entries are tried in order and the first match wins: the native `devices` entries,
-then `novaDeviceSpecs`.
+then `novaDeviceSpecs`. `nodeGroups` carry entries for the nodes their selector picks; on such a
+node each group's `devices` follow the top-level ones and its `novaDeviceSpecs` follow the
+top-level Nova specs, in file order.
 
 Nova's `[pci] device_spec` entries are accepted as they are, with Nova's semantics:
 - `vendor_id`/`product_id`: hex up to ffff, or `*`; absent means any;
@@ -129,6 +131,17 @@ class Entry(_Strict):
     attributes: dict[str, str] = Field(default_factory=dict)
 
 
+class NodeGroup(_Strict):
+    """Entries for the nodes a selector picks (the chart's values map onto these)."""
+
+    name: str = Field(min_length=1)
+    node_selector: LabelSelector = Field(alias="nodeSelector")
+    devices: list[Entry] = Field(default_factory=list)
+    nova_device_specs: list[str | dict[str, Any]] = Field(
+        default_factory=list, alias="novaDeviceSpecs"
+    )
+
+
 class NodeConfig(_Strict):
     """The whole file."""
 
@@ -138,6 +151,7 @@ class NodeConfig(_Strict):
     nova_device_specs: list[str | dict[str, Any]] = Field(
         default_factory=list, alias="novaDeviceSpecs"
     )
+    node_groups: list[NodeGroup] = Field(default_factory=list, alias="nodeGroups")
 
 
 def parse_netdev_range(text: str) -> tuple[str, set[int] | None]:
@@ -234,6 +248,8 @@ def parse_nova_address(value: Any, where: str) -> NovaAddress:
 @dataclass(frozen=True)
 class NovaSpec:
     index: int
+    where: str
+    """How messages and `discover` name it: novaDeviceSpecs[2], nodeGroups[0].novaDeviceSpecs[1]."""
     source: str
     vendor_id: str
     product_id: str
@@ -242,9 +258,11 @@ class NovaSpec:
     tags: dict[str, str]
 
 
-def parse_nova_spec(raw: str | Mapping[str, Any], index: int) -> list[NovaSpec]:
+def parse_nova_spec(
+    raw: str | Mapping[str, Any], index: int, prefix: str = "novaDeviceSpecs"
+) -> list[NovaSpec]:
     """One `device_spec` value (a JSON object, or a list of them) -> specs."""
-    where = f"novaDeviceSpecs[{index}]"
+    where = f"{prefix}[{index}]"
     if isinstance(raw, str):
         try:
             doc: Any = json.loads(raw)
@@ -272,6 +290,7 @@ def parse_nova_spec(raw: str | Mapping[str, Any], index: int) -> list[NovaSpec]:
         out.append(
             NovaSpec(
                 index,
+                where,
                 json.dumps(doc) if not isinstance(raw, str) else raw,
                 vendor,
                 product,
@@ -325,15 +344,32 @@ def nova_conf_specs(text: str) -> list[str]:
 
 
 @dataclass
+class GroupSpecs:
+    name: str
+    node_selector: LabelSelector
+    entries: list[Entry]
+    nova: list[NovaSpec]
+
+
+@dataclass
 class DeviceSpecs:
     """A parsed, validated config, ready to match."""
 
     entries: list[Entry] = field(default_factory=list)
     nova: list[NovaSpec] = field(default_factory=list)
+    groups: list[GroupSpecs] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.entries and not self.nova
+        return not self.entries and not self.nova and not self.groups
+
+    def for_node(self, node_labels: Mapping[str, str]) -> DeviceSpecs:
+        """The entries that apply on a node with these labels, groups folded in."""
+        picked = [g for g in self.groups if label_selector_matches(g.node_selector, node_labels)]
+        return DeviceSpecs(
+            entries=self.entries + [e for g in picked for e in g.entries],
+            nova=self.nova + [s for g in picked for s in g.nova],
+        )
 
 
 def _field_path(loc: Sequence[int | str]) -> str:
@@ -367,6 +403,24 @@ def load_specs(text: str | None = None, *, nova_conf: str | None = None) -> Devi
             specs.entries = cfg.devices
             for i, raw in enumerate(cfg.nova_device_specs):
                 specs.nova.extend(parse_nova_spec(raw, i))
+            seen: set[str] = set()
+            for g, group in enumerate(cfg.node_groups):
+                if group.name in seen:
+                    raise DeviceSpecError(
+                        f"nodeGroups[{g}].name: {group.name!r} is used by an earlier group"
+                    )
+                seen.add(group.name)
+                prefix = f"nodeGroups[{g}]"
+                nova = [
+                    s
+                    for i, raw in enumerate(group.nova_device_specs)
+                    for s in parse_nova_spec(raw, i, f"{prefix}.novaDeviceSpecs")
+                ]
+                entries = [
+                    e if e.name else e.model_copy(update={"name": f"{prefix}.devices[{i}]"})
+                    for i, e in enumerate(group.devices)
+                ]
+                specs.groups.append(GroupSpecs(group.name, group.node_selector, entries, nova))
     if nova_conf is not None:
         offset = len({s.index for s in specs.nova})
         for i, raw in enumerate(nova_conf_specs(nova_conf)):
@@ -375,9 +429,13 @@ def load_specs(text: str | None = None, *, nova_conf: str | None = None) -> Devi
 
 
 def _entry_name(doc: Mapping[str, Any], loc: Sequence[int | str]) -> str:
-    if len(loc) >= 2 and loc[0] == "devices" and isinstance(loc[1], int):
+    """` (entry 'a100')` when the problem is inside a named devices entry, top-level or in a
+    group."""
+    start = 2 if len(loc) >= 2 and loc[0] == "nodeGroups" else 0
+    if len(loc) >= start + 2 and loc[start] == "devices" and isinstance(loc[start + 1], int):
         try:
-            name = doc["devices"][loc[1]].get("name")
+            holder = doc["nodeGroups"][loc[1]] if start else doc
+            name = holder["devices"][loc[start + 1]].get("name")
         except (KeyError, IndexError, AttributeError, TypeError):
             return ""
         return f" (entry {name!r})" if name else ""
@@ -469,8 +527,7 @@ def check_nova_refusals(specs: DeviceSpecs, host: HostInventory) -> None:
             target = by_dev.get(s.devname)
             if target is None:
                 raise DeviceSpecError(
-                    f"novaDeviceSpecs[{s.index}]: remote_managed devname {s.devname!r} "
-                    "is not on this host"
+                    f"{s.where}: remote_managed devname {s.devname!r} is not on this host"
                 )
         elif s.address is not None and s.address.is_single():
             d, b, sl, fn = s.address.fields
@@ -481,7 +538,7 @@ def check_nova_refusals(specs: DeviceSpecs, host: HostInventory) -> None:
             and s.product_id in ("*", target.product_id)
         ):
             raise DeviceSpecError(
-                f"novaDeviceSpecs[{s.index}]: remote_managed cannot apply to PF {target.address}; "
+                f"{s.where}: remote_managed cannot apply to PF {target.address}; "
                 "name its VFs (their product ID) instead"
             )
 
@@ -490,6 +547,7 @@ def decide(
     specs: DeviceSpecs, host: HostInventory, node_labels: Mapping[str, str]
 ) -> list[Decision]:
     """A decision for every function of the host, in address order. Bridges are never offered."""
+    specs = specs.for_node(node_labels)
     check_nova_refusals(specs, host)
     out: list[Decision] = []
     for f in host.functions:
@@ -511,9 +569,7 @@ def decide(
                 for s in specs.nova:
                     if _matches_nova(s, f, host):
                         physnet = s.tags.get(PHYSNET_ATTRIBUTE)
-                        decision = Decision(
-                            f.address, True, f"novaDeviceSpecs[{s.index}]", physnet, dict(s.tags)
-                        )
+                        decision = Decision(f.address, True, s.where, physnet, dict(s.tags))
                         break
         out.append(decision)
     return out

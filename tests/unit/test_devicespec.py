@@ -106,9 +106,66 @@ def test_entries_limited_to_nodes_by_label(host: HostInventory) -> None:
     assert set(offered(host, cfg, {**HOSTNAME, "gpu": "yes"})) == {GPU, AUDIO}
 
 
+NODE_GROUPS = """
+devices:
+  - {name: top, match: {classCode: '0108'}}
+novaDeviceSpecs:
+  - '{"vendor_id": "10de", "product_id": "1aef"}'
+nodeGroups:
+  - name: gpu-hosts
+    nodeSelector: {matchLabels: {gpu: a100}}
+    devices:
+      - {match: {vendorID: '10de', productID: '20b0'}, attributes: {tier: gold}}
+  - name: physnet2-hosts
+    nodeSelector: {matchExpressions: [{key: rack, operator: In, values: [r1, r2]}]}
+    devices:
+      - {name: p2, match: {netdev: 'ens1f0#0-1'}, physicalNetwork: physnet2}
+    novaDeviceSpecs:
+      - '{"devname": "ens2f0", "physical_network": "physnet3"}'
+"""
+
+
+def test_node_groups_apply_only_where_their_selector_picks(host: HostInventory) -> None:
+    plain = offered(host, NODE_GROUPS)
+    assert set(plain) == {NVME, AUDIO}
+    gpu = offered(host, NODE_GROUPS, {**HOSTNAME, "gpu": "a100"})
+    assert set(gpu) == {NVME, AUDIO, GPU}
+    # An unnamed group entry is named by its place in the file.
+    assert gpu[GPU] == ("nodeGroups[0].devices[0]", None, {"tier": "gold"})
+    both = offered(host, NODE_GROUPS, {**HOSTNAME, "gpu": "a100", "rack": "r2"})
+    assert set(both) == {NVME, AUDIO, GPU, PF1, *VFS0[:2], *VFS1}
+    assert both[VFS0[0]][:2] == ("p2", "physnet2")
+    assert both[VFS1[0]][:2] == ("nodeGroups[1].novaDeviceSpecs[0]", "physnet3")
+
+
+def test_node_group_entries_follow_the_top_level_ones(host: HostInventory) -> None:
+    cfg = (
+        "devices: [{name: top, match: {vendorID: '10de'}}]\n"
+        "nodeGroups: [{name: g, nodeSelector: {matchLabels: {gpu: a100}},"
+        " devices: [{name: group, match: {vendorID: '10de', productID: '20b0'}}]}]"
+    )
+    assert offered(host, cfg, {**HOSTNAME, "gpu": "a100"})[GPU][0] == "top"
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
+        (
+            "nodeGroups: [{name: g, devices: []}]",
+            "nodeGroups[0].nodeSelector: Field required",
+        ),
+        (
+            "nodeGroups: [{name: g, nodeSelector: {}}, {name: g, nodeSelector: {}}]",
+            "nodeGroups[1].name: 'g' is used by an earlier group",
+        ),
+        (
+            "nodeGroups: [{name: g, nodeSelector: {}, devices: [{name: x, match: {vendorID: 'zz'}}]}]",
+            "nodeGroups[0].devices[0].match.vendorID (entry 'x')",
+        ),
+        (
+            'nodeGroups: [{name: g, nodeSelector: {}, novaDeviceSpecs: [\'{"vendor_id": "1ffff"}\']}]',
+            "nodeGroups[0].novaDeviceSpecs[0]: vendor_id",
+        ),
         (
             "devices: [{name: gpus, match: {vendorID: '10dex'}}]",
             "devices[0].match.vendorID (entry 'gpus')",
