@@ -106,8 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
         "by the controller); serve (--webhook-cert/--webhook-key, configuration from the chart)",
     )
     run.add_argument("--webhook-port", type=int, default=int(_env("WEBHOOK_PORT", "0")))
-    run.add_argument("--webhook-cert", default=_env("WEBHOOK_CERT", "/etc/pcipt/webhook/tls.crt"))
-    run.add_argument("--webhook-key", default=_env("WEBHOOK_KEY", "/etc/pcipt/webhook/tls.key"))
+    run.add_argument(
+        "--webhook-addr",
+        default=_env("WEBHOOK_ADDR", "0.0.0.0"),
+        help="serve: the address to listen on (the Service reaches the pod on its IP)",
+    )
+    run.add_argument(
+        "--webhook-cert",
+        default=_env("WEBHOOK_CERT", ""),
+        help="serve: a certificate file (with --webhook-key) made elsewhere, e.g. by cert-manager",
+    )
+    run.add_argument("--webhook-key", default=_env("WEBHOOK_KEY", ""))
+    run.add_argument(
+        "--webhook-secret",
+        default=_env("WEBHOOK_SECRET", ""),
+        help="serve without --webhook-cert: keep a self-issued certificate in this Secret of "
+        "--namespace (the chart creates it empty)",
+    )
+    run.add_argument(
+        "--webhook-service",
+        default=_env("WEBHOOK_SERVICE", "pcipt-webhook"),
+        help="the Service the API server calls the webhook through (names in the certificate)",
+    )
+    run.add_argument(
+        "--webhook-config",
+        default=_env("WEBHOOK_CONFIG", ""),
+        help="the ValidatingWebhookConfiguration to put the self-issued CA into",
+    )
     run.add_argument(
         "--liveness",
         default=_env("LIVENESS", ""),
@@ -192,10 +217,22 @@ def run(args: argparse.Namespace) -> int:
             "cert_dir": tempfile.mkdtemp(prefix="pcipt-webhook-"),
         }
     elif args.webhook == "serve":
+        if bool(args.webhook_cert) == bool(args.webhook_secret):
+            print(
+                "pcipt-controller: --webhook serve needs either --webhook-cert and --webhook-key "
+                "(a certificate made elsewhere) or --webhook-secret (self-issued), not both",
+                file=sys.stderr,
+            )
+            return 2
         webhook = {
             "port": args.webhook_port or 9443,
+            "addr": args.webhook_addr,
             "cert": args.webhook_cert,
             "key": args.webhook_key,
+            "secret": args.webhook_secret,
+            "service": args.webhook_service,
+            "config": args.webhook_config,
+            "cert_dir": tempfile.mkdtemp(prefix="pcipt-webhook-"),
         }
     if webhook is not None:
         handlers.enable_webhook()

@@ -8,6 +8,7 @@ runtime posts one Event per transition.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import kopf
 
+from controller import webhookcert
 from controller.runtime import ControllerSettings, Runtime
 from pcipt import constants as c
 from pcipt import tls
@@ -62,9 +64,12 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.startup(registry=registry)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     cfg: ControllerSettings = memo["settings"]
-    configure_kopf(settings, memo.get("webhook"))
-    settings.peering.lifetime = memo.get("peering_lifetime", 60)
     api = KubeClient(load_credentials(os.environ.get("KUBECONFIG")), user_agent="pcipt-controller")
+    webhook = memo.get("webhook")
+    if webhook and webhook.get("secret"):
+        await _self_issued_cert(api, cfg.namespace, webhook, memo)
+    configure_kopf(settings, webhook)
+    settings.peering.lifetime = memo.get("peering_lifetime", 60)
     runtime = Runtime(api, cfg)
     try:
         await runtime.start()
@@ -85,8 +90,47 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         log.info("serving metrics and health on %s:%d", host or "*", port)
 
 
+async def _self_issued_cert(
+    api: KubeClient, namespace: str, webhook: dict[str, Any], memo: kopf.Memo
+) -> None:
+    """Serve mode without a certificate from elsewhere: adopt or issue the one in the Secret,
+    and keep its CA in the webhook configuration."""
+    try:
+        cert = await webhookcert.ensure_cert(api, namespace, webhook["secret"], webhook["service"])
+        if webhook.get("config"):
+            await webhookcert.inject_ca(
+                api,
+                webhook["config"],
+                namespace=namespace,
+                service=webhook["service"],
+                ca_pem=cert.ca_pem,
+            )
+    except webhookcert.WebhookCertError as e:
+        await api.close()
+        raise kopf.PermanentError(str(e)) from e
+    except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
+        await api.close()
+        raise kopf.TemporaryError(
+            f"webhook certificate set-up failed, retrying: {e}", delay=2
+        ) from e
+    webhook["cert"], webhook["key"] = (str(p) for p in cert.write(Path(webhook["cert_dir"])))
+    if webhook.get("config"):
+        memo["webhook_ca_task"] = asyncio.get_running_loop().create_task(
+            webhookcert.keep_ca_injected(
+                api,
+                webhook["config"],
+                namespace=namespace,
+                service=webhook["service"],
+                ca_pem=cert.ca_pem,
+            )
+        )
+
+
 @kopf.on.cleanup(registry=registry)
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("webhook_ca_task")
+    if task is not None:
+        task.cancel()
     runtime: Runtime | None = memo.get("runtime")
     if runtime is not None:
         await runtime.stop()

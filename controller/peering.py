@@ -16,10 +16,30 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pcipt.kubeclient import ApiError, KubeClient
+from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound
 
 log = logging.getLogger("pcipt.controller.peering")
 PEERING_PATH = "/apis/kopf.dev/v1/clusterkopfpeerings"
+
+
+async def ensure_peering_object(api: KubeClient, name: str) -> bool:
+    """Create the ClusterKopfPeering object if it is missing (kopf only patches it, and stays
+    paused without one). The chart cannot create it: its CRD may come in the same release.
+    True when this call created it."""
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+    try:
+        await api.create(PEERING_PATH, body)
+    except Conflict:
+        return False
+    except NotFound as e:
+        raise ApiError(
+            404,
+            "NotFound",
+            "the ClusterKopfPeering CRD (kopf.dev) is not installed: apply "
+            "crds/kopf.dev_clusterkopfpeerings.yaml, or install the chart with crds.enabled",
+        ) from e
+    log.info("created ClusterKopfPeering %s", name)
+    return True
 
 
 def _parse(ts: str) -> datetime:
@@ -69,6 +89,13 @@ class PeeringGate:
         self.active = False
 
     async def run(self) -> None:
+        while True:
+            try:
+                await ensure_peering_object(self.api, self.name)
+                break
+            except Exception as e:
+                log.warning("peering object %s not ensured, retrying: %s", self.name, e)
+                await asyncio.sleep(max(self.interval, 2.0))
         while True:
             try:
                 got = await self.api.get(f"{PEERING_PATH}/{self.name}")
