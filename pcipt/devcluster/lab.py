@@ -41,6 +41,13 @@ class Lab:
     kubectl_path: str = ""
     metrics_ports: dict[str, int] = field(default_factory=dict)
     """Where each process serves /metrics (on 127.0.0.1)."""
+    install_crds: bool = True
+    """Apply crds/ at start; off when something else (helm) owns them."""
+    namespace: str = c.DEFAULT_NAMESPACE
+    """The operator namespace both components are told (node Leases)."""
+    kubeconfigs: dict[str, Path] = field(default_factory=dict)
+    """Per process ("controller", "node-<host>"): a kubeconfig other than the admin's, e.g.
+    a ServiceAccount token's, to run a component with exactly the chart's RBAC."""
 
     @property
     def kubeconfig(self) -> Path:
@@ -63,11 +70,12 @@ class Lab:
         self.cluster.up()
         self.kubectl_path = str(binaries.ensure().kubectl)
         api = k8s_config.new_client_from_config(str(self.cluster.kubeconfig))  # type: ignore[no-untyped-call]
-        apply_crds(api)
+        if self.install_crds:
+            apply_crds(api)
         core = client.CoreV1Api(api)
         try:
             core.create_namespace(
-                client.V1Namespace(metadata=client.V1ObjectMeta(name=c.DEFAULT_NAMESPACE))
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=self.namespace))
             )
         except client.ApiException as e:
             if e.status != 409:
@@ -75,6 +83,7 @@ class Lab:
         if not self.hosts:
             self.hosts = list((yaml.safe_load(self.profile.read_text()) or {}).get("hosts", {}))
         self.metrics_ports = {"controller": free_port()}
+        peered = any(a.startswith("--peering") for a in self.controller_args)
         self.spawn(
             "controller",
             [
@@ -82,7 +91,9 @@ class Lab:
                 "-m",
                 "controller",
                 "run",
-                "--standalone",
+                *([] if peered else ["--standalone"]),
+                "--namespace",
+                self.namespace,
                 "--metrics-port",
                 str(self.metrics_ports["controller"]),
                 *self.controller_args,
@@ -116,6 +127,8 @@ class Lab:
                     "nodeplugin",
                     "run",
                     "--simulate",
+                    "--namespace",
+                    self.namespace,
                     "--node-name",
                     host,
                     "--metrics-port",
@@ -133,7 +146,8 @@ class Lab:
             )
 
     def spawn(self, name: str, argv: list[str]) -> None:
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1")
+        kubeconfig = self.kubeconfigs.get(name, self.kubeconfig)
+        env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
         with open(self.log(name), "ab") as fh:
             self.procs[name] = subprocess.Popen(
                 argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO
