@@ -5,6 +5,8 @@
 #   libvirt-clients                            virt-xml-validate (libvirt's own schema check)
 #   libvirt-daemon / libvirt0                  the libvirt library with its test:/// driver
 #   pciutils, pci.ids                          lspci for the /sys smoke test; device names
+#   buildah, debootstrap                       the container image test: a Debian base made
+#                                              locally, the Containerfile built without a daemon
 set -euo pipefail
 
 need=()
@@ -20,6 +22,8 @@ have_cmd lspci || need+=(pciutils)
 have_cmd xmllint || need+=(libxml2-utils)
 have_cmd git || need+=(git)
 have_cmd make || need+=(make)
+have_cmd buildah || need+=(buildah)
+have_cmd debootstrap || need+=(debootstrap)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
