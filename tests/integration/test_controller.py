@@ -154,7 +154,10 @@ def test_refusal_reasons_text(
         for e in client.CoreV1Api(kube.api).list_namespaced_event(world.namespace).items
         if e.reason == c.REASON_FAILED_SCHEDULING
     ]
-    assert len(events) == 1 and events[0].message == msg
+    # The message counts every node of the shared cluster, so another test's node going quiet
+    # is a new transition with its own event; a retry with the same message never is.
+    messages = [e.message for e in events]
+    assert msg in messages and len(messages) == len(set(messages)), messages
     out = kube.kubectl("get", "ptvm", "big", "-n", world.namespace, "-o", "wide").stdout
     assert "Pending" in out and "cannot place gpus on a single NUMA node" in out
 
@@ -599,8 +602,13 @@ def test_race_200_vms_for_50_devices(
 def test_two_controllers_at_once_never_double_claim(
     world: World, kube: KubeCluster, leases: Callable[..., LeaseKeeper], tmp_path: Path
 ) -> None:
-    first = ControllerProcess(kube.kubeconfig, tmp_path, name="first").start()
-    second = ControllerProcess(kube.kubeconfig, tmp_path, name="second").start()
+    # Two active replicas (no peering) are safe but each may audit the other's binds in flight:
+    # a claim grace shorter than one bind under load would let an audit release a claim that
+    # the other replica is about to list, to be re-claimed a moment later. The default is 30s;
+    # 2s (the fixture's, for fast audits elsewhere) is too short on a loaded 2-core machine.
+    grace = ["--claim-grace", "15"]
+    first = ControllerProcess(kube.kubeconfig, tmp_path, *grace, name="first").start()
+    second = ControllerProcess(kube.kubeconfig, tmp_path, *grace, name="second").start()
     try:
         gpu = _race_world(world, leases)
         _create_burst(world, gpu, 200)
