@@ -7,12 +7,14 @@ STAMP := $(VENV)/.installed
 # Go is only needed to build the control-plane binaries once; find it where Go installs itself.
 export PATH := $(PATH):/usr/local/go/bin:$(HOME)/go/bin
 
-.PHONY: test demo demo-stop unit integration lint crds crds-check controlplane system-deps venv clean help
+.PHONY: test demo demo-stop unit integration lint crds crds-check manifests image controlplane system-deps venv clean help
 
 help:
 	@echo "make demo    pcipt end to end: control plane, controller, two simulated hosts, VMs"
 	@echo "make test    install what is missing, then run every gate and test"
-	@echo "make crds    regenerate crds/ from the models"
+	@echo "make crds    regenerate crds/ and the chart's CRDs from the models"
+	@echo "make manifests  regenerate deploy/pcipt.yaml from the chart"
+	@echo "make image   build the container image with buildah"
 
 system-deps:
 	@bash hack/install-system-deps.sh
@@ -30,9 +32,18 @@ controlplane: $(STAMP)
 
 crds: $(STAMP)
 	$(PY) -m pcipt.crdgen
+	$(PY) hack/render-manifests.py
 
 crds-check: $(STAMP)
 	$(PY) -m pcipt.crdgen --check
+
+# deploy/pcipt.yaml: the chart rendered with its defaults, for installs without Helm.
+manifests: $(STAMP)
+	$(PY) hack/render-manifests.py
+
+# The container image, with buildah (see hack/build-image.sh).
+image:
+	hack/build-image.sh $(IMAGE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -15,6 +15,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,21 @@ def test_rendered_manifests_pass_a_server_side_dry_run(template: Any, kubectl: A
             "validatingwebhookconfiguration.admissionregistration.k8s.io",
         } <= kinds
     assert kubectl("get", "crd", "-o", "name").stdout.strip() == ""  # a dry run creates nothing
+
+
+def test_plain_kubectl_manifest_is_the_rendered_chart_and_applies(kubectl: Any) -> None:
+    check = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "hack" / "render-manifests.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    out = kubectl(
+        "apply", "--server-side", "--dry-run=server", "-f", str(REPO_ROOT / "deploy" / "pcipt.yaml")
+    )
+    assert "namespace/pcipt-system serverside-applied (server dry run)" in out.stdout
+    assert "deployment.apps/pcipt-controller serverside-applied" in out.stdout
 
 
 def test_install_creates_every_object(helm_bin: str, kenv: dict[str, str], kubectl: Any) -> None:
