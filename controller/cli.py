@@ -22,6 +22,7 @@ from controller import handlers
 from controller.plan import PlanError, run_plan
 from controller.runtime import ControllerSettings
 from pcipt import constants as c
+from pcipt import logs, metrics
 from pcipt.logs import setup_logging
 
 
@@ -138,19 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("LIVENESS", ""),
         help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
     )
-    run.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(_env("METRICS_PORT", "8080")),
-        help="port for /metrics, /healthz and /readyz (0: off)",
-    )
-    run.add_argument(
-        "--metrics-host",
-        default=_env("METRICS_HOST", "127.0.0.1"),
-        help="address to serve metrics on (the chart sets 0.0.0.0)",
-    )
-    run.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
-    run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    metrics.add_arguments(run)
+    logs.add_arguments(run)
 
     plan = sub.add_parser("plan", help="dry-run the scheduler on manifests, without a cluster")
     plan.add_argument("--devices", type=Path, required=True, help="PciDevice manifests")

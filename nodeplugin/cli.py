@@ -24,6 +24,7 @@ from nodeplugin.discovery import discover
 from nodeplugin.publish import desired_devices
 from nodeplugin.simulate import build_host, load_profile
 from pcipt import constants as c
+from pcipt import logs, metrics
 from pcipt.kubeclient import KubeClient, load_credentials
 from pcipt.logs import setup_logging
 
@@ -105,19 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("SIMULATE", "") == "1",
         help="the sysfs root is a simulated host: answer driver binds as a kernel would",
     )
-    run.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(_env("METRICS_PORT", "8080")),
-        help="port for /metrics, /healthz and /readyz (0: off)",
-    )
-    run.add_argument(
-        "--metrics-host",
-        default=_env("METRICS_HOST", "127.0.0.1"),
-        help="address to serve metrics on (the chart sets 0.0.0.0)",
-    )
-    run.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
-    run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    metrics.add_arguments(run)
+    logs.add_arguments(run)
 
     disc = sub.add_parser("discover", help="print what this node would publish, without a cluster")
     common(disc)

@@ -3,8 +3,10 @@ one JSON object per line for log collectors."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -21,6 +23,22 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--log-format and --log-level, with their PCIPT_LOG_* environment twins."""
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("PCIPT_LOG_FORMAT", "text"),
+        help="text: short key=value lines; json: one object per line",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=os.environ.get("PCIPT_LOG_LEVEL", "INFO").upper(),
+    )
 
 
 def setup_logging(fmt: str = "text", level: str = "INFO") -> None:

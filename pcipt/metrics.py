@@ -8,8 +8,10 @@ endpoint, on the aiohttp that kopf already brings.
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import math
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
@@ -213,6 +215,21 @@ class Registry:
         for m in self.metrics:
             lines.extend(m.render())
         return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--metrics-port and --metrics-host, with their PCIPT_METRICS_* environment twins."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("PCIPT_METRICS_PORT", "8080")),
+        help="port for /metrics, /healthz and /readyz (0: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=os.environ.get("PCIPT_METRICS_HOST", "127.0.0.1"),
+        help="address to serve metrics on (the chart sets 0.0.0.0)",
+    )
 
 
 async def serve(
