@@ -103,16 +103,7 @@ class Device:
         return cls(
             name=dev.metadata.name,
             node=spec.node_name,
-            facts=DeviceFacts(
-                address=spec.address,
-                vendor_id=st.vendor_id or "",
-                product_id=st.product_id or "",
-                class_code=st.class_code or "",
-                driver=st.driver,
-                sriov_role=st.sriov.role if st.sriov else "None",
-                physical_network=st.physical_network,
-                attributes=dict(st.attributes),
-            ),
+            facts=DeviceFacts.of(dev),
             numa=st.numa_node,
             iommu_group=st.iommu_group,
             peers=tuple(sorted(st.iommu_group_peers)),

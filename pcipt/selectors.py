@@ -10,7 +10,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pcipt.api.v1alpha1 import DeviceSelector, LabelSelector, SelectorRequirement
+from pcipt.api.v1alpha1 import DeviceSelector, LabelSelector, PciDevice, SelectorRequirement
 from pcipt.pci import normalize_hex_id
 
 PHYSNET_ATTRIBUTE = "physical_network"
@@ -63,6 +63,20 @@ class DeviceFacts:
     sriov_role: str = "None"
     physical_network: str | None = None
     attributes: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, dev: PciDevice) -> DeviceFacts:
+        st = dev.status
+        return cls(
+            address=dev.spec.address,
+            vendor_id=st.vendor_id or "",
+            product_id=st.product_id or "",
+            class_code=st.class_code or "",
+            driver=st.driver,
+            sriov_role=st.sriov.role if st.sriov else "None",
+            physical_network=st.physical_network,
+            attributes=dict(st.attributes),
+        )
 
 
 def device_selector_matches(

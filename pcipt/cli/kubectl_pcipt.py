@@ -61,20 +61,6 @@ def _list(api: client.ApiClient, plural: str, namespace: str | None = None) -> l
     return items
 
 
-def _facts(d: PciDevice) -> DeviceFacts:
-    st = d.status
-    return DeviceFacts(
-        address=d.spec.address,
-        vendor_id=st.vendor_id or "",
-        product_id=st.product_id or "",
-        class_code=st.class_code or "",
-        driver=st.driver,
-        sriov_role=st.sriov.role if st.sriov else "None",
-        physical_network=st.physical_network,
-        attributes=dict(st.attributes),
-    )
-
-
 def _alive_nodes(api: client.ApiClient, namespace: str, dead_after: float) -> dict[str, bool]:
     try:
         leases = client.CoordinationV1Api(api).list_namespaced_lease(namespace).items
@@ -128,7 +114,7 @@ def inventory(args: argparse.Namespace) -> int:
         member_of = [
             f.metadata.name
             for f in flavors
-            if device_selector_matches(f.spec.selector, _facts(d), node_labels)
+            if device_selector_matches(f.spec.selector, DeviceFacts.of(d), node_labels)
         ] or [NO_FLAVOR]
         state = _state(d, alive.get(node, False))
         for flavor in member_of:
@@ -316,7 +302,7 @@ def describe_node(args: argparse.Namespace) -> int:
         member_of = [
             f.metadata.name
             for f in flavors
-            if device_selector_matches(f.spec.selector, _facts(d), node_labels)
+            if device_selector_matches(f.spec.selector, DeviceFacts.of(d), node_labels)
         ]
         ref = d.spec.claim_ref
         held = (
