@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -421,7 +422,7 @@ def lab(
     work = tmp_path_factory.mktemp("chart-lab")
     ctl = _sa_kubeconfig(cluster, kubectl, "pcipt-controller", work / "controller.kubeconfig")
     plugin = _sa_kubeconfig(cluster, kubectl, "pcipt-node-plugin", work / "plugin.kubeconfig")
-    webhook_port = free_port()
+    webhook_port, liveness_port = free_port(), free_port()
     lab = Lab(
         work,
         REPO_ROOT / "demo" / "hardware.yaml",
@@ -437,11 +438,14 @@ def lab(
             "--webhook-secret=pcipt-webhook-tls",
             "--webhook-config=pcipt-webhook",
             "--webhook-service=pcipt-webhook",
+            # As the chart's liveness probe calls it (there on 0.0.0.0:8081).
+            f"--liveness=http://127.0.0.1:{liveness_port}/healthz",
         ],
         plugin_args=["--rescan-interval", "2", "--lease-interval", "1", "--resync-interval", "1"],
     )
     lab.start(cluster)
     lab.metrics_ports["webhook"] = webhook_port
+    lab.metrics_ports["liveness"] = liveness_port
     try:
         yield lab
     finally:
@@ -475,6 +479,13 @@ def test_components_run_with_exactly_the_charts_rbac(lab: Lab, kubectl: Any) -> 
     } <= set(leases)
     peering = json.loads(kubectl("get", "clusterkopfpeering", "pcipt", "-o", "json").stdout)
     assert len(peering.get("status") or {}) == 1  # the controller created it and registered
+    # The probes the chart points the kubelet at answer.
+    for port, path in (
+        (lab.metrics_ports["liveness"], "/healthz"),
+        (lab.metrics_ports["controller"], "/readyz"),
+    ):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            assert resp.status == 200, path
     for name in lab.procs:
         log = lab.log(name).read_text()
         assert "forbidden" not in log.lower(), f"{name} was refused something:\n{log[-3000:]}"
