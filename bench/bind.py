@@ -13,7 +13,11 @@ What it does, in order:
    time-to-Scheduled p50/p95/p99, and API writes per bind from the API server's
    apiserver_request_total (so every writer is counted, whoever it is);
 5. releases 20% of the VMs (delete + the node plugin's DomainGone) and reports releases/s;
-6. steady: creates VMs at --rate per second for --steady seconds and reports time-to-Scheduled.
+6. steady: creates VMs at --rate per second for --steady seconds and reports time-to-Scheduled;
+7. requeue: fills the cluster, adds --waiting VMs that are refused, then frees one device at a
+   time and reports the time from deleting a bound VM (and its DomainGone, as a node plugin
+   reports it) to a waiting VM Scheduled: the queue's reaction to capacity (release, re-plan,
+   claim).
 
 It prints figures (and writes them as JSON with --json); it asserts nothing about speed.
 """
@@ -445,6 +449,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             f"{pct(lat, 50):.3f}/{pct(lat, 95):.3f}/{pct(lat, 99):.3f}s",
             flush=True,
         )
+        out["requeue"] = await requeue(api, watcher, steady, args.waiting, release)
         await api.close()
     finally:
         if ctl is not None:
@@ -452,6 +457,60 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             ctl.wait(timeout=20)
         cluster.down()
     return out
+
+
+async def requeue(
+    api: KubeClient,
+    watcher: Watcher,
+    bound: list[str],
+    waiting: int,
+    release: Any,
+) -> dict[str, Any]:
+    """Free one device at a time under a full cluster; time until a refused VM is Scheduled."""
+    devices = await api.list(crd_path(c.PLURAL_PCIDEVICE))
+    free = sum(1 for d in devices["items"] if not (d.get("spec") or {}).get("claimRef"))
+    top = [f"top-{i:05d}" for i in range(free)]
+    await create_vms(api, top)
+    await watcher.wait(top, timeout=300)
+    names = [f"wait-{i:03d}" for i in range(waiting)]
+    await create_vms(api, names)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = await api.list(crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS))
+        refused = {
+            i["metadata"]["name"]
+            for i in got["items"]
+            if (i.get("status") or {}).get("scheduling") and not i["status"].get("nodeName")
+        }
+        if refused.issuperset(names):
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise RuntimeError("the waiting VMs were not all refused")
+    lat: list[float] = []
+    for victim in bound[:waiting]:
+        before = sum(1 for n in names if n in watcher.scheduled)
+        t0 = time.monotonic()
+        await release(victim)
+        deadline = t0 + 30
+        while sum(1 for n in names if n in watcher.scheduled) == before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no waiting VM bound within 30s of releasing {victim}")
+            await asyncio.sleep(0.002)
+        lat.append(time.monotonic() - t0)
+    res = {
+        "waiting": waiting,
+        "release_to_scheduled_s": {
+            "p50": round(pct(lat, 50), 3),
+            "max": round(max(lat), 3),
+        },
+    }
+    print(
+        f"requeue: {waiting} refused VMs on a full cluster, one device freed at a time: "
+        f"delete + DomainGone -> a waiting VM Scheduled p50/max {pct(lat, 50):.3f}/{max(lat):.3f}s",
+        flush=True,
+    )
+    return res
 
 
 async def _create_one(api: KubeClient, name: str, created: dict[str, float]) -> None:
@@ -476,6 +535,9 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=20.0, help="VMs per second in the steady phase")
     p.add_argument("--steady", type=float, default=30.0, help="seconds of steady arrivals")
     p.add_argument("--bind-concurrency", type=int, default=16)
+    p.add_argument(
+        "--waiting", type=int, default=20, help="refused VMs in the requeue phase (<= steady VMs)"
+    )
     p.add_argument("--fsync", action="store_true", help="let etcd fsync (slower, like production)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
