@@ -1,6 +1,7 @@
 """Bind throughput and latency of the controller against the real local control plane.
 
     .venv/bin/python bench/bind.py [--nodes 500] [--devices 10] [--rate 20] [--steady 30]
+        [--waiting 20] [--r-seconds 4] [--json FILE]
 
 What it does, in order:
 1. starts a local control plane (etcd without fsync, as Kubernetes' integration tests run it;
@@ -44,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from kubernetes import config as k8s_config  # noqa: E402
 
+from bench.common import FirstSeen, pct, scheduled  # noqa: E402
 from pcipt import constants as c  # noqa: E402
 from pcipt.api.v1alpha1 import pcidevice_name  # noqa: E402
 from pcipt.devcluster import LocalCluster  # noqa: E402
@@ -53,14 +55,6 @@ from pcipt.kubeclient import KubeClient, crd_path, load_credentials, retry_trans
 NS = "bench"
 FLAVOR = "bench-gpu"
 METRIC = re.compile(r"^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$")
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, round(p / 100 * (len(s) - 1))))
-    return s[k]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -205,47 +199,6 @@ async def measure_r(api: KubeClient, seconds: float = 4.0) -> dict[int, float]:
     return rates
 
 
-class Watcher:
-    """Records when each VM is first seen Scheduled (client clock)."""
-
-    def __init__(self, api: KubeClient) -> None:
-        self.api = api
-        self.scheduled: dict[str, float] = {}
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        got = await retry_transient(self.api.list, crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS))
-        for vm in got["items"]:
-            if (vm.get("status") or {}).get("nodeName"):
-                self.scheduled.setdefault(vm["metadata"]["name"], time.monotonic())
-        rv = got["metadata"]["resourceVersion"]
-        self.task = asyncio.get_running_loop().create_task(self._run(rv))
-
-    async def _run(self, rv: str) -> None:
-        while True:
-            try:
-                async for ev in self.api.watch(
-                    crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS), resource_version=rv, timeout=600
-                ):
-                    obj = ev.get("object", {})
-                    rv = obj.get("metadata", {}).get("resourceVersion", rv)
-                    if (obj.get("status") or {}).get("nodeName"):
-                        self.scheduled.setdefault(obj["metadata"]["name"], time.monotonic())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.2)
-
-    async def wait(self, names: list[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(n in self.scheduled for n in names):
-                return
-            await asyncio.sleep(0.05)
-        missing = [n for n in names if n not in self.scheduled]
-        raise RuntimeError(f"{len(missing)} VMs not Scheduled after {timeout}s, e.g. {missing[:3]}")
-
-
 async def create_vms(api: KubeClient, names: list[str], concurrency: int = 16) -> dict[str, float]:
     created: dict[str, float] = {}
 
@@ -287,7 +240,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         out["publish_s"] = round(time.monotonic() - t0, 1)
         print(f"published {total} devices on {args.nodes} nodes in {out['publish_s']}s", flush=True)
 
-        rates = await measure_r(api)
+        rates = await measure_r(api, args.r_seconds)
         out["R_conditional_patches_per_s"] = {str(k): round(v) for k, v in rates.items()}
         r_best = max(rates.values())
         print(
@@ -320,7 +273,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             env=env,
             cwd=REPO,
         )
-        watcher = Watcher(api)
+        watcher = FirstSeen(api, NS, scheduled)
         await watcher.start()
 
         half = total // 2
@@ -348,11 +301,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         created = await create_vms(api, fill)
         await watcher.wait(fill, timeout=900)
-        took = max(watcher.scheduled[n] for n in fill) - t0
+        took = max(watcher.at[n] for n in fill) - t0
         after = await request_counts(api)
         cpu = {k: round(cpu_seconds(v) - cpu0[k], 2) for k, v in pids.items()}
         writes = diff(after, before)
-        lat = [watcher.scheduled[n] - created[n] for n in fill]
+        lat = [watcher.at[n] - created[n] for n in fill]
         controller_writes = sum(
             v for k, v in writes.items() if not k.startswith("POST/passthroughvms")
         )
@@ -434,7 +387,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
             asyncio.get_running_loop().create_task(_create_one(api, name, created))
         await watcher.wait(steady, timeout=300)
-        lat = [watcher.scheduled[x] - created[x] for x in steady]
+        lat = [watcher.at[x] - created[x] for x in steady]
         out["steady"] = {
             "rate_per_s": args.rate,
             "vms": n,
@@ -450,6 +403,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         out["requeue"] = await requeue(api, watcher, steady, args.waiting, release)
+        watcher.stop()
         await api.close()
     finally:
         if ctl is not None:
@@ -461,7 +415,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 async def requeue(
     api: KubeClient,
-    watcher: Watcher,
+    watcher: FirstSeen,
     bound: list[str],
     waiting: int,
     release: Any,
@@ -489,11 +443,11 @@ async def requeue(
         raise RuntimeError("the waiting VMs were not all refused")
     lat: list[float] = []
     for victim in bound[:waiting]:
-        before = sum(1 for n in names if n in watcher.scheduled)
+        before = watcher.count(names)
         t0 = time.monotonic()
         await release(victim)
         deadline = t0 + 30
-        while sum(1 for n in names if n in watcher.scheduled) == before:
+        while watcher.count(names) == before:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no waiting VM bound within 30s of releasing {victim}")
             await asyncio.sleep(0.002)
@@ -535,6 +489,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=20.0, help="VMs per second in the steady phase")
     p.add_argument("--steady", type=float, default=30.0, help="seconds of steady arrivals")
     p.add_argument("--bind-concurrency", type=int, default=16)
+    p.add_argument("--r-seconds", type=float, default=4.0, help="seconds per concurrency for R")
     p.add_argument(
         "--waiting", type=int, default=20, help="refused VMs in the requeue phase (<= steady VMs)"
     )

@@ -30,16 +30,12 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import FirstSeen, pct, running  # noqa: E402
 from pcipt import constants as c  # noqa: E402
 from pcipt.devcluster.lab import Lab  # noqa: E402
-from pcipt.kubeclient import KubeClient, crd_path, load_credentials, retry_transient  # noqa: E402
+from pcipt.kubeclient import KubeClient, crd_path, load_credentials  # noqa: E402
 
 NS = "bench"
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, round(p / 100 * (len(s) - 1))))]
 
 
 def write_profile(path: Path, hosts: int, gpus: int) -> None:
@@ -69,39 +65,6 @@ def vm(name: str) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": NS},
         "spec": {"memory": "1Gi", "devices": [{"name": "gpu", "flavor": "gpu"}]},
     }
-
-
-class Watcher:
-    def __init__(self, api: KubeClient) -> None:
-        self.api = api
-        self.running: dict[str, float] = {}
-
-    async def run(self) -> None:
-        got = await retry_transient(self.api.list, crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS))
-        rv = got["metadata"]["resourceVersion"]
-        while True:
-            try:
-                async for ev in self.api.watch(
-                    crd_path(c.PLURAL_PASSTHROUGHVM, namespace=NS), resource_version=rv
-                ):
-                    obj = ev.get("object", {})
-                    rv = obj.get("metadata", {}).get("resourceVersion", rv)
-                    if (obj.get("status") or {}).get("phase") == "Running":
-                        self.running.setdefault(obj["metadata"]["name"], time.monotonic())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.1)
-
-    async def wait(self, names: list[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(n in self.running for n in names):
-                return
-            await asyncio.sleep(0.05)
-        raise TimeoutError(
-            f"{sum(n not in self.running for n in names)} VMs not Running after {timeout}s"
-        )
 
 
 async def kubectl(lab: Lab, *args: str, stdin: str | None = None) -> None:
@@ -136,16 +99,15 @@ async def run(lab: Lab, args: argparse.Namespace) -> dict[str, Any]:
             if (got.get("status") or {}).get("free") == total:
                 break
             await asyncio.sleep(0.2)
-        watcher = Watcher(api)
-        task = asyncio.get_running_loop().create_task(watcher.run())
-        await asyncio.sleep(0.5)
+        watcher = FirstSeen(api, NS, running)
+        await watcher.start()
         out: dict[str, Any] = {}
 
         burst = [f"burst-{i:03d}" for i in range(args.vms)]
         t0 = time.monotonic()
         await kubectl(lab, "apply", "-f", "-", stdin=yaml.safe_dump_all([vm(n) for n in burst]))
         await watcher.wait(burst, 300)
-        lat = [watcher.running[n] - t0 for n in burst]
+        lat = [watcher.at[n] - t0 for n in burst]
         out["burst"] = {
             "vms": len(burst),
             "p50_s": round(pct(lat, 50), 3),
@@ -180,7 +142,7 @@ async def run(lab: Lab, args: argparse.Namespace) -> dict[str, Any]:
             tasks.append(asyncio.get_running_loop().create_task(one(name)))
         await asyncio.gather(*tasks)
         await watcher.wait(paced, 300)
-        lat = [watcher.running[n] - starts[n] for n in paced]
+        lat = [watcher.at[n] - starts[n] for n in paced]
         out["paced"] = {
             "vms": len(paced),
             "rate_per_s": args.rate,
@@ -192,7 +154,7 @@ async def run(lab: Lab, args: argparse.Namespace) -> dict[str, Any]:
             f"p50 {out['paced']['p50_s']} s, p99 {out['paced']['p99_s']} s",
             flush=True,
         )
-        task.cancel()
+        watcher.stop()
         return out
 
 
