@@ -1,0 +1,72 @@
+"""The benchmarks keep working: each runs end to end at a tiny size against its real components
+and writes every figure its docstring promises. Speed is never asserted here; the figures in
+docs/performance.md come from the full-size runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def run_bench(tmp_path: Path, script: str, *args: str) -> dict[str, Any]:
+    out = tmp_path / "figures.json"
+    got = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / script), *args, "--json", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
+    figures: dict[str, Any] = json.loads(out.read_text())
+    return figures
+
+
+def positive(*values: float) -> bool:
+    return all(v > 0 for v in values)
+
+
+def test_bind_benchmark_reports_every_phase(tmp_path: Path) -> None:
+    f = run_bench(
+        tmp_path,
+        "bind.py",
+        *("--nodes", "4", "--devices", "4", "--rate", "5", "--steady", "1"),
+        *("--waiting", "3", "--r-seconds", "0.5"),
+    )
+    assert set(f["R_conditional_patches_per_s"]) == {"1", "8", "32"}
+    fill = f["fill"]
+    assert fill["vms"] == 8 and positive(fill["binds_per_s"], fill["fraction_of_R_over_w"])
+    # Every bind writes the claim, the VM's metadata, its status and one Event: no more.
+    writes = fill["writes_by_kind"]
+    for kind in ("PATCH/pcidevices", "PATCH/passthroughvms", "PATCH/passthroughvms/status"):
+        assert writes[kind] == 8, writes
+    assert fill["controller_writes_per_bind"] == pytest.approx(4, abs=0.5)
+    assert f["release"]["vms"] == 5 and positive(f["release"]["releases_per_s"])
+    assert f["steady"]["vms"] == 5
+    assert f["requeue"]["waiting"] == 3
+    assert (
+        0
+        < f["requeue"]["release_to_scheduled_s"]["p50"]
+        <= f["requeue"]["release_to_scheduled_s"]["max"]
+    )
+
+
+def test_end_to_end_benchmark_runs_vms_on_simulated_hosts(tmp_path: Path) -> None:
+    f = run_bench(tmp_path, "e2e.py", "--hosts", "2", "--gpus", "3", "--vms", "3")
+    for run in ("burst", "paced"):
+        assert f[run]["vms"] == 3 and 0 < f[run]["p50_s"] <= f[run]["p99_s"], f[run]
+
+
+def test_discovery_benchmark_publishes_then_writes_nothing(tmp_path: Path) -> None:
+    f = run_bench(tmp_path, "discovery.py", "--pfs", "2", "--vfs", "4", "--rounds", "2")
+    assert f["functions"] == 10 and f["offered"] == 8
+    assert f["first_rescan"]["devices"] == 8 and f["first_rescan"]["writes"] == 16
+    assert f["quiet_rescan"]["writes"] == 0 and f["quiet_plan_writes"] == 0
