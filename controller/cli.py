@@ -24,10 +24,7 @@ from controller.runtime import ControllerSettings
 from pcipt import constants as c
 from pcipt import logs, metrics
 from pcipt.logs import setup_logging
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"PCIPT_{name}", default)
+from pcipt.settings import env
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,101 +39,101 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--namespace",
-        default=_env("NAMESPACE", c.DEFAULT_NAMESPACE),
+        default=env("NAMESPACE", c.DEFAULT_NAMESPACE),
         help="operator namespace: node Leases, Events of cluster objects",
     )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument(
         "--standalone",
         action="store_true",
-        default=_env("STANDALONE", "") == "1",
+        default=env("STANDALONE", "") == "1",
         help="no kopf peering (safety does not depend on it)",
     )
     mode.add_argument(
         "--peering",
-        default=_env("PEERING", ""),
+        default=env("PEERING", ""),
         help="kopf peering name for HA (needs the ClusterKopfPeering CRD)",
     )
     run.add_argument(
         "--priority",
         type=int,
-        default=int(_env("PRIORITY", "0")) or random.randint(1, 1_000_000),
+        default=int(env("PRIORITY", "0")) or random.randint(1, 1_000_000),
         help="kopf peering priority; replicas must differ (tied peers all pause): default random",
     )
     run.add_argument(
         "--peering-lifetime",
         type=int,
-        default=int(_env("PEERING_LIFETIME", "60")),
+        default=int(env("PEERING_LIFETIME", "60")),
         help="seconds a silent peer is still considered alive",
     )
     run.add_argument(
         "--node-dead-after",
         type=float,
-        default=float(_env("NODE_DEAD_AFTER", "40")),
+        default=float(env("NODE_DEAD_AFTER", "40")),
         help="seconds without a node Lease renewal before the node is not alive",
     )
     run.add_argument(
         "--claim-grace",
         type=float,
-        default=float(_env("CLAIM_GRACE", "30")),
+        default=float(env("CLAIM_GRACE", "30")),
         help="seconds before the audit releases a claim its VM does not list",
     )
     run.add_argument(
         "--audit-interval",
         type=float,
-        default=float(_env("AUDIT_INTERVAL", "30")),
+        default=float(env("AUDIT_INTERVAL", "30")),
         help="seconds between audits",
     )
     run.add_argument(
         "--scoring",
         choices=["best-fit", "spread"],
-        default=_env("SCORING", "best-fit"),
+        default=env("SCORING", "best-fit"),
         help="node scoring policy",
     )
     run.add_argument(
         "--bind-concurrency",
         type=int,
-        default=int(_env("BIND_CONCURRENCY", "16")),
+        default=int(env("BIND_CONCURRENCY", "16")),
         help="binds in flight at once",
     )
     run.add_argument(
         "--webhook",
         choices=["none", "dev", "serve"],
-        default=_env("WEBHOOK", "none"),
+        default=env("WEBHOOK", "none"),
         help="validating webhook: none; dev (self-signed on 127.0.0.1, configuration managed "
         "by the controller); serve (--webhook-cert/--webhook-key, configuration from the chart)",
     )
-    run.add_argument("--webhook-port", type=int, default=int(_env("WEBHOOK_PORT", "0")))
+    run.add_argument("--webhook-port", type=int, default=int(env("WEBHOOK_PORT", "0")))
     run.add_argument(
         "--webhook-addr",
-        default=_env("WEBHOOK_ADDR", "0.0.0.0"),
+        default=env("WEBHOOK_ADDR", "0.0.0.0"),
         help="serve: the address to listen on (the Service reaches the pod on its IP)",
     )
     run.add_argument(
         "--webhook-cert",
-        default=_env("WEBHOOK_CERT", ""),
+        default=env("WEBHOOK_CERT", ""),
         help="serve: a certificate file (with --webhook-key) made elsewhere, e.g. by cert-manager",
     )
-    run.add_argument("--webhook-key", default=_env("WEBHOOK_KEY", ""))
+    run.add_argument("--webhook-key", default=env("WEBHOOK_KEY", ""))
     run.add_argument(
         "--webhook-secret",
-        default=_env("WEBHOOK_SECRET", ""),
+        default=env("WEBHOOK_SECRET", ""),
         help="serve without --webhook-cert: keep a self-issued certificate in this Secret of "
         "--namespace (the chart creates it empty)",
     )
     run.add_argument(
         "--webhook-service",
-        default=_env("WEBHOOK_SERVICE", "pcipt-webhook"),
+        default=env("WEBHOOK_SERVICE", "pcipt-webhook"),
         help="the Service the API server calls the webhook through (names in the certificate)",
     )
     run.add_argument(
         "--webhook-config",
-        default=_env("WEBHOOK_CONFIG", ""),
+        default=env("WEBHOOK_CONFIG", ""),
         help="the ValidatingWebhookConfiguration to put the self-issued CA into",
     )
     run.add_argument(
         "--liveness",
-        default=_env("LIVENESS", ""),
+        default=env("LIVENESS", ""),
         help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
     )
     metrics.add_arguments(run)

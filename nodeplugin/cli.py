@@ -27,10 +27,7 @@ from pcipt import constants as c
 from pcipt import logs, metrics
 from pcipt.kubeclient import KubeClient, load_credentials
 from pcipt.logs import setup_logging
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"PCIPT_{name}", default)
+from pcipt.settings import env
 
 
 def _opt_path(value: str) -> Path | None:
@@ -43,67 +40,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
-            "--node-name", default=_env("NODE_NAME", socket.gethostname()), help="this node's name"
+            "--node-name", default=env("NODE_NAME", socket.gethostname()), help="this node's name"
         )
         sp.add_argument(
             "--sysfs-root",
             type=Path,
-            default=Path(_env("SYSFS_ROOT", "/sys")),
+            default=Path(env("SYSFS_ROOT", "/sys")),
             help="sysfs to read",
         )
         sp.add_argument(
             "--config",
             type=_opt_path,
-            default=_opt_path(_env("DEVICE_CONFIG", "")),
+            default=_opt_path(env("DEVICE_CONFIG", "")),
             help="the node's device specs (YAML or JSON)",
         )
         sp.add_argument(
             "--nova-conf",
             type=_opt_path,
-            default=_opt_path(_env("NOVA_CONF", "")),
+            default=_opt_path(env("NOVA_CONF", "")),
             help="a nova.conf whose [pci] device_spec / passthrough_whitelist to honour",
         )
         sp.add_argument(
             "--pci-ids",
             type=_opt_path,
-            default=_opt_path(_env("PCI_IDS", "")),
+            default=_opt_path(env("PCI_IDS", "")),
             help="pci.ids database (default: /usr/share/misc/pci.ids or /usr/share/hwdata/pci.ids)",
         )
 
     run = sub.add_parser("run", help="run the agent")
     common(run)
     run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
-    run.add_argument("--libvirt-uri", default=_env("LIBVIRT_URI", "qemu:///system"))
+    run.add_argument("--libvirt-uri", default=env("LIBVIRT_URI", "qemu:///system"))
     run.add_argument(
         "--namespace",
-        default=_env("NAMESPACE", c.DEFAULT_NAMESPACE),
+        default=env("NAMESPACE", c.DEFAULT_NAMESPACE),
         help="where the node Lease lives",
     )
-    run.add_argument("--state-dir", type=Path, default=Path(_env("STATE_DIR", "/var/lib/pcipt")))
-    run.add_argument("--rescan-interval", type=float, default=float(_env("RESCAN_INTERVAL", "30")))
-    run.add_argument("--lease-interval", type=float, default=float(_env("LEASE_INTERVAL", "10")))
-    run.add_argument("--lease-duration", type=int, default=int(_env("LEASE_DURATION", "40")))
-    run.add_argument("--resync-interval", type=float, default=float(_env("RESYNC_INTERVAL", "5")))
+    run.add_argument("--state-dir", type=Path, default=Path(env("STATE_DIR", "/var/lib/pcipt")))
+    run.add_argument("--rescan-interval", type=float, default=float(env("RESCAN_INTERVAL", "30")))
+    run.add_argument("--lease-interval", type=float, default=float(env("LEASE_INTERVAL", "10")))
+    run.add_argument("--lease-duration", type=int, default=int(env("LEASE_DURATION", "40")))
+    run.add_argument("--resync-interval", type=float, default=float(env("RESYNC_INTERVAL", "5")))
     run.add_argument(
         "--no-restore-drivers",
         action="store_true",
-        default=_env("RESTORE_DRIVERS", "1") == "0",
+        default=env("RESTORE_DRIVERS", "1") == "0",
         help="leave devices on vfio-pci after their VM goes",
     )
     run.add_argument(
         "--stop-grace",
         type=float,
-        default=float(_env("STOP_GRACE", "30")),
+        default=float(env("STOP_GRACE", "30")),
         help="seconds a guest gets to shut down before its domain is destroyed",
     )
-    run.add_argument("--domain-type", default=_env("DOMAIN_TYPE", "kvm"))
+    run.add_argument("--domain-type", default=env("DOMAIN_TYPE", "kvm"))
     run.add_argument(
-        "--machine", default=_env("MACHINE", "q35"), help="guest machine type ('' for none)"
+        "--machine", default=env("MACHINE", "q35"), help="guest machine type ('' for none)"
     )
     run.add_argument(
         "--simulate",
         action="store_true",
-        default=_env("SIMULATE", "") == "1",
+        default=env("SIMULATE", "") == "1",
         help="the sysfs root is a simulated host: answer driver binds as a kernel would",
     )
     metrics.add_arguments(run)

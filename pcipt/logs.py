@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
+
+from pcipt.settings import env
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,14 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
-        default=os.environ.get("PCIPT_LOG_FORMAT", "text"),
+        default=env("LOG_FORMAT", "text"),
         help="text: short key=value lines; json: one object per line",
     )
     parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        default=os.environ.get("PCIPT_LOG_LEVEL", "INFO").upper(),
+        default=env("LOG_LEVEL", "INFO").upper(),
     )
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import bisect
 import math
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from aiohttp import web
+
+from pcipt.settings import env
 
 # --- names ---------------------------------------------------------------------------------
 
@@ -96,16 +97,12 @@ class _Metric:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
 
-class Counter(_Metric):
-    kind = "counter"
+class _Series(_Metric):
+    """A metric with one number per label set: what counters and gauges share."""
 
     def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
         super().__init__(name, help, labels)
         self.values: dict[Labels, float] = {}
-
-    def inc(self, *labels: str, by: float = 1.0) -> None:
-        with self._lock:
-            self.values[labels] = self.values.get(labels, 0.0) + by
 
     def get(self, *labels: str) -> float:
         return self.values.get(labels, 0.0)
@@ -117,12 +114,16 @@ class Counter(_Metric):
         ]
 
 
-class Gauge(_Metric):
-    kind = "gauge"
+class Counter(_Series):
+    kind = "counter"
 
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help, labels)
-        self.values: dict[Labels, float] = {}
+    def inc(self, *labels: str, by: float = 1.0) -> None:
+        with self._lock:
+            self.values[labels] = self.values.get(labels, 0.0) + by
+
+
+class Gauge(_Series):
+    kind = "gauge"
 
     def set(self, value: float, *labels: str) -> None:
         with self._lock:
@@ -132,15 +133,6 @@ class Gauge(_Metric):
         """Set the whole series at once (series not named disappear)."""
         with self._lock:
             self.values = dict(values)
-
-    def get(self, *labels: str) -> float:
-        return self.values.get(labels, 0.0)
-
-    def render(self) -> list[str]:
-        return self.header() + [
-            f"{self.name}{_labels(self.label_names, k)} {_num(v)}"
-            for k, v in sorted(self.values.items())
-        ]
 
 
 class Histogram(_Metric):
@@ -222,12 +214,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=int(os.environ.get("PCIPT_METRICS_PORT", "8080")),
+        default=int(env("METRICS_PORT", "8080")),
         help="port for /metrics, /healthz and /readyz (0: off)",
     )
     parser.add_argument(
         "--metrics-host",
-        default=os.environ.get("PCIPT_METRICS_HOST", "127.0.0.1"),
+        default=env("METRICS_HOST", "127.0.0.1"),
         help="address to serve metrics on (the chart sets 0.0.0.0)",
     )
 
