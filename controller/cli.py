@@ -1,6 +1,7 @@
-"""The pcipt-controller command line.
+"""The pcipt-controller command line: run (the operator) and plan (a dry run of the scheduler).
 
-Every setting has an environment twin (PCIPT_<NAME>), so the chart can set them either way.
+Every setting of `run` is declared once in RUN_SETTINGS with its environment twin
+(PCIPT_<NAME>); the flag wins over the twin (pcipt.settings).
 """
 
 from __future__ import annotations
@@ -24,7 +25,93 @@ from controller.runtime import ControllerSettings
 from pcipt import constants as c
 from pcipt import logs, metrics
 from pcipt.logs import setup_logging
-from pcipt.settings import env
+from pcipt.settings import Setting, add_settings, parse_args
+
+
+def _random_priority() -> int:
+    return random.randint(1, 1_000_000)
+
+
+# `pcipt-controller run`: every setting once, with its PCIPT_<NAME> twin (pcipt.settings).
+RUN_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "--kubeconfig",
+        None,
+        "kubeconfig (default: ~/.kube/config, then in-cluster)",
+        env="KUBECONFIG",
+        prefixed=False,
+    ),
+    Setting(
+        "--namespace",
+        c.DEFAULT_NAMESPACE,
+        "operator namespace: node Leases, Events of cluster objects",
+    ),
+    Setting(
+        "--priority",
+        _random_priority,
+        "kopf peering priority; replicas must differ (tied peers all pause): default random",
+        int,
+    ),
+    Setting("--peering-lifetime", 60, "seconds a silent peer is still considered alive", int),
+    Setting(
+        "--node-dead-after",
+        40.0,
+        "seconds without a node Lease renewal before the node is not alive",
+        float,
+    ),
+    Setting(
+        "--claim-grace",
+        30.0,
+        "seconds before the audit releases a claim its VM does not list",
+        float,
+    ),
+    Setting("--audit-interval", 30.0, "seconds between audits", float),
+    Setting("--scoring", "best-fit", "node scoring policy", choices=("best-fit", "spread")),
+    Setting("--bind-concurrency", 16, "binds in flight at once", int),
+    Setting(
+        "--webhook",
+        "none",
+        "validating webhook: none; dev (self-signed on 127.0.0.1, configuration managed "
+        "by the controller); serve (--webhook-cert/--webhook-key, configuration from the chart)",
+        choices=("none", "dev", "serve"),
+    ),
+    Setting("--webhook-port", 0, "port the webhook listens on (0: dev any, serve 9443)", int),
+    Setting(
+        "--webhook-addr",
+        "0.0.0.0",
+        "serve: the address to listen on (the Service reaches the pod on its IP)",
+    ),
+    Setting(
+        "--webhook-cert",
+        "",
+        "serve: a certificate file (with --webhook-key) made elsewhere, e.g. by cert-manager",
+    ),
+    Setting("--webhook-key", "", "serve: the key of --webhook-cert"),
+    Setting(
+        "--webhook-secret",
+        "",
+        "serve without --webhook-cert: keep a self-issued certificate in this Secret of "
+        "--namespace (the chart creates it empty)",
+    ),
+    Setting(
+        "--webhook-service",
+        "pcipt-webhook",
+        "the Service the API server calls the webhook through (names in the certificate)",
+    ),
+    Setting(
+        "--webhook-config",
+        "",
+        "the ValidatingWebhookConfiguration to put the self-issued CA into",
+    ),
+    Setting("--liveness", "", "kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"),
+    *metrics.SETTINGS,
+    *logs.SETTINGS,
+)
+# Mutually exclusive: run alone, or in a kopf peering.
+MODE_SETTINGS: tuple[Setting, ...] = (
+    Setting("--standalone", False, "no kopf peering (safety does not depend on it)", kind="flag"),
+    Setting("--peering", "", "kopf peering name for HA (needs the ClusterKopfPeering CRD)"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,112 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="run the operator against a cluster")
-    run.add_argument(
-        "--kubeconfig",
-        default=os.environ.get("KUBECONFIG"),
-        help="kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster)",
-    )
-    run.add_argument(
-        "--namespace",
-        default=env("NAMESPACE", c.DEFAULT_NAMESPACE),
-        help="operator namespace: node Leases, Events of cluster objects",
-    )
-    mode = run.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--standalone",
-        action="store_true",
-        default=env("STANDALONE", "") == "1",
-        help="no kopf peering (safety does not depend on it)",
-    )
-    mode.add_argument(
-        "--peering",
-        default=env("PEERING", ""),
-        help="kopf peering name for HA (needs the ClusterKopfPeering CRD)",
-    )
-    run.add_argument(
-        "--priority",
-        type=int,
-        default=int(env("PRIORITY", "0")) or random.randint(1, 1_000_000),
-        help="kopf peering priority; replicas must differ (tied peers all pause): default random",
-    )
-    run.add_argument(
-        "--peering-lifetime",
-        type=int,
-        default=int(env("PEERING_LIFETIME", "60")),
-        help="seconds a silent peer is still considered alive",
-    )
-    run.add_argument(
-        "--node-dead-after",
-        type=float,
-        default=float(env("NODE_DEAD_AFTER", "40")),
-        help="seconds without a node Lease renewal before the node is not alive",
-    )
-    run.add_argument(
-        "--claim-grace",
-        type=float,
-        default=float(env("CLAIM_GRACE", "30")),
-        help="seconds before the audit releases a claim its VM does not list",
-    )
-    run.add_argument(
-        "--audit-interval",
-        type=float,
-        default=float(env("AUDIT_INTERVAL", "30")),
-        help="seconds between audits",
-    )
-    run.add_argument(
-        "--scoring",
-        choices=["best-fit", "spread"],
-        default=env("SCORING", "best-fit"),
-        help="node scoring policy",
-    )
-    run.add_argument(
-        "--bind-concurrency",
-        type=int,
-        default=int(env("BIND_CONCURRENCY", "16")),
-        help="binds in flight at once",
-    )
-    run.add_argument(
-        "--webhook",
-        choices=["none", "dev", "serve"],
-        default=env("WEBHOOK", "none"),
-        help="validating webhook: none; dev (self-signed on 127.0.0.1, configuration managed "
-        "by the controller); serve (--webhook-cert/--webhook-key, configuration from the chart)",
-    )
-    run.add_argument("--webhook-port", type=int, default=int(env("WEBHOOK_PORT", "0")))
-    run.add_argument(
-        "--webhook-addr",
-        default=env("WEBHOOK_ADDR", "0.0.0.0"),
-        help="serve: the address to listen on (the Service reaches the pod on its IP)",
-    )
-    run.add_argument(
-        "--webhook-cert",
-        default=env("WEBHOOK_CERT", ""),
-        help="serve: a certificate file (with --webhook-key) made elsewhere, e.g. by cert-manager",
-    )
-    run.add_argument("--webhook-key", default=env("WEBHOOK_KEY", ""))
-    run.add_argument(
-        "--webhook-secret",
-        default=env("WEBHOOK_SECRET", ""),
-        help="serve without --webhook-cert: keep a self-issued certificate in this Secret of "
-        "--namespace (the chart creates it empty)",
-    )
-    run.add_argument(
-        "--webhook-service",
-        default=env("WEBHOOK_SERVICE", "pcipt-webhook"),
-        help="the Service the API server calls the webhook through (names in the certificate)",
-    )
-    run.add_argument(
-        "--webhook-config",
-        default=env("WEBHOOK_CONFIG", ""),
-        help="the ValidatingWebhookConfiguration to put the self-issued CA into",
-    )
-    run.add_argument(
-        "--liveness",
-        default=env("LIVENESS", ""),
-        help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
-    )
-    metrics.add_arguments(run)
-    logs.add_arguments(run)
+    add_settings(run.add_mutually_exclusive_group(), MODE_SETTINGS)
+    add_settings(run, RUN_SETTINGS)
 
     plan = sub.add_parser("plan", help="dry-run the scheduler on manifests, without a cluster")
     plan.add_argument("--devices", type=Path, required=True, help="PciDevice manifests")
@@ -159,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), {"run": (*MODE_SETTINGS, *RUN_SETTINGS)}, argv)
     if args.cmd == "plan":
         try:
             code, text = run_plan(

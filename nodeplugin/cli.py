@@ -1,7 +1,8 @@
 """The pcipt-nodeplugin command line: run (the agent), discover (what would be published,
 without a cluster) and simulate-host (build a fake sysfs tree from a hardware profile).
 
-Every setting has an environment twin (PCIPT_<NAME>), so the DaemonSet can set them either way.
+Every setting is declared once below with its environment twin (PCIPT_<NAME>); the flag wins
+over the twin (pcipt.settings).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import sys
 from pathlib import Path
@@ -27,87 +27,82 @@ from pcipt import constants as c
 from pcipt import logs, metrics
 from pcipt.kubeclient import KubeClient, load_credentials
 from pcipt.logs import setup_logging
-from pcipt.settings import env
+from pcipt.settings import Setting, add_settings, optional_path, parse_args
 
-
-def _opt_path(value: str) -> Path | None:
-    return Path(value) if value else None
+# Every setting once, with its PCIPT_<NAME> twin (pcipt.settings); the flag wins over the twin.
+COMMON_SETTINGS: tuple[Setting, ...] = (
+    Setting("--node-name", socket.gethostname, "this node's name (default: the host name)"),
+    Setting("--sysfs-root", Path("/sys"), "sysfs to read", Path),
+    Setting(
+        "--config",
+        None,
+        "the node's device specs (YAML or JSON)",
+        optional_path,
+        env="DEVICE_CONFIG",
+    ),
+    Setting(
+        "--nova-conf",
+        None,
+        "a nova.conf whose [pci] device_spec / passthrough_whitelist to honour",
+        optional_path,
+    ),
+    Setting(
+        "--pci-ids",
+        None,
+        "pci.ids database (default: /usr/share/misc/pci.ids or /usr/share/hwdata/pci.ids)",
+        optional_path,
+    ),
+)
+RUN_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "--kubeconfig",
+        None,
+        "kubeconfig (default: ~/.kube/config, then in-cluster)",
+        env="KUBECONFIG",
+        prefixed=False,
+    ),
+    Setting("--libvirt-uri", "qemu:///system", "libvirt connection URI"),
+    Setting("--namespace", c.DEFAULT_NAMESPACE, "where the node Lease lives"),
+    Setting("--state-dir", Path("/var/lib/pcipt"), "the agent's state folder", Path),
+    Setting("--rescan-interval", 30.0, "seconds between sysfs rescans", float),
+    Setting("--lease-interval", 10.0, "seconds between node Lease renewals", float),
+    Setting("--lease-duration", 40, "the node Lease's duration in seconds", int),
+    Setting("--resync-interval", 5.0, "seconds between domain reconciliations", float),
+    Setting(
+        "--restore-drivers",
+        True,
+        "give devices back to their original driver after their VM goes",
+        kind="flag",
+        negatable=True,
+    ),
+    Setting(
+        "--stop-grace",
+        30.0,
+        "seconds a guest gets to shut down before its domain is destroyed",
+        float,
+    ),
+    Setting("--domain-type", "kvm", "libvirt domain type (kvm; qemu without KVM)"),
+    Setting("--machine", "q35", "guest machine type ('' for none)"),
+    Setting(
+        "--simulate",
+        False,
+        "the sysfs root is a simulated host: answer driver binds as a kernel would",
+        kind="flag",
+    ),
+    *metrics.SETTINGS,
+    *logs.SETTINGS,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pcipt-nodeplugin", description="The pcipt node agent.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--node-name", default=env("NODE_NAME", socket.gethostname()), help="this node's name"
-        )
-        sp.add_argument(
-            "--sysfs-root",
-            type=Path,
-            default=Path(env("SYSFS_ROOT", "/sys")),
-            help="sysfs to read",
-        )
-        sp.add_argument(
-            "--config",
-            type=_opt_path,
-            default=_opt_path(env("DEVICE_CONFIG", "")),
-            help="the node's device specs (YAML or JSON)",
-        )
-        sp.add_argument(
-            "--nova-conf",
-            type=_opt_path,
-            default=_opt_path(env("NOVA_CONF", "")),
-            help="a nova.conf whose [pci] device_spec / passthrough_whitelist to honour",
-        )
-        sp.add_argument(
-            "--pci-ids",
-            type=_opt_path,
-            default=_opt_path(env("PCI_IDS", "")),
-            help="pci.ids database (default: /usr/share/misc/pci.ids or /usr/share/hwdata/pci.ids)",
-        )
-
     run = sub.add_parser("run", help="run the agent")
-    common(run)
-    run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
-    run.add_argument("--libvirt-uri", default=env("LIBVIRT_URI", "qemu:///system"))
-    run.add_argument(
-        "--namespace",
-        default=env("NAMESPACE", c.DEFAULT_NAMESPACE),
-        help="where the node Lease lives",
-    )
-    run.add_argument("--state-dir", type=Path, default=Path(env("STATE_DIR", "/var/lib/pcipt")))
-    run.add_argument("--rescan-interval", type=float, default=float(env("RESCAN_INTERVAL", "30")))
-    run.add_argument("--lease-interval", type=float, default=float(env("LEASE_INTERVAL", "10")))
-    run.add_argument("--lease-duration", type=int, default=int(env("LEASE_DURATION", "40")))
-    run.add_argument("--resync-interval", type=float, default=float(env("RESYNC_INTERVAL", "5")))
-    run.add_argument(
-        "--no-restore-drivers",
-        action="store_true",
-        default=env("RESTORE_DRIVERS", "1") == "0",
-        help="leave devices on vfio-pci after their VM goes",
-    )
-    run.add_argument(
-        "--stop-grace",
-        type=float,
-        default=float(env("STOP_GRACE", "30")),
-        help="seconds a guest gets to shut down before its domain is destroyed",
-    )
-    run.add_argument("--domain-type", default=env("DOMAIN_TYPE", "kvm"))
-    run.add_argument(
-        "--machine", default=env("MACHINE", "q35"), help="guest machine type ('' for none)"
-    )
-    run.add_argument(
-        "--simulate",
-        action="store_true",
-        default=env("SIMULATE", "") == "1",
-        help="the sysfs root is a simulated host: answer driver binds as a kernel would",
-    )
-    metrics.add_arguments(run)
-    logs.add_arguments(run)
+    add_settings(run, (*COMMON_SETTINGS, *RUN_SETTINGS))
 
     disc = sub.add_parser("discover", help="print what this node would publish, without a cluster")
-    common(disc)
+    add_settings(disc, COMMON_SETTINGS)
     disc.add_argument(
         "--node-label",
         action="append",
@@ -128,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(
+        build_parser(),
+        {"run": (*COMMON_SETTINGS, *RUN_SETTINGS), "discover": COMMON_SETTINGS},
+        argv,
+    )
     if args.cmd == "discover":
         return cmd_discover(args)
     if args.cmd == "simulate-host":
@@ -241,7 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lease_interval=args.lease_interval,
         lease_duration=args.lease_duration,
         resync_interval=args.resync_interval,
-        restore_drivers=not args.no_restore_drivers,
+        restore_drivers=args.restore_drivers,
         domain_type=args.domain_type,
         machine=args.machine or None,
         simulate=args.simulate,

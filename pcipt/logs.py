@@ -3,13 +3,12 @@ one JSON object per line for log collectors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
 
-from pcipt.settings import env
+from pcipt.settings import Setting
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,20 +25,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--log-format and --log-level, with their PCIPT_LOG_* environment twins."""
-    parser.add_argument(
+SETTINGS = (
+    Setting(
         "--log-format",
-        choices=["text", "json"],
-        default=env("LOG_FORMAT", "text"),
-        help="text: short key=value lines; json: one object per line",
-    )
-    parser.add_argument(
+        "text",
+        "text: short key=value lines; json: one object per line",
+        choices=("text", "json"),
+    ),
+    Setting(
         "--log-level",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        default=env("LOG_LEVEL", "INFO").upper(),
-    )
+        "INFO",
+        "least severe level logged",
+        str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
+)
+"""--log-format and --log-level, with their PCIPT_LOG_* environment twins."""
 
 
 def setup_logging(fmt: str = "text", level: str = "INFO") -> None:

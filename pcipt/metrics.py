@@ -8,7 +8,6 @@ endpoint, on the aiohttp that kopf already brings.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import math
 import threading
@@ -17,7 +16,7 @@ from typing import Final
 
 from aiohttp import web
 
-from pcipt.settings import env
+from pcipt.settings import Setting
 
 # --- names ---------------------------------------------------------------------------------
 
@@ -209,19 +208,11 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--metrics-port and --metrics-host, with their PCIPT_METRICS_* environment twins."""
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("METRICS_PORT", "8080")),
-        help="port for /metrics, /healthz and /readyz (0: off)",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default=env("METRICS_HOST", "127.0.0.1"),
-        help="address to serve metrics on (the chart sets 0.0.0.0)",
-    )
+SETTINGS: Final = (
+    Setting("--metrics-port", 8080, "port for /metrics, /healthz and /readyz (0: off)", int),
+    Setting("--metrics-host", "127.0.0.1", "address to serve metrics on (the chart sets 0.0.0.0)"),
+)
+"""--metrics-port and --metrics-host, with their PCIPT_METRICS_* environment twins."""
 
 
 async def serve(

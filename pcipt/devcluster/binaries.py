@@ -9,6 +9,10 @@ Lookup order for each binary:
      replaces each staging module with its published version of the same release), etcd from
      go.etcd.io/etcd/server/v3. Debian's etcd-server (3.4) is too old for Kubernetes 1.34+.
 
+The node components (kubelet, kube-controller-manager, kube-scheduler, kube-proxy), needed only
+by the local node whose pods really run (`pcipt.devcluster.node`), are looked up the same way
+(ensure_node) and built from the same k8s.io/kubernetes version, into the same cache folder.
+
 helm, needed by the chart's tests only, is looked up the same way (ensure_helm) and built from
 helm.sh/helm/v3 into ~/.cache/pcipt/bin/helm-<version>/ when missing.
 
@@ -43,6 +47,8 @@ MIN_APISERVER_MINOR: Final = 33
 MIN_ETCD: Final = (3, 5, 13)
 
 NAMES: Final = ("etcd", "kube-apiserver", "kubectl")
+# Built from k8s.io/kubernetes like kube-apiserver; the local node's components.
+NODE_NAMES: Final = ("kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy")
 ASSET_ENV_VARS: Final = ("PCIPT_ASSETS", "KUBEBUILDER_ASSETS")
 
 Log = Callable[[str], None]
@@ -178,7 +184,7 @@ def ensure(log: Log = _stderr) -> Binaries:
             found = {name: find(name, log) for name in NAMES}
             missing = [n for n, p in found.items() if p is None]
             if {"kube-apiserver", "kubectl"} & set(missing):
-                build_kubernetes(bin_cache_dir(), log)
+                build_kubernetes(bin_cache_dir(), ("kube-apiserver", "kubectl"), log)
             if "etcd" in missing:
                 build_etcd(bin_cache_dir(), log)
         found = {name: find(name, log) for name in NAMES}
@@ -188,6 +194,33 @@ def ensure(log: Log = _stderr) -> Binaries:
     return Binaries(
         etcd=paths["etcd"], kube_apiserver=paths["kube-apiserver"], kubectl=paths["kubectl"]
     )
+
+
+def ensure_node(log: Log = _stderr) -> dict[str, Path]:
+    """kubelet, kube-controller-manager, kube-scheduler and kube-proxy, built when missing.
+
+    Never taken from PATH: they must be the control plane's own version, and a distribution's
+    kubelet on PATH is usually another one.
+    """
+    assets = _asset_dir()
+    folder = assets[1] if assets else bin_cache_dir()
+
+    def lookup() -> dict[str, Path]:
+        return {n: folder / n for n in NODE_NAMES if os.access(folder / n, os.X_OK)}
+
+    found = lookup()
+    if len(found) < len(NODE_NAMES):
+        if assets:
+            missing = sorted(set(NODE_NAMES) - set(found))
+            raise BinaryError(f"{assets[0]}={folder} lacks {', '.join(missing)} for the local node")
+        with _build_lock():
+            found = lookup()
+            if len(found) < len(NODE_NAMES):
+                build_kubernetes(bin_cache_dir(), NODE_NAMES, log)
+            found = lookup()
+    if len(found) < len(NODE_NAMES):
+        raise BinaryError(f"still missing after the build: {sorted(set(NODE_NAMES) - set(found))}")
+    return found
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -253,12 +286,13 @@ def _install(built: Path, dest: Path) -> None:
     os.replace(tmp, dest)  # atomic: an interrupted build never leaves half a binary in the cache
 
 
-def build_kubernetes(dest: Path, log: Log = _stderr) -> None:
+def build_kubernetes(dest: Path, names: tuple[str, ...], log: Log = _stderr) -> None:
+    """Build the named commands of k8s.io/kubernetes (cmd/<name>) into dest."""
     version = KUBERNETES_VERSION
     major, minor, _ = _semver(version) or (0, 0, 0)
     staging_version = f"v0.{minor}.{version.rsplit('.', 1)[-1]}"
     log(
-        f"devcluster: building kube-apiserver and kubectl {version} from the Go module proxy "
+        f"devcluster: building {', '.join(names)} {version} from the Go module proxy "
         "(first run only; a few minutes on 2 cores)"
     )
     started = time.monotonic()
@@ -302,16 +336,15 @@ def build_kubernetes(dest: Path, log: Log = _stderr) -> None:
                 f"-ldflags={' '.join(ldflags)}",
                 "-o",
                 f"{out}/",
-                "k8s.io/kubernetes/cmd/kube-apiserver",
-                "k8s.io/kubernetes/cmd/kubectl",
+                *(f"k8s.io/kubernetes/cmd/{name}" for name in names),
             ],
             work,
             log,
         )
-        for name in ("kube-apiserver", "kubectl"):
+        for name in names:
             _install(out / name, dest / name)
     elapsed = time.monotonic() - started
-    log(f"devcluster: built kube-apiserver and kubectl in {elapsed:.0f}s -> {dest}")
+    log(f"devcluster: built {', '.join(names)} in {elapsed:.0f}s -> {dest}")
 
 
 def _build_module_binary(
