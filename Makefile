@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Go is only needed to build the control-plane binaries once; find it where Go installs itself.
 export PATH := $(PATH):/usr/local/go/bin:$(HOME)/go/bin
 
-.PHONY: test demo demo-stop unit integration lint crds crds-check manifests image controlplane system-deps venv clean help
+.PHONY: test demo demo-stop unit integration lint crds crds-check manifests image controlplane node system-deps venv clean help
 
 help:
 	@echo "make demo    pcipt end to end: control plane, controller, two simulated hosts, VMs"
@@ -29,6 +29,11 @@ venv: $(STAMP)
 
 controlplane: $(STAMP)
 	$(PY) -m pcipt.devcluster build
+
+# What the chart's tests and the real-pod tier add: helm, and kubelet, kube-proxy,
+# kube-scheduler and kube-controller-manager for a local node (built once, cached).
+node: $(STAMP)
+	$(PY) -m pcipt.devcluster build --helm --node
 
 crds: $(STAMP)
 	$(PY) -m pcipt.crdgen
@@ -57,7 +62,7 @@ unit: $(STAMP)
 integration: $(STAMP) controlplane
 	$(VENV)/bin/pytest tests/integration
 
-test: $(STAMP) crds-check lint controlplane
+test: $(STAMP) crds-check lint controlplane node
 	$(VENV)/bin/pytest
 
 demo: $(STAMP) controlplane

@@ -7,6 +7,11 @@
 #   pciutils, pci.ids                          lspci for the /sys smoke test; device names
 #   buildah, debootstrap                       the container image test: a Debian base made
 #                                              locally, the Containerfile built without a daemon
+#   containerd, runc, containernetworking-plugins, conntrack, iptables
+#                                              the local node whose pods really run
+#                                              (pcipt/devcluster/node.py)
+#   libvirt-daemon                             libvirtd on that node, serving the test driver
+#                                              to the node plugin's pod
 set -euo pipefail
 
 need=()
@@ -24,6 +29,13 @@ have_cmd git || need+=(git)
 have_cmd make || need+=(make)
 have_cmd buildah || need+=(buildah)
 have_cmd debootstrap || need+=(debootstrap)
+have_cmd containerd || need+=(containerd)
+have_cmd runc || need+=(runc)
+have_cmd conntrack || need+=(conntrack)
+have_cmd iptables || need+=(iptables)
+[ -x /usr/lib/cni/bridge ] || [ -x /opt/cni/bin/bridge ] || need+=(containernetworking-plugins)
+have_cmd libvirtd || need+=(libvirt-daemon)
+have_cmd nsenter || need+=(util-linux)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -7,6 +7,7 @@ meant for production.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,9 @@ class Pki:
     sa_pub: Path
 
 
-def generate(folder: Path) -> Pki:
-    """Write a complete PKI for one local cluster into `folder`."""
+def generate(folder: Path, extra_names: Sequence[str] = ()) -> Pki:
+    """Write a complete PKI for one local cluster into `folder`; `extra_names` are more names
+    or addresses the API server answers to (a node's address)."""
     folder.mkdir(parents=True, exist_ok=True)
     ca, ca_key = new_ca("pcipt-devcluster-ca")
     serving, serving_key = issue(
@@ -46,6 +48,7 @@ def generate(folder: Path) -> Pki:
             "kubernetes.default",
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
+            *extra_names,
         ],
     )
     admin, admin_key = issue(ca, ca_key, name("pcipt-admin", "system:masters"), client=True)

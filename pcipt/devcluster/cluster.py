@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -54,10 +55,60 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
+# Ports are chosen from here up to the start of the kernel's ephemeral range.
+PORT_FLOOR = 10000
+_ADDRESS_IN_USE = "address already in use"
+
+
+class PortTakenError(ClusterError):
+    """A server could not bind the port chosen for it; up() retries with other ports."""
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' source ports from (ip_local_port_range)."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return lo, hi
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 that no outgoing connection can take first.
+
+    Port 0 lets the kernel choose from its ephemeral range, the same range it takes source ports
+    of outgoing connections from: the API server's own connections to etcd could take the port
+    between this choice and the server's bind. Ports are therefore chosen outside that range.
+    A port another program binds meanwhile is still possible; up() retries on EADDRINUSE.
+    """
+    lo, hi = ephemeral_range()
+    pools = [r for r in (range(PORT_FLOOR, lo), range(hi + 1, 65536)) if len(r) > 1000]
+    if not pools:
+        raise ClusterError(f"no ports outside the ephemeral range {lo}-{hi} to listen on")
+    for _ in range(500):
+        pool = random.choice(pools)
+        port = random.randrange(pool.start, pool.stop)
+        if _bindable(port):
+            return port
+    raise ClusterError(f"no free port found outside the ephemeral range {lo}-{hi}")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports from free_port()."""
+    ports: list[int] = []
+    while len(ports) < count:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return ports
 
 
 def _alive(pid: int, expect: str) -> bool:
@@ -109,6 +160,65 @@ def write_kubeconfig(path: Path, server: str, pki: certs.Pki) -> None:
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     path.chmod(0o600)
+
+
+def etcd_command(
+    etcd: Path, data_dir: Path, client_url: str, peer_url: str, *, fsync: bool
+) -> list[str]:
+    """One etcd member serving `client_url`."""
+    cmd = [
+        str(etcd),
+        "--name=pcipt",
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls={client_url}",
+        f"--advertise-client-urls={client_url}",
+        f"--listen-peer-urls={peer_url}",
+        f"--initial-advertise-peer-urls={peer_url}",
+        f"--initial-cluster=pcipt={peer_url}",
+        "--listen-metrics-urls=",
+        "--log-level=warn",
+        "--quota-backend-bytes=8589934592",
+    ]
+    if not fsync:
+        # Like Kubernetes' own integration tests: durability is not what is under test.
+        cmd.append("--unsafe-no-fsync")
+    return cmd
+
+
+def apiserver_command(
+    apiserver: Path,
+    pki: certs.Pki,
+    cert_dir: Path,
+    *,
+    etcd_url: str,
+    bind: str,
+    port: int,
+    issuer: str,
+    advertise: str | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """kube-apiserver with RBAC, the PKI's certificates and service-account keys."""
+    return [
+        str(apiserver),
+        f"--etcd-servers={etcd_url}",
+        f"--bind-address={bind}",
+        f"--advertise-address={advertise or bind}",
+        f"--secure-port={port}",
+        f"--cert-dir={cert_dir}",
+        f"--tls-cert-file={pki.serving_cert}",
+        f"--tls-private-key-file={pki.serving_key}",
+        f"--client-ca-file={pki.ca_cert}",
+        f"--service-account-issuer={issuer}",
+        f"--service-account-key-file={pki.sa_pub}",
+        f"--service-account-signing-key-file={pki.sa_key}",
+        "--service-cluster-ip-range=10.0.0.0/24",
+        "--authorization-mode=RBAC",
+        "--allow-privileged=true",
+        "--max-requests-inflight=800",
+        "--max-mutating-requests-inflight=400",
+        "--v=1",
+        *(extra or []),
+    ]
 
 
 class LocalCluster:
@@ -170,48 +280,38 @@ class LocalCluster:
         if self.state_file.exists():
             self.down()
         bins = binaries.ensure(self.log)
+        for attempt in range(1, 4):
+            try:
+                return self._start(bins, timeout)
+            except PortTakenError as e:
+                self.log(f"devcluster: {e}; starting again on other ports (attempt {attempt})")
+        raise ClusterError("every port chosen was taken by another program, three times over")
+
+    def _start(self, bins: binaries.Binaries, timeout: float) -> ClusterState:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        for old_log in self.state_dir.glob("*.log"):
+            old_log.unlink()  # a retry must not read the last attempt's bind error
         pki = certs.generate(self.state_dir / "pki")
-        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        etcd_port, peer_port, api_port = free_ports(3)
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         server = f"https://127.0.0.1:{api_port}"
-        etcd_cmd = [
-            str(bins.etcd),
-            "--name=pcipt",
-            f"--data-dir={self.state_dir / 'etcd'}",
-            f"--listen-client-urls={etcd_url}",
-            f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-cluster=pcipt=http://127.0.0.1:{peer_port}",
-            "--listen-metrics-urls=",
-            "--log-level=warn",
-            "--quota-backend-bytes=8589934592",
-        ]
-        if not self.fsync:
-            # Like Kubernetes' own integration tests: durability is not what is under test.
-            etcd_cmd.append("--unsafe-no-fsync")
-        apiserver_cmd = [
-            str(bins.kube_apiserver),
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={api_port}",
-            f"--cert-dir={self.state_dir / 'pki'}",
-            f"--tls-cert-file={pki.serving_cert}",
-            f"--tls-private-key-file={pki.serving_key}",
-            f"--client-ca-file={pki.ca_cert}",
-            f"--service-account-issuer={server}",
-            f"--service-account-key-file={pki.sa_pub}",
-            f"--service-account-signing-key-file={pki.sa_key}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--authorization-mode=RBAC",
-            "--allow-privileged=true",
-            "--endpoint-reconciler-type=none",
-            "--max-requests-inflight=800",
-            "--max-mutating-requests-inflight=400",
-            "--v=1",
-        ]
+        etcd_cmd = etcd_command(
+            bins.etcd,
+            self.state_dir / "etcd",
+            etcd_url,
+            f"http://127.0.0.1:{peer_port}",
+            fsync=self.fsync,
+        )
+        apiserver_cmd = apiserver_command(
+            bins.kube_apiserver,
+            pki,
+            self.state_dir / "pki",
+            etcd_url=etcd_url,
+            bind="127.0.0.1",
+            port=api_port,
+            issuer=server,
+            extra=["--endpoint-reconciler-type=none"],
+        )
         etcd_pid = self._spawn("etcd", etcd_cmd)
         apiserver_pid = self._spawn("kube-apiserver", apiserver_cmd)
         write_kubeconfig(self.kubeconfig, server, pki)
@@ -248,6 +348,9 @@ class LocalCluster:
         while time.monotonic() < deadline:
             for name, proc in self._procs.items():
                 if (code := proc.poll()) is not None:
+                    if _ADDRESS_IN_USE in _tail(self.state_dir / f"{name}.log", 200).lower():
+                        self.down(keep_logs=True)
+                        raise PortTakenError(f"{name} found its port taken")
                     self._fail(f"{name} exited during start-up with status {code}", f"{name}.log")
             if self._ready():
                 return

@@ -397,8 +397,13 @@ def test_rbac_is_least_privilege(kubectl: Any) -> None:
     assert not can(plugin, "create", "pods", "-A")
 
 
-def _sa_kubeconfig(cluster: LocalCluster, kubectl: Any, sa: str, path: Path) -> Path:
-    token = kubectl("create", "token", sa, "-n", NS, "--duration", "2h").stdout.strip()
+def _sa_kubeconfig(
+    cluster: LocalCluster, kubectl: Any, sa: str, path: Path, *, pod: str | None = None
+) -> Path:
+    """A kubeconfig with a token of ServiceAccount `sa`; bound to `pod` when given, as the
+    kubelet mounts it into the pod (the token then names the pod's node)."""
+    bound = ["--bound-object-kind", "Pod", "--bound-object-name", pod] if pod else []
+    token = kubectl("create", "token", sa, "-n", NS, "--duration", "2h", *bound).stdout.strip()
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
     cfg = {
         "apiVersion": "v1",
@@ -414,14 +419,231 @@ def _sa_kubeconfig(cluster: LocalCluster, kubectl: Any, sa: str, path: Path) -> 
     return path
 
 
+PLUGIN_SA = "pcipt-node-plugin"
+
+
+@pytest.fixture(scope="module")
+def plugin_tokens(
+    cluster: LocalCluster, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Per node, a kubeconfig with the node plugin's token bound to a pod on that node, as the
+    DaemonSet's pods get theirs. The Nodes and pods are API objects only: no kubelet runs
+    them here (the real-pod tier, test_pods.py, does)."""
+    work = tmp_path_factory.mktemp("plugin-tokens")
+    out = {}
+    for node in ("node-a", "node-b"):
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": node,
+                        "labels": {"kubernetes.io/hostname": node, "pcipt.io/passthrough": "true"},
+                    },
+                },
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": f"plugin-{node}", "namespace": NS},
+                    "spec": {
+                        "nodeName": node,
+                        "serviceAccountName": PLUGIN_SA,
+                        "containers": [{"name": "plugin", "image": "localhost/pcipt:dev"}],
+                    },
+                },
+            ],
+        }
+        kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        out[node] = _sa_kubeconfig(cluster, kubectl, PLUGIN_SA, work / node, pod=f"plugin-{node}")
+    out["unbound"] = _sa_kubeconfig(cluster, kubectl, PLUGIN_SA, work / "unbound")
+    return out
+
+
+def _device(node: str, address: str = "0000:ff:1f.7", claim: bool = False) -> str:
+    spec: dict[str, Any] = {"nodeName": node, "address": address}
+    if claim:
+        spec["claimRef"] = {"namespace": "t", "name": "vm", "uid": "u-1", "request": "gpus"}
+    name = f"{node}.{address.replace(':', '-').replace('.', '-')}"
+    return json.dumps(
+        {
+            "apiVersion": "pcipt.io/v1alpha1",
+            "kind": "PciDevice",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+    )
+
+
+def test_each_node_plugin_is_confined_to_its_node(
+    kubectl: Any, plugin_tokens: dict[str, Path]
+) -> None:
+    """Real pod-bound tokens against the chart's ValidatingAdmissionPolicy: each plugin may
+    write its own node's devices, Lease and VM status, never another node's, never a claim."""
+
+    def as_(node: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return kubectl("--kubeconfig", str(plugin_tokens[node]), *args, input=input, check=False)
+
+    def refused(proc: subprocess.CompletedProcess[str], why: str) -> None:
+        assert proc.returncode != 0, proc.stdout
+        assert "ValidatingAdmissionPolicy 'pcipt-node-plugin'" in proc.stderr, proc.stderr
+        assert why in proc.stderr, proc.stderr
+
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"namespace": NS},
+        "spec": {"holderIdentity": "x"},
+    }
+    for own, other in (("node-a", "node-b"), ("node-b", "node-a")):
+        own_dev = f"{own}.0000-ff-1f-7"
+        other_dev = f"{other}.0000-ff-1f-7"
+        # Its own node's device: create, label, status, delete.
+        assert as_(own, "create", "-f", "-", input=_device(own)).returncode == 0
+        assert as_(own, "label", "pcidev", own_dev, "t=1").returncode == 0
+        ok = as_(
+            own,
+            "patch",
+            "pcidev",
+            own_dev,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            '{"status": {"health": "Healthy"}}',
+        )
+        assert ok.returncode == 0, ok.stderr
+        # Another node's: not even create, and not touch the one the admin made.
+        refused(
+            as_(own, "create", "-f", "-", input=_device(other)),
+            f"node plugin of {own} may only write PciDevices of its own node, not of {other}",
+        )
+        kubectl("create", "-f", "-", input=_device(other))
+        refused(as_(own, "label", "pcidev", other_dev, "t=1"), "may only write PciDevices")
+        refused(
+            as_(
+                own,
+                "patch",
+                "pcidev",
+                other_dev,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                '{"status": {"health": "Unhealthy"}}',
+            ),
+            "may only write PciDevices",
+        )
+        refused(as_(own, "delete", "pcidev", other_dev), "may only write PciDevices")
+        kubectl("delete", "pcidev", other_dev)
+        # Claims are the controller's: never set, changed or cleared, not even on its own node.
+        claim = json.loads(_device(own, claim=True))["spec"]["claimRef"]
+        refused(
+            as_(
+                own,
+                "patch",
+                "pcidev",
+                own_dev,
+                "--type=merge",
+                "-p",
+                json.dumps({"spec": {"claimRef": claim}}),
+            ),
+            "may not set, change or clear spec.claimRef",
+        )
+        kubectl(
+            "patch",
+            "pcidev",
+            own_dev,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"claimRef": claim}}),
+        )
+        refused(
+            as_(
+                own,
+                "patch",
+                "pcidev",
+                own_dev,
+                "--type=merge",
+                "-p",
+                '{"spec": {"claimRef": {"name": "thief", "uid": "u-2"}}}',
+            ),
+            "may not set, change or clear spec.claimRef",
+        )
+        refused(
+            as_(
+                own,
+                "patch",
+                "pcidev",
+                own_dev,
+                "--type=json",
+                "-p",
+                '[{"op": "remove", "path": "/spec/claimRef"}]',
+            ),
+            "may not set, change or clear spec.claimRef",
+        )
+        refused(as_(own, "delete", "pcidev", own_dev), "may not delete a claimed PciDevice")
+        kubectl("delete", "pcidev", own_dev)
+        refused(
+            as_(own, "create", "-f", "-", input=_device(own, claim=True)),
+            "may not create a claimed PciDevice",
+        )
+        # Its own Lease only.
+        mine = json.dumps(lease | {"metadata": {"namespace": NS, "name": f"pcipt-node-{own}"}})
+        theirs = json.dumps(lease | {"metadata": {"namespace": NS, "name": f"pcipt-node-{other}"}})
+        assert as_(own, "apply", "--server-side", "-f", "-", input=mine).returncode == 0
+        refused(
+            as_(own, "apply", "--server-side", "-f", "-", input=theirs),
+            f"may only renew its own Lease pcipt-node-{own}, not pcipt-node-{other}",
+        )
+        kubectl("delete", "lease", f"pcipt-node-{own}", "-n", NS)
+
+    # VM status: only of a VM scheduled to the plugin's node, and never moved elsewhere.
+    vm_ns = "confinement-test"
+    kubectl("create", "namespace", vm_ns)
+    kubectl("apply", "-n", vm_ns, "-f", str(EX / "vm-2gpu.yaml"))
+    kubectl(
+        "patch",
+        "ptvm",
+        "trainer",
+        "-n",
+        vm_ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status": {"nodeName": "node-a", "phase": "Scheduled"}}',
+    )
+    status = ["patch", "ptvm", "trainer", "-n", vm_ns, "--subresource=status", "--type=merge"]
+    ok = as_("node-a", *status, "-p", '{"status": {"phase": "Starting"}}')
+    assert ok.returncode == 0, ok.stderr
+    refused(
+        as_("node-b", *status, "-p", '{"status": {"phase": "Running"}}'),
+        "node plugin of node-b may only write the status of VMs scheduled to its node; "
+        "this VM is scheduled to node-a",
+    )
+    refused(
+        as_("node-a", *status, "-p", '{"status": {"nodeName": "node-b"}}'),
+        "may not be moved to node-b",
+    )
+    kubectl("delete", "namespace", vm_ns, "--wait=false")
+    # A token that is not bound to a pod names no node: refused, whatever it asks.
+    refused(
+        as_("unbound", "create", "-f", "-", input=_device("node-a")),
+        "must authenticate with the token of its own pod",
+    )
+
+
 @pytest.fixture(scope="module")
 def lab(
-    cluster: LocalCluster, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
+    cluster: LocalCluster,
+    kubectl: Any,
+    plugin_tokens: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Lab]:
-    """The controller and two node plugins, each authenticated as the chart's ServiceAccount."""
+    """The controller and two node plugins, each authenticated as the chart's ServiceAccount
+    (the plugins with tokens bound to a pod on their node, as in the DaemonSet)."""
     work = tmp_path_factory.mktemp("chart-lab")
     ctl = _sa_kubeconfig(cluster, kubectl, "pcipt-controller", work / "controller.kubeconfig")
-    plugin = _sa_kubeconfig(cluster, kubectl, "pcipt-node-plugin", work / "plugin.kubeconfig")
     webhook_port, liveness_port = free_port(), free_port()
     lab = Lab(
         work,
@@ -429,7 +651,11 @@ def lab(
         REPO_ROOT / "demo" / "node-config.yaml",
         install_crds=False,
         namespace=NS,
-        kubeconfigs={"controller": ctl, "node-node-a": plugin, "node-node-b": plugin},
+        kubeconfigs={
+            "controller": ctl,
+            "node-node-a": plugin_tokens["node-a"],
+            "node-node-b": plugin_tokens["node-b"],
+        },
         controller_args=[
             "--peering=pcipt",
             "--webhook=serve",

@@ -6,7 +6,6 @@ discovery inside the image reads a fake sysfs as it does outside."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,27 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from pcipt.devcluster.binaries import cache_root
+from pcipt.devcluster.images import PCIPT_IMAGE, build_pcipt, storage_flags
 from tests.conftest import REPO_ROOT
 
-TAG = "localhost/pcipt:test"
-
-
-def storage() -> list[str]:
-    image = cache_root() / "image"
-    return [
-        "--storage-driver",
-        "vfs",
-        "--root",
-        os.environ.get("PCIPT_IMAGE_ROOT", str(image / "storage")),
-        "--runroot",
-        os.environ.get("PCIPT_IMAGE_RUNROOT", str(image / "run")),
-    ]
+TAG = PCIPT_IMAGE
 
 
 def buildah(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        ["buildah", *storage(), *args], capture_output=True, text=True, timeout=600, check=False
+        ["buildah", *storage_flags(), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"buildah {' '.join(args)}: {proc.stderr}")
@@ -43,15 +34,8 @@ def buildah(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def container() -> Iterator[str]:
-    build = subprocess.run(
-        [str(REPO_ROOT / "hack" / "build-image.sh"), TAG],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
-    print(build.stderr.strip().splitlines()[-1], file=sys.stderr)
+    # hack/build-image.sh, once per test run: the real-pod tier runs the same image.
+    build_pcipt(lambda msg: print(msg, file=sys.stderr))
     ctr = buildah("from", "-q", TAG).stdout.strip()
     try:
         yield ctr

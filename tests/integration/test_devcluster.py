@@ -1,16 +1,21 @@
 """`python -m pcipt.devcluster`: up, status, env, kubeconfig and down on a second, private
-control plane; and the test fixtures' USE_EXISTING_CLUSTER path pointed at it."""
+control plane; the test fixtures' USE_EXISTING_CLUSTER path pointed at it; ports that cannot
+collide."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from pcipt.devcluster import binaries
-from pcipt.devcluster.cluster import ClusterState, _alive
+import pytest
+
+from pcipt.devcluster import LocalCluster, binaries
+from pcipt.devcluster import cluster as cluster_module
+from pcipt.devcluster.cluster import ClusterState, _alive, ephemeral_range
 from tests.conftest import REPO_ROOT
 
 
@@ -82,3 +87,54 @@ def test_up_env_kubeconfig_status_down(tmp_path: Path) -> None:
     assert not state.exists()
     assert not _alive(st.etcd_pid, "etcd") and not _alive(st.apiserver_pid, "kube-apiserver")
     assert _devcluster(state, "status").returncode == 1
+
+
+def test_twenty_starts_in_a_row_never_collide_on_a_port(tmp_path: Path) -> None:
+    """Each start picks ports outside the ephemeral range, where the control plane's own
+    outgoing connections (kube-apiserver to etcd) cannot take them first."""
+    lo, hi = ephemeral_range()
+    logged: list[str] = []
+    for i in range(20):
+        cluster = LocalCluster(tmp_path / f"cp{i}", log=logged.append)
+        st = cluster.up()
+        try:
+            for url in (st.server, st.etcd_url):
+                port = int(url.rsplit(":", 1)[1])
+                assert not lo <= port <= hi, f"{url} is in the ephemeral range {lo}-{hi}"
+        finally:
+            cluster.down()
+        assert not _alive(st.apiserver_pid, "kube-apiserver") and not _alive(st.etcd_pid, "etcd")
+    assert not [line for line in logged if "port" in line], logged
+
+
+def test_a_port_taken_before_the_bind_is_retried_on_other_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real EADDRINUSE from a real kube-apiserver: the first attempt's API server port is
+    held by another listener; up() notices the bind error and starts again elsewhere."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    real = cluster_module.free_ports
+    calls: list[list[int]] = []
+
+    def first_one_taken(count: int) -> list[int]:
+        ports = real(count)
+        if not calls:
+            ports[-1] = taken  # etcd, peer, API server: the API server's is taken
+        calls.append(ports)
+        return ports
+
+    monkeypatch.setattr(cluster_module, "free_ports", first_one_taken)
+    logged: list[str] = []
+    cluster = LocalCluster(tmp_path / "cp", log=logged.append)
+    try:
+        st = cluster.up()
+        assert not st.server.endswith(f":{taken}")
+        assert cluster.is_running()
+    finally:
+        cluster.down()
+        holder.close()
+    assert len(calls) == 2
+    assert any("kube-apiserver found its port taken" in line for line in logged), logged

@@ -104,3 +104,12 @@ def test_missing_binaries_without_go_explain_what_to_do(isolated: Path) -> None:
 
 def test_cache_folder_is_per_kubernetes_version(isolated: Path) -> None:
     assert binaries.bin_cache_dir() == isolated / "cache" / "bin" / binaries.KUBERNETES_VERSION
+
+
+def test_free_ports_lie_outside_the_ephemeral_range() -> None:
+    from pcipt.devcluster.cluster import ephemeral_range, free_ports
+
+    lo, hi = ephemeral_range()
+    ports = free_ports(50)
+    assert len(set(ports)) == 50
+    assert all(not lo <= p <= hi and p >= 10000 for p in ports)
