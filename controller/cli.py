@@ -25,7 +25,7 @@ from controller.runtime import ControllerSettings
 from pcipt import constants as c
 from pcipt import logs, metrics
 from pcipt.logs import setup_logging
-from pcipt.settings import Setting, add_settings, parse_args
+from pcipt.settings import KUBECONFIG, Setting, add_settings, parse_args
 
 
 def _random_priority() -> int:
@@ -34,13 +34,7 @@ def _random_priority() -> int:
 
 # `pcipt-controller run`: every setting once, with its PCIPT_<NAME> twin (pcipt.settings).
 RUN_SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "--kubeconfig",
-        None,
-        "kubeconfig (default: ~/.kube/config, then in-cluster)",
-        env="KUBECONFIG",
-        prefixed=False,
-    ),
+    KUBECONFIG,
     Setting(
         "--namespace",
         c.DEFAULT_NAMESPACE,

@@ -182,12 +182,12 @@ def enable_webhook() -> None:
     )(validate_vm)
 
 
-def validate_vm(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def validate_vm(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime | None = memo.get("runtime")
     if runtime is None or not runtime.ready.is_set():
         return  # not synced yet: the same checks land as a condition instead
     if body.get("metadata", {}).get("deletionTimestamp"):
         return
-    problems = runtime.admission_problems(dict(body))
+    problems = await runtime.confirmed_admission_problems(dict(body))
     if problems:
         raise kopf.AdmissionError("; ".join(problems), code=422)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
+
 from controller.binding import Binder, LostRace, device_path, vm_path
 from controller.events import EventRecorder
 from controller.flavorstatus import compute_flavor_status
@@ -830,6 +832,27 @@ class Runtime:
         vm = PassthroughVM.model_validate(body)
         ns_labels = self.inv.namespaces.get(vm.metadata.namespace or "", {})
         return request_problems(vm, self.inv.flavors, ns_labels)
+
+    async def confirmed_admission_problems(self, body: dict[str, Any]) -> list[str]:
+        """admission_problems, but a refusal only when the API server's own flavors and
+        namespace confirm it. The inventory can be behind: on a standby replica, whose watches
+        kopf's peering pauses while it serves the webhook behind the same Service, or for a
+        flavor created a moment ago. Found problems are rare, so the re-read is cheap; when it
+        fails, the VM is let through (the controller checks again and says why in a condition)."""
+        if not self.admission_problems(body):
+            return []
+        vm = PassthroughVM.model_validate(body)
+        try:
+            flavors, ns = await asyncio.gather(
+                self.api.list(crd_path(c.PLURAL_PCIFLAVOR)),
+                self.api.get(f"/api/v1/namespaces/{vm.metadata.namespace}"),
+            )
+        except (ApiError, TimeoutError, aiohttp.ClientError, OSError) as e:
+            log.warning("admission re-check failed, VM let through: %s", e)
+            return []
+        fresh = {f["metadata"]["name"]: PciFlavor.model_validate(f) for f in flavors["items"]}
+        labels = ns["metadata"].get("labels") or {}
+        return request_problems(vm, fresh, labels)
 
 
 def _flavor_status_matches(flavor: PciFlavor, status: dict[str, Any]) -> bool:

@@ -522,6 +522,55 @@ def test_webhook_refuses_unknown_flavor_and_unpermitted_namespace(
                 )
 
 
+def test_a_standby_replicas_webhook_admits_a_flavor_created_while_it_waits(
+    world: World, kube: KubeCluster, tmp_path: Path
+) -> None:
+    """Both replicas serve the webhook behind one Service, but kopf's peering pauses the
+    standby's watches: its inventory misses a flavor created after it paused. It must not refuse
+    a VM for a flavor the API server has (found by the chart's real-pod tier)."""
+    peering = f"pcipt-{world.test_id}"
+    world.custom.create_cluster_custom_object(
+        "kopf.dev",
+        "v1",
+        "clusterkopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}},
+    )
+    common = ("--peering", peering, "--peering-lifetime", "30")
+    high = ControllerProcess(
+        kube.kubeconfig, tmp_path, *common, "--priority", "200", name="high"
+    ).start()
+    standby = ControllerProcess(
+        kube.kubeconfig, tmp_path, *common, "--priority", "100", "--webhook", "dev", name="low"
+    ).start()
+    admission = client.AdmissionregistrationV1Api(kube.api)
+    try:
+        wait_for(lambda: "active peering=" in high.log(), what="the high-priority replica to act")
+
+        def refusal(name: str, flavor: str) -> str:
+            try:
+                world.vm(name, [{"name": "gpu", "flavor": flavor}])
+            except client.ApiException as e:
+                return str(e.body)
+            return ""
+
+        # The standby's webhook answers (its inventory synced at start) ...
+        msg = wait_for(lambda: refusal("x", "no-such-flavor"), what="the standby's webhook")
+        assert "flavor no-such-flavor does not exist" in msg
+        assert "active peering=" not in standby.log()
+        # ... and a flavor made now, which its paused watch never delivers, is no reason.
+        gpu = world.flavor("a100")
+        assert refusal("late", gpu) == ""
+        assert world.get_vm("late").metadata.name == "late"
+        assert "flavor no-such-flavor does not exist" in refusal("y", "no-such-flavor")
+    finally:
+        high.stop()
+        standby.stop()
+        world.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
+        for w in admission.list_validating_webhook_configuration().items:
+            if w.metadata.name == f"validate.{c.GROUP}":
+                admission.delete_validating_webhook_configuration(w.metadata.name)
+
+
 def test_without_webhook_an_unknown_flavor_lands_as_a_condition(
     world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
 ) -> None:
