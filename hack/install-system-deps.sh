@@ -11,7 +11,9 @@
 #                                              the local node whose pods really run
 #                                              (pcipt/devcluster/node.py)
 #   libvirt-daemon                             libvirtd on that node, serving the test driver
-#                                              to the node plugin's pod
+#                                              to the node plugin's pod (it pulls in
+#                                              libvirt-daemon-driver-qemu, whose module the
+#                                              node hides: no QEMU runs there)
 set -euo pipefail
 
 need=()

@@ -27,7 +27,7 @@ from pcipt import constants as c
 from pcipt import logs, metrics
 from pcipt.kubeclient import KubeClient, load_credentials
 from pcipt.logs import setup_logging
-from pcipt.settings import Setting, add_settings, optional_path, parse_args
+from pcipt.settings import KUBECONFIG, Setting, add_settings, optional_path, parse_args
 
 # Every setting once, with its PCIPT_<NAME> twin (pcipt.settings); the flag wins over the twin.
 COMMON_SETTINGS: tuple[Setting, ...] = (
@@ -54,13 +54,7 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
     ),
 )
 RUN_SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "--kubeconfig",
-        None,
-        "kubeconfig (default: ~/.kube/config, then in-cluster)",
-        env="KUBECONFIG",
-        prefixed=False,
-    ),
+    KUBECONFIG,
     Setting("--libvirt-uri", "qemu:///system", "libvirt connection URI"),
     Setting("--namespace", c.DEFAULT_NAMESPACE, "where the node Lease lives"),
     Setting("--state-dir", Path("/var/lib/pcipt"), "the agent's state folder", Path),

@@ -146,6 +146,16 @@ class Setting:
         )
 
 
+KUBECONFIG = Setting(
+    "--kubeconfig",
+    None,
+    "kubeconfig (default: ~/.kube/config, then in-cluster)",
+    env="KUBECONFIG",
+    prefixed=False,
+)
+"""Both components' --kubeconfig, whose twin is the KUBECONFIG every Kubernetes tool reads."""
+
+
 def add_settings(parser: argparse.ArgumentParser | Any, settings: Iterable[Setting]) -> None:
     for s in settings:
         s.add_to(parser)

@@ -131,6 +131,17 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def apiserver_ready(server: str, pki_dir: Path) -> bool:
+    """Whether the API server at `server` answers /readyz to the admin of the PKI in pki_dir."""
+    ctx = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
+    ctx.load_cert_chain(str(pki_dir / "admin.crt"), str(pki_dir / "admin.key"))
+    try:
+        with urllib.request.urlopen(f"{server}/readyz", context=ctx, timeout=2) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
 def write_kubeconfig(path: Path, server: str, pki: certs.Pki) -> None:
     def b64(p: Path) -> str:
         return base64.b64encode(p.read_bytes()).decode()
@@ -255,21 +266,9 @@ class LocalCluster:
             and self._ready()
         )
 
-    def _ssl(self) -> ssl.SSLContext:
-        pki = self.state_dir / "pki"
-        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-        ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-        return ctx
-
     def _ready(self) -> bool:
         st = self.state()
-        if st is None:
-            return False
-        try:
-            with urllib.request.urlopen(f"{st.server}/readyz", context=self._ssl(), timeout=2) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, OSError, ssl.SSLError):
-            return False
+        return st is not None and apiserver_ready(st.server, self.state_dir / "pki")
 
     def up(self, timeout: float = 120.0) -> ClusterState:
         """Start the control plane (or return the running one) and wait until it is ready."""

@@ -23,14 +23,11 @@ import json
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +38,7 @@ from pcipt.devcluster.cluster import (
     ClusterError,
     _tail,
     apiserver_command,
+    apiserver_ready,
     etcd_command,
     write_kubeconfig,
 )
@@ -49,6 +47,8 @@ Log = Callable[[str], None]
 REPO = Path(__file__).resolve().parent.parent.parent
 
 API_PORT = 6443
+# How the node's own components reach the API server: the namespace's loopback.
+LOCAL_SERVER = f"https://127.0.0.1:{API_PORT}"
 POD_SUBNET = "10.244.0.0/24"
 SERVICE_RANGE = "10.0.0.0/24"  # as apiserver_command sets it
 # The node's veth pairs take /30s from here; one that an interface already uses is skipped.
@@ -317,18 +317,8 @@ class LocalNode:
         st = self.state()
         return st is not None and _supervisor_alive(st) and self._ready(st)
 
-    def _ssl(self) -> ssl.SSLContext:
-        pki = self.state_dir / "pki"
-        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-        ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-        return ctx
-
     def _ready(self, st: NodeState) -> bool:
-        try:
-            with urllib.request.urlopen(f"{st.server}/readyz", context=self._ssl(), timeout=2) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, OSError, ssl.SSLError):
-            return False
+        return apiserver_ready(st.server, self.state_dir / "pki")
 
     def up(self, timeout: float = 180.0) -> NodeState:
         """Start everything (or return the running node) and wait until the node is Ready."""
@@ -370,9 +360,7 @@ class LocalNode:
             pki = certs.generate(self.state_dir / "pki", extra_names=[node_ip])
             write_kubeconfig(self.kubeconfig, st.server, pki)
             # The components talk to the API server on the namespace's loopback.
-            write_kubeconfig(
-                self.state_dir / "local.kubeconfig", f"https://127.0.0.1:{API_PORT}", pki
-            )
+            write_kubeconfig(self.state_dir / "local.kubeconfig", LOCAL_SERVER, pki)
             plan = self._plan(st, bins, node_bins, pki, cni_dir)
             (self.state_dir / "plan.json").write_text(json.dumps(plan, indent=2))
             st.supervisor_pid = self._start_supervisor(st)
@@ -617,43 +605,13 @@ class LocalNode:
         st = self.state()
         if st is None:
             raise NodeError("the node is not running")
-        out = _run(
-            [
-                "ctr",
-                "--address",
-                st.containerd_socket,
-                "--namespace",
-                "k8s.io",
-                "images",
-                "import",
-                "--no-unpack",
-                str(archive),
-            ]
-        )
-        self.log(f"devcluster: imported {archive.name} into the node: {out.strip()}")
+        ctr = ["ctr", "--address", st.containerd_socket, "--namespace", "k8s.io"]
+        _run([*ctr, "images", "import", "--no-unpack", str(archive)])
+        self.log(f"devcluster: imported {archive.name} into the node")
 
     def load_pcipt_image(self, tag: str = images.PCIPT_IMAGE) -> None:
-        """Build pcipt's image from this tree and import it."""
+        """Build pcipt's image from this tree (once per process) and import it as `tag`."""
         self.load_image(images.pcipt_archive(tag, self.log))
-
-    def images(self) -> list[str]:
-        st = self.state()
-        if st is None:
-            return []
-        out = _run(
-            [
-                "ctr",
-                "--address",
-                st.containerd_socket,
-                "--namespace",
-                "k8s.io",
-                "images",
-                "ls",
-                "-q",
-            ],
-            check=False,
-        )
-        return out.split()
 
     # --- teardown ----------------------------------------------------------------------------
 
@@ -728,7 +686,7 @@ def _join_cgroup(name: str, pid: int) -> None:
             procs.write_text(str(pid))
 
 
-def _cgroup_pids(name: str) -> set[int]:
+def cgroup_pids(name: str) -> set[int]:
     pids: set[int] = set()
     for h in _hierarchies():
         root = h / name
@@ -743,12 +701,12 @@ def _cgroup_pids(name: str) -> set[int]:
 def _kill_cgroup(name: str, timeout: float = 20.0) -> None:
     """SIGKILL every process in the node's cgroups until none is left (pods, shims, all)."""
     deadline = time.monotonic() + timeout
-    while (pids := _cgroup_pids(name)) and time.monotonic() < deadline:
+    while (pids := cgroup_pids(name)) and time.monotonic() < deadline:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
-    if pids := _cgroup_pids(name):
+    if pids := cgroup_pids(name):
         raise NodeError(f"processes of the node survived SIGKILL: {sorted(pids)}")
 
 
@@ -854,7 +812,12 @@ def supervise(state_dir: Path) -> int:
                 )
             say(f"started {name} pid={procs[name].pid}")
             if name == "kube-apiserver":
-                _wait_for(lambda: _local_ready(state_dir), 90, f"{name} ready", procs)
+                _wait_for(
+                    lambda: apiserver_ready(LOCAL_SERVER, state_dir / "pki"),
+                    90,
+                    f"{name} ready",
+                    procs,
+                )
             elif name == "containerd":
                 sock = Path(plan["containerd_socket"])
                 _wait_for(sock.exists, 30, "containerd's socket", procs)
@@ -883,19 +846,6 @@ def supervise(state_dir: Path) -> int:
     return 0
 
 
-def _local_ready(state_dir: Path) -> bool:
-    pki = state_dir / "pki"
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-    try:
-        with urllib.request.urlopen(
-            f"https://127.0.0.1:{API_PORT}/readyz", context=ctx, timeout=2
-        ) as r:
-            return bool(r.status == 200)
-    except (urllib.error.URLError, OSError, ssl.SSLError):
-        return False
-
-
 def _wait_for(
     ok: Callable[[], bool],
     timeout: float,
@@ -911,18 +861,6 @@ def _wait_for(
                 raise NodeError(f"{name} exited with {p.returncode} while waiting for {what}")
         time.sleep(0.1)
     raise NodeError(f"no {what} within {timeout:.0f}s")
-
-
-@contextlib.contextmanager
-def running(
-    state_dir: Path, *, node_name: str = "pcipt-node", log: Log = _stderr
-) -> Iterator[LocalNode]:
-    node = LocalNode(state_dir, node_name=node_name, log=log)
-    node.up()
-    try:
-        yield node
-    finally:
-        node.down()
 
 
 if __name__ == "__main__":

@@ -70,3 +70,9 @@ def test_discovery_benchmark_publishes_then_writes_nothing(tmp_path: Path) -> No
     assert f["functions"] == 10 and f["offered"] == 8
     assert f["first_rescan"]["devices"] == 8 and f["first_rescan"]["writes"] == 16
     assert f["quiet_rescan"]["writes"] == 0 and f["quiet_plan_writes"] == 0
+
+
+def test_node_benchmark_starts_and_tears_down_a_node(tmp_path: Path) -> None:
+    f = run_bench(tmp_path, "node.py", "--runs", "1", "--no-chart")
+    assert f["runs"] == 1
+    assert positive(f["node_ready_s_median"], f["teardown_s_median"], f["rss_mib_node_only_median"])
