@@ -96,10 +96,17 @@ def build_pcipt(log: Log) -> str:
     return PCIPT_IMAGE
 
 
+_exported: dict[str, Path] = {}
+
+
 def pcipt_archive(tag: str, log: Log) -> Path:
-    """pcipt's image (build_pcipt), exported under `tag` (another name for the same image)."""
+    """pcipt's image (build_pcipt), exported under `tag` (another name for the same image),
+    once per process and tag."""
     build_pcipt(log)
     if tag not in _built_here:
         buildah("tag", PCIPT_IMAGE, tag)
         _built_here.add(tag)
-    return export(tag, image_dir() / "pcipt-image.tar")
+    if tag not in _exported:
+        name = "pcipt-image-" + hashlib.sha256(tag.encode()).hexdigest()[:8] + ".tar"
+        _exported[tag] = export(tag, image_dir() / name)
+    return _exported[tag]
