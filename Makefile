@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Go is only needed to build the control-plane binaries once; find it where Go installs itself.
 export PATH := $(PATH):/usr/local/go/bin:$(HOME)/go/bin
 
-.PHONY: test demo demo-stop unit integration lint crds crds-check manifests image controlplane node system-deps venv clean help
+.PHONY: test demo demo-stop unit integration lint crds crds-check manifests image controlplane node hwlab system-deps venv clean help
 
 help:
 	@echo "make demo    pcipt end to end: control plane, controller, two simulated hosts, VMs"
@@ -15,6 +15,7 @@ help:
 	@echo "make crds    regenerate crds/ and the chart's CRDs from the models"
 	@echo "make manifests  regenerate deploy/pcipt.yaml from the chart"
 	@echo "make image   build the container image with buildah"
+	@echo "make hwlab   the hardware lab: scenarios on a real kernel under QEMU"
 
 system-deps:
 	@bash hack/install-system-deps.sh
@@ -64,6 +65,12 @@ integration: $(STAMP) controlplane
 
 test: $(STAMP) crds-check lint controlplane node
 	$(VENV)/bin/pytest
+
+# The hardware lab: a real kernel under QEMU with an emulated IOMMU and SR-IOV devices
+# (tests/hwlab/run.py). Installs QEMU (bookworm-backports), a kernel and busybox when missing.
+hwlab: $(STAMP)
+	bash hack/install-hwlab-deps.sh
+	$(PY) tests/hwlab/run.py
 
 demo: $(STAMP) controlplane
 	$(PY) demo/run.py $(DEMO_ARGS)
