@@ -833,15 +833,18 @@ def supervise(state_dir: Path) -> int:
     except NodeError as e:
         say(str(e))
     finally:
+        # All at once, the node's users first; whatever has not gone in 5 s is killed (and
+        # LocalNode.down kills what is left in the node's cgroups: pods, shims).
         for name in reversed(list(procs)):
-            p = procs[name]
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            if procs[name].poll() is None:
+                procs[name].terminate()
+        deadline = time.monotonic() + 5
+        for p in procs.values():
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         say("stopped")
     return 0
 
