@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import REPO_ROOT
 
 
@@ -44,11 +42,17 @@ def test_bind_benchmark_reports_every_phase(tmp_path: Path) -> None:
     assert set(f["R_conditional_patches_per_s"]) == {"1", "8", "32"}
     fill = f["fill"]
     assert fill["vms"] == 8 and positive(fill["binds_per_s"], fill["fraction_of_R_over_w"])
-    # Every bind writes the claim, the VM's metadata, its status and one Event: no more.
+    # Every bind writes the claim, the VM's metadata, its status and one Event: no more. The
+    # window is the fill's; on a loaded machine an Event or a flavor's status from the pre-fill
+    # can land in it too (both are written behind the binds), so those two are bounded, not exact.
     writes = fill["writes_by_kind"]
     for kind in ("PATCH/pcidevices", "PATCH/passthroughvms", "PATCH/passthroughvms/status"):
         assert writes[kind] == 8, writes
-    assert fill["controller_writes_per_bind"] == pytest.approx(4, abs=0.5)
+    late = {"POST/events", "PATCH/pciflavors/status"}
+    assert set(writes) <= {"POST/passthroughvms", "PATCH/pcidevices", "PATCH/passthroughvms",
+                           "PATCH/passthroughvms/status", *late}, writes  # fmt: skip
+    assert 8 <= writes["POST/events"] <= 16, writes
+    assert fill["controller_writes_per_bind"] >= 4
     assert f["release"]["vms"] == 5 and positive(f["release"]["releases_per_s"])
     assert f["steady"]["vms"] == 5
     assert f["requeue"]["waiting"] == 3
