@@ -1,7 +1,7 @@
 """Runs inside a lab host (tests/hwlab/run.py boots it): what pcipt sees on the real kernel's
 /sys, written as JSON next to what the kernel's own tools say, for the outside to compare.
 
-    python tests/hwlab/inside.py discovery OUT_DIR
+    python tests/hwlab/inside.py discovery|vfio OUT_DIR
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
 from nodeplugin.discovery import discover  # noqa: E402
+from nodeplugin.vfio import FileWriter, PrepareError, Preparer  # noqa: E402
 
 SYS = Path("/sys")
 
@@ -56,5 +58,43 @@ def discovery(out: Path) -> None:
     (out / "published.err").write_text(published.stderr)
 
 
+def vfio(out: Path) -> None:
+    """The node plugin's Preparer on the real kernel: refuse without vfio-pci loaded; bind a
+    plain function and an igb VF to vfio-pci; give each back to its own driver."""
+    host = discover(SYS)
+    plain = next(f.address for f in host.functions if f.product_id == "10d3" and f.numa_node != 1)
+    vf = next(f.address for f in host.functions if f.sriov_role == "VF")
+    targets = [plain, vf]
+    record: dict[str, object] = {"targets": targets}
+    before = {a: _driver(a) for a in targets}
+    record["before"] = before
+    prep = Preparer(SYS, FileWriter(), Path("/tmp/pcipt-vfio-state.json"))
+    try:
+        prep.bind_vfio(targets)
+        record["without_module"] = "bound"
+    except PrepareError as e:
+        record["without_module"] = str(e)
+    subprocess.run(["modprobe", "vfio-pci"], check=True)
+    started = time.monotonic()
+    record["moved"] = prep.bind_vfio(targets)
+    record["bind_seconds"] = time.monotonic() - started
+    record["bound"] = {a: _driver(a) for a in targets}
+    groups = {a: (SYS / "bus/pci/devices" / a / "iommu_group").resolve().name for a in targets}
+    record["groups"] = groups
+    record["dev_vfio"] = sorted(p.name for p in Path("/dev/vfio").iterdir())
+    record["state_file"] = json.loads(Path("/tmp/pcipt-vfio-state.json").read_text())
+    record["restored"] = prep.restore(targets)
+    record["after"] = {a: _driver(a) for a in targets}
+    record["override_after"] = {
+        a: (SYS / "bus/pci/devices" / a / "driver_override").read_text().strip() for a in targets
+    }
+    (out / "vfio.json").write_text(json.dumps(record, indent=2))
+
+
+def _driver(address: str) -> str | None:
+    link = SYS / "bus/pci/devices" / address / "driver"
+    return link.resolve().name if link.exists() else None
+
+
 if __name__ == "__main__":
-    {"discovery": discovery}[sys.argv[1]](Path(sys.argv[2]))
+    {"discovery": discovery, "vfio": vfio}[sys.argv[1]](Path(sys.argv[2]))

@@ -6,7 +6,8 @@ with `N passed, M failed`.
     .venv/bin/python tests/hwlab/run.py [SCENARIO ...] [--keep DIR]
 
 Scenarios so far: discovery (pcipt-nodeplugin's discovery and publish step against
-`lspci -Dnnvk` and /sys/class/net, with igb VFs made by the kernel).
+`lspci -Dnnvk` and /sys/class/net, with igb VFs made by the kernel); vfio (the node plugin's
+Preparer binds an e1000e and an igb VF to vfio-pci and gives them back, on the real kernel).
 """
 
 from __future__ import annotations
@@ -130,8 +131,36 @@ def check_discovery(out: Path) -> list[str]:
     return problems
 
 
+VFIO = DISCOVERY.replace("inside.py discovery", "inside.py vfio")
+
+
+def check_vfio(out: Path) -> list[str]:
+    """Bound to vfio-pci with a /dev/vfio/<group> each, then back on their own drivers."""
+    r = json.loads((out / "vfio.json").read_text())
+    problems = []
+    if "vfio-pci driver is not loaded" not in str(r["without_module"]):
+        problems.append(f"without vfio-pci loaded: {r['without_module']!r}")
+    if sorted(r["moved"]) != sorted(r["targets"]):
+        problems.append(f"moved {r['moved']}, not {r['targets']}")
+    for a in r["targets"]:
+        if r["bound"][a] != "vfio-pci":
+            problems.append(f"{a} bound to {r['bound'][a]}, not vfio-pci")
+        if r["groups"][a] not in r["dev_vfio"]:
+            problems.append(f"{a}: no /dev/vfio/{r['groups'][a]} (have {r['dev_vfio']})")
+        if r["state_file"]["moved"].get(a) != r["before"][a]:
+            problems.append(f"{a}: state file says {r['state_file']['moved'].get(a)}")
+        if r["after"][a] != r["before"][a]:
+            problems.append(f"{a} restored to {r['after'][a]}, not {r['before'][a]}")
+        if r["override_after"][a] != "(null)":
+            problems.append(f"{a}: driver_override left as {r['override_after'][a]!r}")
+    if sorted(r["restored"]) != sorted(r["targets"]):
+        problems.append(f"restored {r['restored']}")
+    return problems
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Path], list[str]]]] = {
     "discovery": (DISCOVERY, check_discovery),
+    "vfio": (VFIO, check_vfio),
 }
 
 
