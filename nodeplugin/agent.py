@@ -27,11 +27,12 @@ from nodeplugin.metrics import NodeMetrics
 from nodeplugin.publish import COND_HEALTHY, Plan, desired_devices, plan
 from nodeplugin.simulate import SimulatedKernel
 from nodeplugin.sriov import CommandRunner, IpRunner, RecordingRunner, SriovError, configure_vf
+from nodeplugin.vfcount import apply_vf_count, compute_vf_counts, vf_condition
 from nodeplugin.vfio import FileWriter, PrepareError, Preparer, SysfsWriter
 from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
 from pcipt import constants as c
 from pcipt import metrics as pm
-from pcipt.api.v1alpha1 import PassthroughVM
+from pcipt.api.v1alpha1 import PassthroughVM, pcidevice_name
 from pcipt.conditions import ready_condition, same_conditions, set_condition
 from pcipt.informer import Informer
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
@@ -106,6 +107,8 @@ class NodeAgent:
         root = settings.sysfs_root
         if writer is None:
             writer = SimulatedKernel(root) if settings.simulate else FileWriter()
+        self.writer = writer
+        self._vf_said: dict[str, tuple[str, str]] = {}
         self.runner = runner or (RecordingRunner() if settings.simulate else IpRunner())
         self.preparer = Preparer(
             root,
@@ -141,6 +144,7 @@ class NodeAgent:
         self._dirty: set[str] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._rescan_now = asyncio.Event()
+        self._rescan_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
         self._metrics_runner: Any = None
 
@@ -226,13 +230,19 @@ class NodeAgent:
             )
 
     async def rescan(self) -> Plan:
-        """Discover, decide, and write only what differs from what the API server holds."""
+        """Discover, decide, and write only what differs from what the API server holds. One at
+        a time: a VF count is changed through 0, which two rescans at once would interleave."""
+        async with self._rescan_lock:
+            return await self._rescan()
+
+    async def _rescan(self) -> Plan:
         self._load_config()
         started = time.monotonic()
         self.host = await asyncio.to_thread(discover, self.s.sysfs_root)
         self.stats.last_discovery_s = time.monotonic() - started
         self.metrics.discovery.observe(self.stats.last_discovery_s)
         await self._refresh_node_labels()
+        vf_conditions = await self._ensure_vf_counts()
         try:
             decisions = decide(self.specs, self.host, self.node_labels)
         except DeviceSpecError as e:
@@ -240,7 +250,7 @@ class NodeAgent:
             log.error("device specs do not fit this host, offering nothing new: %s", e)
             self._event_on_node("Warning", "DeviceSpecInvalid", str(e))
             decisions = []
-        desired = desired_devices(self.s.node, self.host, decisions, self.ids)
+        desired = desired_devices(self.s.node, self.host, decisions, self.ids, vf_conditions)
         current = {o["metadata"]["name"]: o for o in self.devices.items.values()}
         present = {
             f"{self.s.node}.{f.address.replace(':', '-').replace('.', '-')}"
@@ -331,12 +341,62 @@ class NodeAgent:
             return
         self.node_labels = {"kubernetes.io/hostname": self.s.node, **labels}
 
-    def _event_on_node(self, type_: str, reason: str, message: str) -> None:
+    async def _ensure_vf_counts(self) -> dict[str, list[dict[str, Any]]]:
+        """Give each PF the VF count its `vfs` rule asks for, unless a VF of it is claimed;
+        rediscover when a count changed. Returns each ruled PF's VFsConfigured condition."""
+        claimed = {
+            o["spec"]["address"]: f"{ref.get('namespace')}/{ref.get('name')}"
+            for o in self.devices.items.values()
+            if (ref := (o.get("spec") or {}).get("claimRef"))
+        }
+        counts = compute_vf_counts(self.specs, self.host, self.node_labels, claimed)
+        conditions: dict[str, list[dict[str, Any]]] = {}
+        changed = False
+        for v in counts:
+            failed = None
+            if v.writes:
+                try:
+                    await asyncio.to_thread(apply_vf_count, self.s.sysfs_root, self.writer, v)
+                    changed = True
+                    log.info(
+                        "set pf=%s vfs=%d (was %d) rule=%s", v.pf, v.desired, v.current, v.rule
+                    )
+                except OSError as e:
+                    failed = f"writing {v.desired} to {v.pf}'s sriov_numvfs failed: {e}"
+            cond = vf_condition(v, failed)
+            conditions[v.pf] = [cond]
+            said = (cond["reason"], cond["message"])
+            if self._vf_said.get(v.pf) != said and (v.writes or v.refused or failed):
+                self._vf_said[v.pf] = said
+                warn = cond["status"] == "False"
+                if warn:
+                    log.warning("kept pf=%s vfs=%d: %s", v.pf, v.current, cond["message"])
+                self._event_on_node(
+                    "Warning" if warn else "Normal",
+                    cond["reason"],
+                    cond["message"]
+                    if warn
+                    else f"{v.pf}: {v.current} -> {v.desired} VFs ({v.rule})",
+                    device=pcidevice_name(self.s.node, v.pf),
+                )
+        if changed:
+            self.host = await asyncio.to_thread(discover, self.s.sysfs_root)
+        return conditions
+
+    def _event_on_node(
+        self, type_: str, reason: str, message: str, *, device: str | None = None
+    ) -> None:
+        """An Event about this Node, or about one of its PciDevices when it is published."""
+        involved = {"apiVersion": "v1", "kind": "Node", "name": self.s.node}
+        if device is not None and any(
+            o["metadata"]["name"] == device for o in self.devices.items.values()
+        ):
+            involved = {"apiVersion": c.API_VERSION, "kind": c.KIND_PCIDEVICE, "name": device}
         body = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{self.s.node}.", "namespace": "default"},
-            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": self.s.node},
+            "involvedObject": involved,
             "reason": reason,
             "message": message[:1024],
             "type": type_,

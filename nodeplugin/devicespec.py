@@ -131,12 +131,25 @@ class Entry(_Strict):
     attributes: dict[str, str] = Field(default_factory=dict)
 
 
+class VfRule(_Strict):
+    """How many VFs the SR-IOV PFs it matches should have. The node plugin makes them through
+    sriov_numvfs, and changes the count only while no VF of that PF is claimed (the kernel
+    changes a count only through 0, which removes every VF)."""
+
+    name: str | None = None
+    match: Match
+    count: int = Field(ge=0, le=4096)
+    """VFs to have; at most the PF's sriov_totalvfs."""
+    node_selector: LabelSelector | None = Field(default=None, alias="nodeSelector")
+
+
 class NodeGroup(_Strict):
     """Entries for the nodes a selector picks (the chart's values map onto these)."""
 
     name: str = Field(min_length=1)
     node_selector: LabelSelector = Field(alias="nodeSelector")
     devices: list[Entry] = Field(default_factory=list)
+    vfs: list[VfRule] = Field(default_factory=list)
     nova_device_specs: list[str | dict[str, Any]] = Field(
         default_factory=list, alias="novaDeviceSpecs"
     )
@@ -151,6 +164,8 @@ class NodeConfig(_Strict):
     nova_device_specs: list[str | dict[str, Any]] = Field(
         default_factory=list, alias="novaDeviceSpecs"
     )
+    vfs: list[VfRule] = Field(default_factory=list)
+    """VF counts of SR-IOV PFs; the first rule that matches a PF decides."""
     node_groups: list[NodeGroup] = Field(default_factory=list, alias="nodeGroups")
 
 
@@ -349,6 +364,7 @@ class GroupSpecs:
     node_selector: LabelSelector
     entries: list[Entry]
     nova: list[NovaSpec]
+    vfs: list[VfRule] = field(default_factory=list)
 
 
 @dataclass
@@ -358,10 +374,11 @@ class DeviceSpecs:
     entries: list[Entry] = field(default_factory=list)
     nova: list[NovaSpec] = field(default_factory=list)
     groups: list[GroupSpecs] = field(default_factory=list)
+    vfs: list[VfRule] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.entries and not self.nova and not self.groups
+        return not self.entries and not self.nova and not self.groups and not self.vfs
 
     def for_node(self, node_labels: Mapping[str, str]) -> DeviceSpecs:
         """The entries that apply on a node with these labels, groups folded in."""
@@ -369,6 +386,11 @@ class DeviceSpecs:
         return DeviceSpecs(
             entries=self.entries + [e for g in picked for e in g.entries],
             nova=self.nova + [s for g in picked for s in g.nova],
+            vfs=[
+                r
+                for r in self.vfs + [r for g in picked for r in g.vfs]
+                if r.node_selector is None or label_selector_matches(r.node_selector, node_labels)
+            ],
         )
 
 
@@ -401,6 +423,7 @@ def load_specs(text: str | None = None, *, nova_conf: str | None = None) -> Devi
                 name = _entry_name(doc, first["loc"])
                 raise DeviceSpecError(f"{path}{name}: {first['msg']}") from e
             specs.entries = cfg.devices
+            specs.vfs = cfg.vfs
             for i, raw in enumerate(cfg.nova_device_specs):
                 specs.nova.extend(parse_nova_spec(raw, i))
             seen: set[str] = set()
@@ -420,7 +443,9 @@ def load_specs(text: str | None = None, *, nova_conf: str | None = None) -> Devi
                     e if e.name else e.model_copy(update={"name": f"{prefix}.devices[{i}]"})
                     for i, e in enumerate(group.devices)
                 ]
-                specs.groups.append(GroupSpecs(group.name, group.node_selector, entries, nova))
+                specs.groups.append(
+                    GroupSpecs(group.name, group.node_selector, entries, nova, group.vfs)
+                )
     if nova_conf is not None:
         offset = len({s.index for s in specs.nova})
         for i, raw in enumerate(nova_conf_specs(nova_conf)):
@@ -496,6 +521,11 @@ def _matches_native(m: Match, f: PciFunction, host: HostInventory) -> bool:
             if pf is None or f.phys_fn != pf.address or f.vf_index not in vfs:
                 return False
     return True
+
+
+def matches(m: Match, f: PciFunction, host: HostInventory) -> bool:
+    """Whether a native match selects the function (netdev ranges, PF addresses and all)."""
+    return _matches_native(m, f, host)
 
 
 def _matches_nova(s: NovaSpec, f: PciFunction, host: HostInventory) -> bool:

@@ -98,8 +98,13 @@ def desired_status(f: PciFunction, d: Decision, ids: PciIds) -> dict[str, Any]:
 
 
 def desired_devices(
-    node: str, host: HostInventory, decisions: list[Decision], ids: PciIds
+    node: str,
+    host: HostInventory,
+    decisions: list[Decision],
+    ids: PciIds,
+    conditions: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Desired]:
+    """`conditions`: more conditions per address (a PF's VFsConfigured, say)."""
     by_addr = host.by_address()
     out = {}
     for d in decisions:
@@ -107,11 +112,10 @@ def desired_devices(
             continue
         f = by_addr[d.address]
         name = pcidevice_name(node, f.address)
+        status = desired_status(f, d, ids)
+        status["conditions"] += (conditions or {}).get(f.address, [])
         out[name] = Desired(
-            name,
-            device_labels(node, f),
-            {"nodeName": node, "address": f.address},
-            desired_status(f, d, ids),
+            name, device_labels(node, f), {"nodeName": node, "address": f.address}, status
         )
     return out
 

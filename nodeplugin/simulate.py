@@ -204,6 +204,48 @@ class SysfsTree:
         (base / "online").write_text(format_cpulist(list(numa)) + "\n")
         (base / "possible").write_text(format_cpulist(list(numa)) + "\n")
 
+    def add_vfs(
+        self,
+        pf: str,
+        spec: Mapping[str, Any],
+        count: int,
+        next_group: int,
+        native: dict[str, str | None],
+    ) -> int:
+        """Create `count` VFs of `pf` (each its own IOMMU group, bound to the VF driver) as the
+        kernel does on a write to sriov_numvfs; returns the next free IOMMU group."""
+        dev = self.devices / pf
+        for k in range(count):
+            vf = vf_address(pf, k, total=spec["total"])
+            prefix = spec.get("netdevPrefix")
+            self.add_function(
+                vf,
+                spec["vendor"],
+                spec["device"],
+                spec["cls"],
+                numa=spec["numa"],
+                driver=spec["driver"],
+                iommu_group=next_group,
+                netdev=f"{prefix}{k}" if prefix else None,
+            )
+            next_group += 1
+            native[vf] = spec["driver"]
+            self._rel(dev / f"virtfn{k}", self.devices / vf)
+            self._rel(self.devices / vf / "physfn", dev)
+        (dev / "sriov_numvfs").write_text(f"{count}\n")
+        return next_group
+
+    def remove_vfs(self, pf: str) -> None:
+        """Remove every VF of `pf`, as writing 0 to its sriov_numvfs does."""
+        dev = self.devices / pf
+        for link in sorted(dev.glob("virtfn*")):
+            vf = os.path.basename(os.readlink(link))
+            group = (self.devices / vf / "iommu_group").resolve()
+            self.remove_function(vf)
+            link.unlink()
+            shutil.rmtree(group, ignore_errors=True)
+        (dev / "sriov_numvfs").write_text("0\n")
+
     def remove_function(self, address: str) -> None:
         """The device is gone (unplugged, or the host rebooted without it)."""
         self.unbind(address)
@@ -224,6 +266,7 @@ def build_host(root: Path, host: HostProfile) -> SysfsTree:
     used = {d.iommu_group for d in host.devices if d.iommu_group is not None}
     next_group = max(used, default=0) + 1
     native: dict[str, str | None] = {}
+    sriov: dict[str, dict[str, Any]] = {}
     for d in host.devices:
         tree.add_function(
             d.address,
@@ -241,27 +284,20 @@ def build_host(root: Path, host: HostProfile) -> SysfsTree:
         native[d.address] = d.driver
         if d.sriov is None:
             continue
-        dev = tree.devices / d.address
-        (dev / "sriov_totalvfs").write_text(f"{d.sriov.total_vfs}\n")
-        (dev / "sriov_numvfs").write_text(f"{d.sriov.num_vfs}\n")
-        for k in range(d.sriov.num_vfs):
-            vf = vf_address(d.address, k, total=d.sriov.total_vfs)
-            netdev = f"{d.sriov.vf_netdev_prefix}{k}" if d.sriov.vf_netdev_prefix else None
-            tree.add_function(
-                vf,
-                d.vendor,
-                d.sriov.vf_device,
-                d.cls,
-                numa=d.numa,
-                driver=d.sriov.vf_driver,
-                iommu_group=next_group,
-                netdev=netdev,
-            )
-            next_group += 1
-            native[vf] = d.sriov.vf_driver
-            tree._rel(dev / f"virtfn{k}", tree.devices / vf)
-            tree._rel(tree.devices / vf / "physfn", dev)
-    (root / SIM_STATE).write_text(json.dumps({"host": host.name, "native": native}, indent=1))
+        pf = {
+            "vendor": d.vendor,
+            "cls": d.cls,
+            "numa": d.numa,
+            "total": d.sriov.total_vfs,
+            "device": d.sriov.vf_device,
+            "driver": d.sriov.vf_driver,
+            "netdevPrefix": d.sriov.vf_netdev_prefix,
+        }
+        sriov[d.address] = pf
+        (tree.devices / d.address / "sriov_totalvfs").write_text(f"{d.sriov.total_vfs}\n")
+        next_group = tree.add_vfs(d.address, pf, d.sriov.num_vfs, next_group, native)
+    state = {"host": host.name, "native": native, "sriov": sriov, "nextGroup": next_group}
+    (root / SIM_STATE).write_text(json.dumps(state, indent=1))
     return tree
 
 
@@ -273,12 +309,17 @@ class SimulatedKernel:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tree = SysfsTree(root)
-        state = json.loads((root / SIM_STATE).read_text()) if (root / SIM_STATE).exists() else {}
-        self.native: dict[str, str | None] = state.get("native", {})
+        self.state = (
+            json.loads((root / SIM_STATE).read_text()) if (root / SIM_STATE).exists() else {}
+        )
+        self.native: dict[str, str | None] = self.state.setdefault("native", {})
 
     def write(self, path: Path, value: str) -> None:
         rel = path.relative_to(self.root).parts
         text = value.strip()
+        if rel[-1] == "sriov_numvfs":
+            self._sriov_numvfs(path.parent.name, text)
+            return
         if rel[:3] == ("bus", "pci", "drivers_probe"):
             self._probe(text)
         elif (
@@ -297,6 +338,31 @@ class SimulatedKernel:
             path.write_text((text or "(null)") + "\n")
             return
         path.write_text(value)
+
+    def _sriov_numvfs(self, pf: str, text: str) -> None:
+        """As Linux's sriov_numvfs_store: a count above sriov_totalvfs is ERANGE; a PF without
+        a driver that configures SR-IOV is ENOENT; a nonzero count while VFs exist is EBUSY
+        (write 0 first); 0 removes every VF."""
+        spec = self.state.get("sriov", {}).get(pf)
+        if spec is None:
+            raise OSError(2, f"{pf} has no SR-IOV capability")  # ENOENT (no such file)
+        n = int(text)
+        current = int((self.tree.devices / pf / "sriov_numvfs").read_text())
+        if n > spec["total"]:
+            raise OSError(34, f"{pf} supports at most {spec['total']} VFs")  # ERANGE
+        if n == current:
+            return
+        if self.tree.driver(pf) is None:
+            raise OSError(2, f"{pf} has no driver to configure SR-IOV")  # ENOENT
+        if n and current:
+            raise OSError(16, f"{current} VFs already enabled; disable before enabling {n}")
+        if n == 0:
+            self.tree.remove_vfs(pf)
+        else:
+            self.state["nextGroup"] = self.tree.add_vfs(
+                pf, spec, n, int(self.state.get("nextGroup", 1000)), self.native
+            )
+        (self.root / SIM_STATE).write_text(json.dumps(self.state, indent=1))
 
     def _probe(self, address: str) -> None:
         if self.tree.driver(address) is not None:

@@ -91,10 +91,58 @@ def vfio(out: Path) -> None:
     (out / "vfio.json").write_text(json.dumps(record, indent=2))
 
 
+def vfcount(out: Path) -> None:
+    """The node plugin's VF counts on the real kernel: what the simulated kernel assumes
+    (EBUSY nonzero to nonzero, ERANGE above the total), made through 0, refused while claimed."""
+    from nodeplugin.devicespec import load_specs
+    from nodeplugin.vfcount import apply_vf_count, compute_vf_counts
+
+    labels = {"kubernetes.io/hostname": "lab"}
+    writer = FileWriter()
+    pf = next(f.address for f in discover(SYS).functions if f.product_id == "10c9")
+    numvfs = SYS / "bus/pci/devices" / pf / "sriov_numvfs"
+    record: dict[str, object] = {
+        "pf": pf,
+        "total": int((numvfs.parent / "sriov_totalvfs").read_text()),
+    }
+
+    def plan(count: int, claimed: dict[str, str] | None = None) -> object:
+        specs = load_specs(f"vfs: [{{name: igb, match: {{address: '{pf}'}}, count: {count}}}]")
+        (v,) = compute_vf_counts(specs, discover(SYS), labels, claimed or {})
+        return v
+
+    def errno_of(value: str) -> int | None:
+        try:
+            writer.write(numvfs, value)
+        except OSError as e:
+            return e.errno
+        return None
+
+    v = plan(2)
+    record["first"] = {"writes": list(v.writes)}
+    apply_vf_count(SYS, writer, v)
+    record["after_first"] = int(numvfs.read_text())
+    record["ebusy_2_to_3"] = errno_of("3")
+    record["erange"] = errno_of(str(int(record["total"]) + 1))  # type: ignore[call-overload]
+    vf = next(f.address for f in discover(SYS).functions if f.phys_fn == pf)
+    refused = plan(3, {vf: "t/vm1"})
+    record["refused"] = refused.refused
+    v = plan(3)
+    record["second"] = {"writes": list(v.writes)}
+    apply_vf_count(SYS, writer, v)
+    time.sleep(1)
+    host = discover(SYS)
+    record["after_second"] = int(numvfs.read_text())
+    record["vfs"] = sorted(
+        (f.vf_index, f.address, f.iommu_group) for f in host.functions if f.phys_fn == pf
+    )
+    (out / "vfcount.json").write_text(json.dumps(record, indent=2))
+
+
 def _driver(address: str) -> str | None:
     link = SYS / "bus/pci/devices" / address / "driver"
     return link.resolve().name if link.exists() else None
 
 
 if __name__ == "__main__":
-    {"discovery": discovery, "vfio": vfio}[sys.argv[1]](Path(sys.argv[2]))
+    {"discovery": discovery, "vfio": vfio, "vfcount": vfcount}[sys.argv[1]](Path(sys.argv[2]))

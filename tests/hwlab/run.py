@@ -7,7 +7,9 @@ with `N passed, M failed`.
 
 Scenarios so far: discovery (pcipt-nodeplugin's discovery and publish step against
 `lspci -Dnnvk` and /sys/class/net, with igb VFs made by the kernel); vfio (the node plugin's
-Preparer binds an e1000e and an igb VF to vfio-pci and gives them back, on the real kernel).
+Preparer binds an e1000e and an igb VF to vfio-pci and gives them back, on the real kernel);
+vfcount (the node plugin's VF counts on igb: 0 -> 2, then 2 -> 3 through 0, refused while a VF
+is claimed; the kernel's EBUSY and ERANGE, which the simulated kernel copies).
 """
 
 from __future__ import annotations
@@ -158,9 +160,37 @@ def check_vfio(out: Path) -> list[str]:
     return problems
 
 
+VFCOUNT = f"""
+set -x
+for a in /sys/bus/pci/devices/*/modalias; do modprobe -q "$(cat "$a")" 2>/dev/null; done
+{PY} {REPO}/tests/hwlab/inside.py vfcount /lab
+"""
+
+
+def check_vfcount(out: Path) -> list[str]:
+    """0 -> 2 in one write, 2 -> 3 through 0; the kernel's EBUSY and ERANGE as simulated."""
+    r = json.loads((out / "vfcount.json").read_text())
+    problems = []
+    want = {
+        "first": {"writes": [2]},
+        "after_first": 2,
+        "ebusy_2_to_3": 16,
+        "erange": 34,
+        "second": {"writes": [0, 3]},
+        "after_second": 3,
+    }
+    problems += [f"{k}: {r.get(k)!r}, expected {v!r}" for k, v in want.items() if r.get(k) != v]
+    if "is claimed by t/vm1" not in str(r.get("refused")):
+        problems.append(f"a claimed VF did not stop the change: {r.get('refused')!r}")
+    if [i for i, _a, _g in r["vfs"]] != [0, 1, 2] or len({g for *_x, g in r["vfs"]}) != 3:
+        problems.append(f"VFs after the change: {r['vfs']}")
+    return problems
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Path], list[str]]]] = {
     "discovery": (DISCOVERY, check_discovery),
     "vfio": (VFIO, check_vfio),
+    "vfcount": (VFCOUNT, check_vfcount),
 }
 
 

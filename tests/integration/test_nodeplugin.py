@@ -580,3 +580,72 @@ async def _rescan_ok(agent: NodeAgent) -> bool:
         return True
     except Exception:
         return False
+
+
+def test_vf_counts_follow_the_device_spec_and_a_claimed_vf_keeps_them(
+    rig: Rig, kube: KubeCluster
+) -> None:
+    """The spec asks ens1f0 for 6 VFs (it has 4): the agent makes them and publishes them; with
+    one of them claimed, a later count is refused — a condition on the PF and an Event — and
+    every VF stays."""
+    pf = "0000:5e:00.0"
+    offer = (
+        "devices:\n"
+        "  - {name: vfs, match: {netdev: 'ens1f0#0-63'}}\n"
+        "  - {name: pf, match: {address: '0000:5e:00.0'}}\n"
+    )
+
+    def configure(count: int, stamp: float) -> None:
+        rig.config.write_text(
+            offer + f"vfs: [{{name: port0, match: {{netdev: ens1f0}}, count: {count}}}]\n"
+        )
+        os.utime(rig.config, (time.time() + stamp, time.time() + stamp))
+
+    def vfs_condition(obj: dict[str, Any] | None) -> dict[str, Any]:
+        assert obj is not None
+        return next(x for x in obj["status"]["conditions"] if x["type"] == "VFsConfigured")
+
+    async def scenario() -> None:
+        configure(6, 5)
+        agent = await rig.start()
+        try:
+            assert rig.api is not None
+            assert rig.tree.devices.joinpath(pf, "sriov_numvfs").read_text().strip() == "6"
+            vf5 = "0000:5e:02.5"
+            assert (await rig.device(vf5)) is not None  # a new VF, published
+            cond = vfs_condition(await rig.device(pf))
+            assert (cond["status"], cond["reason"]) == ("True", "VFCountChanged")
+
+            await rig.api.patch(
+                crd_path(c.PLURAL_PCIDEVICE, rig.name(vf5)),
+                {
+                    "spec": {
+                        "claimRef": {"namespace": "t", "name": "vm1", "uid": "u", "request": "n"}
+                    }
+                },
+            )
+            await until(
+                lambda: _claimed_in_cache(agent, rig.name(vf5)), what="the claim in the cache"
+            )
+            configure(2, 10)
+            await agent.rescan()
+            assert rig.tree.devices.joinpath(pf, "sriov_numvfs").read_text().strip() == "6"
+            assert (await rig.device(vf5)) is not None
+            cond = vfs_condition(await rig.device(pf))
+            assert (cond["status"], cond["reason"]) == ("False", "VFCountRefused")
+            assert f"VF {vf5} is claimed by t/vm1" in cond["message"]
+            await asyncio.sleep(0.5)  # the Event is posted behind the rescan
+            events = client.CoreV1Api(kube.api).list_namespaced_event("default").items
+            assert any(
+                e.reason == "VFCountRefused" and e.involved_object.name == rig.name(pf)
+                for e in events
+            )
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+async def _claimed_in_cache(agent: NodeAgent, name: str) -> bool:
+    obj = agent.devices.items.get(name) or {}
+    return bool((obj.get("spec") or {}).get("claimRef"))
