@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Go is only needed to build the control-plane binaries once; find it where Go installs itself.
 export PATH := $(PATH):/usr/local/go/bin:$(HOME)/go/bin
 
-.PHONY: test demo demo-stop unit integration lint crds crds-check manifests image controlplane node hwlab system-deps venv clean help
+.PHONY: test demo demo-stop unit integration lint crds crds-check manifests image controlplane node hwlab hwlab-deps system-deps venv clean help
 
 help:
 	@echo "make demo    pcipt end to end: control plane, controller, two simulated hosts, VMs"
@@ -63,13 +63,15 @@ unit: $(STAMP)
 integration: $(STAMP) controlplane
 	$(VENV)/bin/pytest tests/integration
 
-test: $(STAMP) crds-check lint controlplane node
+test: $(STAMP) crds-check lint controlplane node hwlab-deps
 	$(VENV)/bin/pytest
 
 # The hardware lab: a real kernel under QEMU with an emulated IOMMU and SR-IOV devices
 # (tests/hwlab/run.py). Installs QEMU (bookworm-backports), a kernel and busybox when missing.
-hwlab: $(STAMP)
-	bash hack/install-hwlab-deps.sh
+hwlab-deps:
+	@bash hack/install-hwlab-deps.sh
+
+hwlab: $(STAMP) hwlab-deps
 	$(PY) tests/hwlab/run.py
 
 demo: $(STAMP) controlplane

@@ -16,7 +16,9 @@ qemu_ok() {
 need=()
 qemu_ok || need+=(qemu-system-x86)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx modprobe || need+=(busybox-static)
+# The initramfs has no C library: the statically linked busybox, not Debian's plain one.
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" \
+  || need+=(busybox-static)
 command -v nvme >/dev/null 2>&1 || need+=(nvme-cli)
 command -v lspci >/dev/null 2>&1 || need+=(pciutils)
 [ ${#need[@]} -eq 0 ] && exit 0

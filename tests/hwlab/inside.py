@@ -139,10 +139,36 @@ def vfcount(out: Path) -> None:
     (out / "vfcount.json").write_text(json.dumps(record, indent=2))
 
 
+def sriov(out: Path) -> None:
+    """VF settings the node plugin makes with `ip link` (configure_vf, as in macvtap mode, where
+    it sets MAC and VLAN itself), read back from the PF's `ip -d link show`."""
+    from nodeplugin.devicespec import load_specs
+    from nodeplugin.sriov import IpRunner, configure_vf
+    from nodeplugin.vfcount import apply_vf_count, compute_vf_counts
+
+    pf = next(f for f in discover(SYS).functions if f.product_id == "10c9")
+    specs = load_specs(f"vfs: [{{match: {{address: '{pf.address}'}}, count: 2}}]")
+    for v in compute_vf_counts(specs, discover(SYS), {}, {}):
+        apply_vf_count(SYS, FileWriter(), v)
+    netdev = pf.netdevs[0]
+    subprocess.run(["ip", "link", "set", "dev", netdev, "up"], check=True)
+    runner = IpRunner()
+    configure_vf(runner, netdev, 0, spoof_check=True, trusted=False, macvtap=True)
+    configure_vf(
+        runner, netdev, 1, spoof_check=False, trusted=True, mac="52:54:00:aa:bb:01", vlan=100,
+        macvtap=True,
+    )  # fmt: skip
+    shown = subprocess.run(
+        ["ip", "-d", "link", "show", "dev", netdev], capture_output=True, text=True, check=True
+    )
+    (out / "sriov.txt").write_text(shown.stdout)
+
+
 def _driver(address: str) -> str | None:
     link = SYS / "bus/pci/devices" / address / "driver"
     return link.resolve().name if link.exists() else None
 
 
 if __name__ == "__main__":
-    {"discovery": discovery, "vfio": vfio, "vfcount": vfcount}[sys.argv[1]](Path(sys.argv[2]))
+    scenarios = {"discovery": discovery, "vfio": vfio, "vfcount": vfcount, "sriov": sriov}
+    scenarios[sys.argv[1]](Path(sys.argv[2]))

@@ -9,7 +9,8 @@ Scenarios so far: discovery (pcipt-nodeplugin's discovery and publish step again
 `lspci -Dnnvk` and /sys/class/net, with igb VFs made by the kernel); vfio (the node plugin's
 Preparer binds an e1000e and an igb VF to vfio-pci and gives them back, on the real kernel);
 vfcount (the node plugin's VF counts on igb: 0 -> 2, then 2 -> 3 through 0, refused while a VF
-is claimed; the kernel's EBUSY and ERANGE, which the simulated kernel copies).
+is claimed; the kernel's EBUSY and ERANGE, which the simulated kernel copies); sriov (MAC,
+VLAN, trust and spoof checking set by the node plugin on igb VFs, read back from `ip -d link`).
 """
 
 from __future__ import annotations
@@ -187,10 +188,31 @@ def check_vfcount(out: Path) -> list[str]:
     return problems
 
 
+SRIOV = VFCOUNT.replace("inside.py vfcount", "inside.py sriov")
+
+
+def check_sriov(out: Path) -> list[str]:
+    """Each VF's line of the PF's `ip -d link show` says what configure_vf set."""
+    text = (out / "sriov.txt").read_text()
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"vf (\d+) .*", text)}
+    want = {
+        "0": ["spoof checking on", "trust off"],
+        "1": ["52:54:00:aa:bb:01", "vlan 100", "spoof checking off", "trust on"],
+    }
+    problems = []
+    for vf, parts in want.items():
+        line = lines.get(vf, "")
+        problems += [f"vf {vf}: no {p!r} in {line!r}" for p in parts if p not in line]
+    if "vlan" in lines.get("0", ""):
+        problems.append(f"vf 0 has a VLAN: {lines['0']!r}")
+    return problems
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Path], list[str]]]] = {
     "discovery": (DISCOVERY, check_discovery),
     "vfio": (VFIO, check_vfio),
     "vfcount": (VFCOUNT, check_vfcount),
+    "sriov": (SRIOV, check_sriov),
 }
 
 
