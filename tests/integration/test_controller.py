@@ -522,19 +522,26 @@ def test_webhook_refuses_unknown_flavor_and_unpermitted_namespace(
                 )
 
 
-def test_a_standby_replicas_webhook_admits_a_flavor_created_while_it_waits(
-    world: World, kube: KubeCluster, tmp_path: Path
-) -> None:
-    """Both replicas serve the webhook behind one Service, but kopf's peering pauses the
-    standby's watches: its inventory misses a flavor created after it paused. It must not refuse
-    a VM for a flavor the API server has (found by the chart's real-pod tier)."""
-    peering = f"pcipt-{world.test_id}"
+@pytest.fixture
+def peering(world: World) -> Iterator[str]:
+    """A ClusterKopfPeering of this test's own, for replicas that peer."""
+    name = f"pcipt-{world.test_id}"
     world.custom.create_cluster_custom_object(
         "kopf.dev",
         "v1",
         "clusterkopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}},
+        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
     )
+    yield name
+    world.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+
+
+def test_a_standby_replicas_webhook_admits_a_flavor_created_while_it_waits(
+    world: World, kube: KubeCluster, tmp_path: Path, peering: str
+) -> None:
+    """Both replicas serve the webhook behind one Service, but kopf's peering pauses the
+    standby's watches: its inventory misses a flavor created after it paused. It must not refuse
+    a VM for a flavor the API server has (found by the chart's real-pod tier)."""
     common = ("--peering", peering, "--peering-lifetime", "30")
     high = ControllerProcess(
         kube.kubeconfig, tmp_path, *common, "--priority", "200", name="high"
@@ -565,7 +572,6 @@ def test_a_standby_replicas_webhook_admits_a_flavor_created_while_it_waits(
     finally:
         high.stop()
         standby.stop()
-        world.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
         for w in admission.list_validating_webhook_configuration().items:
             if w.metadata.name == f"validate.{c.GROUP}":
                 admission.delete_validating_webhook_configuration(w.metadata.name)
@@ -702,15 +708,12 @@ def test_sigkill_during_a_burst_leaks_nothing(
 
 
 def test_kopf_peering_one_replica_acts_and_the_other_takes_over(
-    world: World, kube: KubeCluster, leases: Callable[..., LeaseKeeper], tmp_path: Path
+    world: World,
+    kube: KubeCluster,
+    leases: Callable[..., LeaseKeeper],
+    tmp_path: Path,
+    peering: str,
 ) -> None:
-    peering = f"pcipt-{world.test_id}"
-    world.custom.create_cluster_custom_object(
-        "kopf.dev",
-        "v1",
-        "clusterkopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}},
-    )
     common = ("--peering", peering, "--peering-lifetime", "4")
     high = ControllerProcess(
         kube.kubeconfig, tmp_path, *common, "--priority", "200", name="high"
@@ -742,4 +745,3 @@ def test_kopf_peering_one_replica_acts_and_the_other_takes_over(
     finally:
         high.stop()
         low.stop()
-        world.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
