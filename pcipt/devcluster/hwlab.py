@@ -46,7 +46,7 @@ exec switch_root /new /bin/sh /lab/run.sh
 RUN = r"""#!/bin/sh
 # Runs inside the lab host after switch_root: the scenario, then power off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
-mount -t tmpfs tmpfs /tmp
+# /tmp stays the machine's (under the overlay): the project may be checked out there.
 mount -t tmpfs tmpfs /run
 # No udev here: load each device's driver by its modalias, as udev would.
 for a in /sys/bus/pci/devices/*/modalias; do modprobe -q "$(cat "$a")" 2>/dev/null; done
