@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -111,7 +111,6 @@ class NodeState:
     """/run/netns was no mount point before `ip netns add` made it one: unmount it at the end."""
     made_netns_dir: bool = False
     """... nor a folder: remove it too."""
-    images: list[str] = field(default_factory=list)
 
 
 def find_cni_dir() -> Path:
@@ -648,9 +647,6 @@ class LocalNode:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         else:
             shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def env(self) -> dict[str, str]:
-        return {"KUBECONFIG": str(self.kubeconfig)}
 
 
 # --- cgroups, processes, mounts ------------------------------------------------------------------
