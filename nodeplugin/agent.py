@@ -58,6 +58,7 @@ class AgentSettings:
     restore_drivers: bool = True
     domain_type: str = "kvm"
     machine: str | None = "q35"
+    console_log_dir: str | None = None
     stop_grace: float = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
@@ -661,7 +662,9 @@ class NodeAgent:
             )
 
     async def _ensure_domain(self, vm: PassthroughVM, dom: DomainInfo | None) -> DomainInfo:
-        facts = HostFacts(self.host.numa_cpus, self.s.domain_type, self.s.machine)
+        facts = HostFacts(
+            self.host.numa_cpus, self.s.domain_type, self.s.machine, self.s.console_log_dir
+        )
         want = build_domain(vm, facts)
         wanted_addresses = sorted(_vm_addresses(vm))
         stale = dom is not None and (

@@ -78,6 +78,11 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("--domain-type", "kvm", "libvirt domain type (kvm; qemu without KVM)"),
     Setting("--machine", "q35", "guest machine type ('' for none)"),
     Setting(
+        "--console-log-dir",
+        "",
+        "copy each guest's serial console to <dir>/<domain>.log on the host ('' for none)",
+    ),
+    Setting(
         "--simulate",
         False,
         "the sysfs root is a simulated host: answer driver binds as a kernel would",
@@ -237,6 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         restore_drivers=args.restore_drivers,
         domain_type=args.domain_type,
         machine=args.machine or None,
+        console_log_dir=args.console_log_dir or None,
         simulate=args.simulate,
         stop_grace=args.stop_grace,
         metrics_host=args.metrics_host,

@@ -16,6 +16,7 @@ from nodeplugin.domain.model import (
     Domain,
     HostdevInterface,
     HostdevPci,
+    KernelBoot,
     Placement,
     VmRef,
 )
@@ -33,6 +34,12 @@ class HostFacts:
     numa_cpus: Mapping[int, tuple[int, ...]]
     domain_type: str = "kvm"
     machine: str | None = "q35"
+    console_log_dir: str | None = None
+    """Where each domain's serial console is copied to, as <dir>/<domain>.log; None: nowhere."""
+
+
+def _host_path(url: str) -> str:
+    return url[len("file://") :]
 
 
 def domain_name(namespace: str, name: str) -> str:
@@ -87,8 +94,15 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
         if not cpus:
             raise BuildError(f"NUMA node {status.numa_node} has no CPUs on this host")
         placement = Placement(status.numa_node, tuple(cpus))
+    kernel_boot = None
+    if spec.kernel_boot is not None:
+        kb = spec.kernel_boot
+        kernel_boot = KernelBoot(
+            _host_path(kb.kernel), kb.initrd and _host_path(kb.initrd), kb.cmdline
+        )
+    name = domain_name(ns, vm.metadata.name)
     return Domain(
-        name=domain_name(ns, vm.metadata.name),
+        name=name,
         uuid=uid,
         memory_kib=-(-quantity_bytes(spec.memory) // 1024),
         vcpus=spec.cpu.cores,
@@ -99,4 +113,8 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
         disks=tuple(disks),
         hostdevs=tuple(hostdevs),
         interfaces=tuple(interfaces),
+        kernel_boot=kernel_boot,
+        console_log=f"{host.console_log_dir.rstrip('/')}/{name}.log"
+        if host.console_log_dir
+        else None,
     )

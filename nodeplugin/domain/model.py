@@ -70,6 +70,15 @@ class VmRef:
 
 
 @dataclass(frozen=True)
+class KernelBoot:
+    """Direct kernel boot (`<os><kernel>`): host paths."""
+
+    kernel: str
+    initrd: str | None = None
+    cmdline: str | None = None
+
+
+@dataclass(frozen=True)
 class Domain:
     name: str
     uuid: str
@@ -82,4 +91,7 @@ class Domain:
     disks: tuple[Disk, ...] = ()
     hostdevs: tuple[HostdevPci, ...] = ()
     interfaces: tuple[HostdevInterface | DirectInterface, ...] = ()
+    kernel_boot: KernelBoot | None = None
+    console_log: str | None = None
+    """A host file the serial console is copied to (libvirt's `<serial><log file=...>`)."""
     extra: dict[str, str] = field(default_factory=dict)

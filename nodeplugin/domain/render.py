@@ -114,11 +114,19 @@ def render(d: Domain) -> str:
     if d.machine:
         type_attrs["machine"] = d.machine
     _sub(os_el, "type", "hvm", **type_attrs)
-    _sub(os_el, "boot", dev="hd")
+    if d.kernel_boot is not None:
+        _sub(os_el, "kernel", d.kernel_boot.kernel)
+        if d.kernel_boot.initrd:
+            _sub(os_el, "initrd", d.kernel_boot.initrd)
+        if d.kernel_boot.cmdline:
+            _sub(os_el, "cmdline", d.kernel_boot.cmdline)
+    else:
+        _sub(os_el, "boot", dev="hd")
     features = _sub(root, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
-    _sub(root, "cpu", mode="host-passthrough")
+    # host-passthrough needs KVM; under TCG (type qemu) the emulator's most capable model.
+    _sub(root, "cpu", mode="host-passthrough" if d.domain_type == "kvm" else "maximum")
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_reboot", "restart")
     _sub(root, "on_crash", "destroy")
@@ -130,6 +138,8 @@ def render(d: Domain) -> str:
     for i in d.interfaces:
         _interface(devices, i)
     serial = _sub(devices, "serial", type_="pty")
+    if d.console_log:
+        _sub(serial, "log", file=d.console_log, append="off")
     _sub(serial, "target", port="0")
     console = _sub(devices, "console", type_="pty")
     _sub(console, "target", type_="serial", port="0")

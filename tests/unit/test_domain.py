@@ -110,7 +110,25 @@ CASES: dict[str, PassthroughVM] = {
             ]
         },
     ),
+    "kernel-boot-under-tcg": vm(
+        {
+            "cpu": {"cores": 1, "pinning": "none"},
+            "memory": "256Mi",
+            "kernelBoot": {
+                "kernel": "file:///boot/vmlinuz",
+                "initrd": "file:///var/lib/pcipt/images/guest.cpio",
+                "cmdline": "console=ttyS0 quiet",
+            },
+            "devices": [{"name": "nic", "flavor": "e1000e"}],
+        },
+        {
+            "devices": [
+                {"request": "nic", "pciDevice": "lab.0000-03-00-0", "address": "0000:03:00.0"}
+            ]
+        },
+    ),
 }
+TCG = HostFacts(numa_cpus={0: (0,), 1: (1,)}, domain_type="qemu", console_log_dir="/var/log/c")
 
 
 def validate(xml: str, tmp_path: Path) -> None:
@@ -126,7 +144,7 @@ def validate(xml: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_golden_domain(case: str, tmp_path: Path) -> None:
-    xml = render(build_domain(CASES[case], HOST))
+    xml = render(build_domain(CASES[case], TCG if "tcg" in case else HOST))
     golden = GOLDEN / f"{case}.xml"
     if os.environ.get("PCIPT_UPDATE_GOLDEN") == "1":
         golden.write_text(xml)

@@ -197,6 +197,42 @@ _SAME_NUMA_KNOWN = cel(
 )
 
 
+HostPath = Annotated[
+    str,
+    Field(
+        min_length=9,
+        max_length=2048,
+        json_schema_extra=k8s(
+            cel(
+                "self.startsWith('file:///')",
+                message_expression=cel_value_message(
+                    "is not a file on the host: use file:///path"
+                ),
+            )
+        ),
+    ),
+]
+
+
+class KernelBoot(ApiModel):
+    """Boot a kernel and initrd kept on the host instead of a disk's boot loader (libvirt's
+    direct kernel boot; KubeVirt's kernelBoot, with host files in place of a container image)."""
+
+    kernel: HostPath
+    """The kernel: file:///path/on/the/host."""
+    initrd: HostPath | None = None
+    """The initial ramdisk: file:///path/on/the/host."""
+    cmdline: str | None = Field(default=None, max_length=4096)
+    """The kernel command line, e.g. console=ttyS0."""
+
+    @field_validator("kernel", "initrd")
+    @classmethod
+    def _file_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("file:///"):
+            raise ValueError(f"'{v}' is not a file on the host: use file:///path")
+        return v
+
+
 class PassthroughVMSpec(ApiModel):
     """The VM the tenant wants: size, disks, devices, networks and placement."""
 
@@ -211,7 +247,9 @@ class PassthroughVMSpec(ApiModel):
     disks: list[Disk] = Field(
         default_factory=list, max_length=16, json_schema_extra=k8s(list_map_keys=["name"])
     )
-    """Disk images, the first one boots."""
+    """Disk images, the first one boots (unless kernelBoot is given)."""
+    kernel_boot: KernelBoot | None = None
+    """Boot this kernel directly; disks are still attached."""
     node_selector: dict[str, str] | None = None
     """Node labels the host must have, e.g. kubernetes.io/hostname: node-a."""
     devices: list[DeviceRequest] = Field(
