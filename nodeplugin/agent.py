@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,6 +110,9 @@ class NodeAgent:
             writer = SimulatedKernel(root) if settings.simulate else FileWriter()
         self.writer = writer
         self._vf_said: dict[str, tuple[str, str]] = {}
+        self.failures: dict[str, tuple[str, str]] = {}
+        """address -> (reason, message): what the kernel said when preparing or restoring it
+        failed; the device is published Unhealthy until it is cleared (see _retry_failures)."""
         self.runner = runner or (RecordingRunner() if settings.simulate else IpRunner())
         self.preparer = Preparer(
             root,
@@ -251,7 +254,10 @@ class NodeAgent:
             log.error("device specs do not fit this host, offering nothing new: %s", e)
             self._event_on_node("Warning", "DeviceSpecInvalid", str(e))
             decisions = []
-        desired = desired_devices(self.s.node, self.host, decisions, self.ids, vf_conditions)
+        await self._retry_failures()
+        desired = desired_devices(
+            self.s.node, self.host, decisions, self.ids, vf_conditions, failures=self.failures
+        )
         current = {o["metadata"]["name"]: o for o in self.devices.items.values()}
         present = {
             f"{self.s.node}.{f.address.replace(':', '-').replace('.', '-')}"
@@ -357,13 +363,17 @@ class NodeAgent:
             failed = None
             if v.writes:
                 try:
-                    await asyncio.to_thread(apply_vf_count, self.s.sysfs_root, self.writer, v)
+                    await asyncio.to_thread(
+                        apply_vf_count, self.s.sysfs_root, self.writer, v, self.runner
+                    )
                     changed = True
                     log.info(
                         "set pf=%s vfs=%d (was %d) rule=%s", v.pf, v.desired, v.current, v.rule
                     )
                 except OSError as e:
                     failed = f"writing {v.desired} to {v.pf}'s sriov_numvfs failed: {e}"
+                except SriovError as e:
+                    failed = f"preparing {v.pf} for {v.desired} VFs failed: {e}"
             cond = vf_condition(v, failed)
             conditions[v.pf] = [cond]
             said = (cond["reason"], cond["message"])
@@ -419,7 +429,9 @@ class NodeAgent:
         await self.devices.synced.wait()
         last = 0.0
         while True:
-            if time.monotonic() - last >= self.s.rescan_interval or self._config_changed():
+            due = time.monotonic() - last >= self.s.rescan_interval
+            if due or self._rescan_now.is_set() or self._config_changed():
+                self._rescan_now.clear()
                 last = time.monotonic()
                 try:
                     await self.rescan()
@@ -534,14 +546,56 @@ class NodeAgent:
         obj = self.devices.items.get(name)
         return None if obj is None else (obj.get("spec") or {}).get("claimRef")
 
-    async def _restore(self, addresses: set[str]) -> None:
-        """Give back devices no VM of this node still lists."""
+    def _in_use(self) -> set[str]:
+        """Addresses some live VM scheduled to this node lists."""
         in_use = set()
         for obj in self.vms.items.values():
             vm = PassthroughVM.model_validate(obj)
             if not _deleting(vm) and vm.status.node_name == self.s.node:
                 in_use |= _vm_addresses(vm)
-        await asyncio.to_thread(self.preparer.restore, sorted(addresses - in_use))
+        return in_use
+
+    async def _restore(self, addresses: set[str]) -> None:
+        """Give back devices no VM of this node still lists; one the kernel will not give
+        back is marked Unhealthy (the others still go back)."""
+        todo = sorted(addresses - self._in_use())
+        try:
+            await asyncio.to_thread(self.preparer.restore, todo)
+        except PrepareError as e:
+            self._failed(e, todo)
+        self._cleared([a for a in todo if a not in self.preparer.moved])
+
+    def _failed(self, e: PrepareError, addresses: Iterable[str]) -> None:
+        """Mark the device at fault (every one asked for, when the fault is the host's)
+        Unhealthy with the kernel's words, and say so in an Event on it, once per change."""
+        for a in [e.address] if e.address else addresses:
+            said = (e.reason, str(e))
+            if self.failures.get(a) == said:
+                continue
+            self.failures[a] = said
+            log.warning("device=%s unhealthy reason=%s: %s", a, e.reason, e)
+            self._event_on_node("Warning", e.reason, str(e), device=pcidevice_name(self.s.node, a))
+        self._rescan_now.set()
+
+    def _cleared(self, addresses: Iterable[str]) -> None:
+        gone = [a for a in addresses if self.failures.pop(a, None) is not None]
+        for a in gone:
+            log.info("device=%s healthy again", a)
+        if gone:
+            self._rescan_now.set()
+
+    async def _retry_failures(self) -> None:
+        """Clear failures whose cause has gone: vfio-pci loaded since; a busy group let go
+        (then give the device back, if no VM wants it). A refused bind or unbind stays until
+        a VM's retry succeeds or the plugin restarts."""
+        for a, (reason, _msg) in list(self.failures.items()):
+            if reason == "VfioNotLoaded" and self.preparer.vfio_loaded():
+                self._cleared([a])
+            elif reason == "DeviceBusy" and not self.preparer.group_holders(a):
+                if a in self._in_use():
+                    self._cleared([a])
+                else:
+                    await self._restore({a})
 
     async def reconcile(self, uid: str) -> None:
         vm = self._vm(uid)
@@ -568,6 +622,8 @@ class NodeAgent:
         try:
             dom = await self._ensure_domain(vm, dom)
         except (PrepareError, SriovError, BuildError, VirtError) as e:
+            if isinstance(e, PrepareError):
+                self._failed(e, sorted(_vm_addresses(vm)))
             reason = {
                 PrepareError: "PrepareFailed",
                 SriovError: "PrepareFailed",
@@ -635,6 +691,7 @@ class NodeAgent:
             n.address for n in vm.status.networks if n.name not in macvtap
         ]
         await asyncio.to_thread(self.preparer.bind_vfio, vfio)
+        self._cleared(vfio)
         by_addr = (
             self.host.by_address()
             or (await asyncio.to_thread(discover, self.s.sysfs_root)).by_address()

@@ -103,8 +103,11 @@ def desired_devices(
     decisions: list[Decision],
     ids: PciIds,
     conditions: Mapping[str, list[dict[str, Any]]] | None = None,
+    *,
+    failures: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict[str, Desired]:
-    """`conditions`: more conditions per address (a PF's VFsConfigured, say)."""
+    """`conditions`: more conditions per address (a PF's VFsConfigured, say); `failures`:
+    (reason, message) per address the kernel refused to prepare, which makes it Unhealthy."""
     by_addr = host.by_address()
     out = {}
     for d in decisions:
@@ -113,6 +116,14 @@ def desired_devices(
         f = by_addr[d.address]
         name = pcidevice_name(node, f.address)
         status = desired_status(f, d, ids)
+        if failure := (failures or {}).get(f.address):
+            status["health"] = "Unhealthy"
+            status["conditions"][0] = {
+                "type": COND_HEALTHY,
+                "status": "False",
+                "reason": failure[0],
+                "message": failure[1],
+            }
         status["conditions"] += (conditions or {}).get(f.address, [])
         out[name] = Desired(
             name, device_labels(node, f), {"nodeName": node, "address": f.address}, status

@@ -331,9 +331,7 @@ class SimulatedKernel:
                     raise OSError(19, f"{text} is not bound to {driver}")  # ENODEV
                 self.tree.unbind(text)
             else:
-                if self.tree.driver(text) is not None:
-                    raise OSError(16, f"{text} is already bound")  # EBUSY
-                self.tree.bind(text, driver)
+                self._bind(text, driver)
         elif rel[-1] == "driver_override":
             path.write_text((text or "(null)") + "\n")
             return
@@ -363,6 +361,25 @@ class SimulatedKernel:
                 pf, spec, n, int(self.state.get("nextGroup", 1000)), self.native
             )
         (self.root / SIM_STATE).write_text(json.dumps(self.state, indent=1))
+
+    def _bind(self, address: str, driver: str) -> None:
+        """As Linux's bind_store: the driver must match the device (its driver_override, or
+        its own driver when none is set): ENODEV otherwise; EBUSY when already bound; and the
+        driver's probe may refuse: vfio-pci takes no bridge (EINVAL)."""
+        if self.tree.driver(address) is not None:
+            raise OSError(16, f"{address} is already bound")  # EBUSY
+        override = (self.tree.devices / address / "driver_override").read_text().strip()
+        matches = (
+            override == driver
+            if override not in ("", "(null)")
+            else (self.native.get(address) == driver)
+        )
+        if not matches:
+            raise OSError(19, f"{driver} does not match {address}")  # ENODEV
+        klass = (self.tree.devices / address / "class").read_text().strip()
+        if driver == "vfio-pci" and klass.startswith("0x0604"):
+            raise OSError(22, "Invalid argument")  # vfio_pci_probe: not a normal header
+        self.tree.bind(address, driver)
 
     def _probe(self, address: str) -> None:
         if self.tree.driver(address) is not None:

@@ -18,16 +18,29 @@ log = logging.getLogger("pcipt.nodeplugin.sriov")
 class CommandRunner(Protocol):
     def run(self, argv: list[str]) -> None: ...
 
+    def output(self, argv: list[str]) -> str:
+        """Run a command that only reads, and return what it printed."""
+        ...
+
 
 class SriovError(RuntimeError):
     """A VF setting was refused; the message carries the command's own words."""
 
 
 class IpRunner:
+    """Runs the host's own tools (ip, nvme)."""
+
     def run(self, argv: list[str]) -> None:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+        self.output(argv)
+
+    def output(self, argv: list[str]) -> str:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SriovError(f"`{' '.join(argv)}` failed: {e}") from e
         if proc.returncode != 0:
             raise SriovError(f"`{' '.join(argv)}` failed: {proc.stderr.strip() or proc.returncode}")
+        return proc.stdout
 
 
 @dataclass
@@ -35,9 +48,15 @@ class RecordingRunner:
     """Records commands instead of running them (tests, simulated hosts)."""
 
     commands: list[list[str]] = field(default_factory=list)
+    answers: dict[str, str] = field(default_factory=dict)
+    """What a reading command prints, by its first three words."""
 
     def run(self, argv: list[str]) -> None:
         self.commands.append(list(argv))
+
+    def output(self, argv: list[str]) -> str:
+        self.commands.append(list(argv))
+        return self.answers.get(" ".join(argv[:3]), "")
 
 
 def vf_commands(
@@ -52,7 +71,10 @@ def vf_commands(
 ) -> list[list[str]]:
     base = ["ip", "link", "set", "dev", pf_netdev, "vf", str(vf_index)]
     cmds = [
-        [*base, "spoofchk", "on" if spoof_check else "off", "trust", "on" if trusted else "off"]
+        # A VF's settings live on its PF, and libvirt refuses to set a VF's MAC or VLAN while
+        # the PF is down ("the PF is not online"): found on the hardware lab's igb.
+        ["ip", "link", "set", "dev", pf_netdev, "up"],
+        [*base, "spoofchk", "on" if spoof_check else "off", "trust", "on" if trusted else "off"],
     ]
     if macvtap:
         cmds.append([*base, "vlan", str(vlan or 0)])
@@ -64,4 +86,5 @@ def vf_commands(
 def configure_vf(runner: CommandRunner, pf_netdev: str, vf_index: int, **settings: object) -> None:
     for argv in vf_commands(pf_netdev, vf_index, **settings):  # type: ignore[arg-type]
         runner.run(argv)
-        log.info("configured vf pf=%s vf=%d: %s", pf_netdev, vf_index, " ".join(argv[7:]))
+        if "vf" in argv:
+            log.info("configured vf pf=%s vf=%d: %s", pf_netdev, vf_index, " ".join(argv[7:]))

@@ -13,6 +13,7 @@ files; simulated hosts answer like a kernel.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -52,17 +53,38 @@ class RecordingWriter:
 
 
 class PrepareError(RuntimeError):
-    """A device could not be bound to vfio-pci (or back)."""
+    """A device could not be bound to vfio-pci (or back). `reason` is a CamelCase word for
+    conditions and Events; `address` the device at fault (None: every device asked for)."""
+
+    def __init__(
+        self, message: str, *, address: str | None = None, reason: str = "PrepareFailed"
+    ) -> None:
+        super().__init__(message)
+        self.address = address
+        self.reason = reason
+
+
+def _kernel_said(e: OSError) -> str:
+    """The kernel's answer to a sysfs write, as `strerror (ERRNO)`."""
+    name = errno.errorcode.get(e.errno or 0, str(e.errno))
+    return f"{e.strerror or e} ({name})"
 
 
 class Preparer:
     def __init__(
-        self, root: Path, writer: SysfsWriter, state_file: Path, *, restore: bool = True
+        self,
+        root: Path,
+        writer: SysfsWriter,
+        state_file: Path,
+        *,
+        restore: bool = True,
+        proc_root: Path = Path("/proc"),
     ) -> None:
         self.root = root
         self.writer = writer
         self.state_file = state_file
         self.restore_drivers = restore
+        self.proc_root = proc_root
         self.moved: dict[str, str | None] = self._load()
         """address -> the driver it had before we bound it to vfio-pci (None: none)"""
 
@@ -82,6 +104,9 @@ class Preparer:
     def _dev(self, address: str) -> Path:
         return self.root / "bus" / "pci" / "devices" / address
 
+    def _drivers(self) -> Path:
+        return self.root / "bus" / "pci" / "drivers"
+
     def driver(self, address: str) -> str | None:
         link = self._dev(address) / "driver"
         try:
@@ -89,59 +114,187 @@ class Preparer:
         except OSError:
             return None
 
+    def vfio_loaded(self) -> bool:
+        return (self._drivers() / VFIO).is_dir()
+
+    def group_holders(self, address: str) -> list[str]:
+        """Processes holding the device's /dev/vfio/<group> open, as 'comm (pid N)': while
+        one does, vfio-pci's unbind would block until it lets go. Sees the processes of this
+        PID namespace (the host's, with hostPID)."""
+        try:
+            group = os.path.basename(os.readlink(self._dev(address) / "iommu_group"))
+        except OSError:
+            return []
+        want = f"/dev/vfio/{group}"
+        found = []
+        for proc in self.proc_root.glob("[0-9]*"):
+            try:
+                fds = list((proc / "fd").iterdir())
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(fd) == want:
+                        comm = (proc / "comm").read_text().strip()
+                        found.append(f"{comm} (pid {proc.name})")
+                        break
+                except OSError:
+                    continue
+        return sorted(found)
+
     def bind_vfio(self, addresses: Iterable[str]) -> list[str]:
-        """Bind each device to vfio-pci; returns those that moved. Idempotent."""
-        if not (self.root / "bus" / "pci" / "drivers" / VFIO).is_dir():
-            raise PrepareError("the vfio-pci driver is not loaded on this host: modprobe vfio-pci")
-        moved = []
+        """Bind each device to vfio-pci; returns those that moved. Idempotent. All or nothing:
+        when one fails, those this call moved go back to their drivers, and the failing one
+        is left as it was found (no driver_override, its own driver)."""
+        addresses = list(addresses)
+        if not self.vfio_loaded():
+            raise PrepareError(
+                "the vfio-pci driver is not loaded on this host: modprobe vfio-pci",
+                reason="VfioNotLoaded",
+            )
+        moved: list[str] = []
         for address in addresses:
             current = self.driver(address)
             if current == VFIO:
                 continue
             if not self._dev(address).exists():
-                raise PrepareError(f"{address} is not on this host")
-            try:
-                self.writer.write(self._dev(address) / "driver_override", VFIO)
-                if current is not None:
-                    self.writer.write(
-                        self.root / "bus" / "pci" / "drivers" / current / "unbind", address
-                    )
-                self.writer.write(self.root / "bus" / "pci" / "drivers_probe", address)
-            except OSError as e:
-                raise PrepareError(f"binding {address} to vfio-pci failed: {e}") from e
-            if self.driver(address) != VFIO:
+                self._give_back(moved)
                 raise PrepareError(
-                    f"{address} did not bind to vfio-pci (driver now {self.driver(address)})"
+                    f"{address} is not on this host", address=address, reason="DeviceGone"
                 )
-            self.moved.setdefault(address, current)
-            self._save()
+            try:
+                self._to_vfio(address, current)
+            except PrepareError:
+                self._give_back(moved)
+                raise
             moved.append(address)
             log.info("bound device=%s driver=%s (was %s)", address, VFIO, current or "none")
         return moved
 
+    def _to_vfio(self, address: str, current: str | None) -> None:
+        # Recorded first: a plugin that dies half-way gives the device back after a restart.
+        self.moved.setdefault(address, current)
+        self._save()
+        step = "setting driver_override"
+        try:
+            self.writer.write(self._dev(address) / "driver_override", VFIO)
+            if current is not None:
+                unbind = self._drivers() / current / "unbind"
+                if not unbind.exists():
+                    raise PrepareError(
+                        f"driver {current} does not let {address} go: it has no unbind file "
+                        "(the driver suppresses manual unbinding)",
+                        address=address,
+                        reason="UnbindRefused",
+                    )
+                step = f"unbinding it from {current}"
+                self.writer.write(unbind, address)
+            step = "binding it to vfio-pci"
+            self.writer.write(self._drivers() / VFIO / "bind", address)
+        except OSError as e:
+            self._undo(address, current)
+            reason = "UnbindRefused" if step.startswith("unbinding") else "BindRefused"
+            raise PrepareError(
+                f"{address}: {step} failed: the kernel said {_kernel_said(e)}",
+                address=address,
+                reason=reason,
+            ) from e
+        except PrepareError:
+            self._undo(address, current)
+            raise
+        if self.driver(address) != VFIO:
+            now = self.driver(address)
+            self._undo(address, current)
+            raise PrepareError(
+                f"{address} did not bind to vfio-pci (driver then {now or 'none'})",
+                address=address,
+                reason="BindRefused",
+            )
+
+    def _undo(self, address: str, original: str | None) -> None:
+        """Put a device a failed bind touched back as it was; forget it once it is."""
+        for path, value in (
+            (self._drivers() / VFIO / "unbind", address),
+            (self._dev(address) / "driver_override", "\n"),
+            (self.root / "bus" / "pci" / "drivers_probe", address),
+        ):
+            if path.name == "unbind" and self.driver(address) != VFIO:
+                continue
+            if path.name == "drivers_probe" and (original is None or self.driver(address)):
+                continue
+            try:
+                self.writer.write(path, value)
+            except OSError as e:
+                log.warning("undoing device=%s: %s failed: %s", address, path.name, e)
+        if self.driver(address) == original:
+            self.moved.pop(address, None)
+            self._save()
+        else:
+            log.error(
+                "device=%s left on %s, not %s: restore retries it",
+                address,
+                self.driver(address) or "no driver",
+                original or "no driver",
+            )
+
+    def _give_back(self, addresses: list[str]) -> None:
+        for address in addresses:
+            try:
+                self.restore([address])
+            except PrepareError as e:
+                log.error("giving back device=%s after a failed bind: %s", address, e)
+
     def restore(self, addresses: Iterable[str]) -> list[str]:
-        """Give devices this plugin moved back to their own driver; others are left alone."""
+        """Give devices this plugin moved back to their own driver; others are left alone.
+        Goes on past a device that fails, then raises the first failure."""
         if not self.restore_drivers:
             return []
-        restored = []
+        restored: list[str] = []
+        first: PrepareError | None = None
         for address in addresses:
             if address not in self.moved:
                 continue  # not ours to restore: bound to vfio-pci by someone else, or never moved
-            original = self.moved[address]
             try:
-                if self.driver(address) == VFIO:
-                    self.writer.write(
-                        self.root / "bus" / "pci" / "drivers" / VFIO / "unbind", address
-                    )
-                self.writer.write(self._dev(address) / "driver_override", "\n")
-                if original is not None:
-                    self.writer.write(self.root / "bus" / "pci" / "drivers_probe", address)
-            except OSError as e:
-                raise PrepareError(
-                    f"restoring {address} to {original or 'no driver'} failed: {e}"
-                ) from e
-            del self.moved[address]
-            self._save()
+                self._restore_one(address)
+            except PrepareError as e:
+                first = first or e
+                continue
             restored.append(address)
             log.info("restored device=%s driver=%s", address, self.driver(address) or "none")
+        if first is not None:
+            raise first
         return restored
+
+    def _restore_one(self, address: str) -> None:
+        original = self.moved[address]
+        if self.driver(address) == VFIO:
+            holders = self.group_holders(address)
+            if holders:
+                raise PrepareError(
+                    f"{address} is busy: its VFIO group is held open by {', '.join(holders)}; "
+                    "not unbinding (it would block until they let go)",
+                    address=address,
+                    reason="DeviceBusy",
+                )
+        try:
+            if self.driver(address) == VFIO:
+                self.writer.write(self._drivers() / VFIO / "unbind", address)
+            self.writer.write(self._dev(address) / "driver_override", "\n")
+            if original is not None and self.driver(address) is None:
+                self.writer.write(self.root / "bus" / "pci" / "drivers_probe", address)
+        except OSError as e:
+            raise PrepareError(
+                f"restoring {address} to {original or 'no driver'} failed: the kernel said "
+                f"{_kernel_said(e)}",
+                address=address,
+                reason="RestoreFailed",
+            ) from e
+        if original is not None and self.driver(address) != original:
+            raise PrepareError(
+                f"{address} did not go back to {original} (driver now "
+                f"{self.driver(address) or 'none'})",
+                address=address,
+                reason="RestoreFailed",
+            )
+        del self.moved[address]
+        self._save()

@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -235,8 +235,17 @@ def apiserver_command(
 class LocalCluster:
     """etcd + kube-apiserver in `state_dir`. Safe to construct for a cluster that already runs."""
 
-    def __init__(self, state_dir: Path, *, fsync: bool = False, log: Log = _stderr) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        fsync: bool = False,
+        log: Log = _stderr,
+        extra_names: Sequence[str] = (),
+    ) -> None:
         self.state_dir = state_dir
+        self.extra_names = tuple(extra_names)
+        """More names or addresses the API server's certificate carries (a lab host's)."""
         self.fsync = fsync
         self.log = log
         # Processes this object started, by name: poll() is the reliable liveness test for them
@@ -290,7 +299,7 @@ class LocalCluster:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for old_log in self.state_dir.glob("*.log"):
             old_log.unlink()  # a retry must not read the last attempt's bind error
-        pki = certs.generate(self.state_dir / "pki")
+        pki = certs.generate(self.state_dir / "pki", extra_names=self.extra_names)
         etcd_port, peer_port, api_port = free_ports(3)
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         server = f"https://127.0.0.1:{api_port}"

@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 Log = Callable[[str], None]
+MGMT_ADDRESS = "10.0.2.100"
+"""Where a lab host reaches what LabHost.forwards pipes to (the outer API server, say)."""
+MGMT_MAC = "52:54:00:00:00:fe"
+MGMT_GUEST_IP = "10.0.2.15/24"
 REPO = Path(__file__).resolve().parent.parent.parent
 # The modules the initramfs loads to reach the root over 9p (their dependencies come along).
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
@@ -48,6 +52,7 @@ RUN = r"""#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 # /tmp stays the machine's (under the overlay): the project may be checked out there.
 mount -t tmpfs tmpfs /run
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts  # QEMU's pty consoles, in nested guests
 # No udev here: load each device's driver by its modalias, as udev would.
 for a in /sys/bus/pci/devices/*/modalias; do modprobe -q "$(cat "$a")" 2>/dev/null; done
 cd /lab
@@ -68,6 +73,10 @@ class LabHost:
     cpus: int = 2
     devices: list[str] = field(default_factory=list)
     timeout: float = 600.0
+    forwards: dict[int, list[str]] = field(default_factory=dict)
+    """Guest port on MGMT_ADDRESS -> the command (on this machine) each connection is piped
+    to: QEMU's guestfwd, the only way out of a lab host (say, to the outer API server). A
+    virtio-net NIC with MAC MGMT_MAC carries them; the scenario gives it MGMT_GUEST_IP."""
 
     def qemu_args(self, kernel: Path, initrd: Path, results: Path) -> list[str]:
         half = self.memory_mib // 2
@@ -92,6 +101,19 @@ class LabHost:
             "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
             "-netdev", "user,id=n0,restrict=on",
             *(a for d in self.devices for a in ("-device", d)),
+            *self._mgmt_args(),
+        ]  # fmt: skip
+
+    def _mgmt_args(self) -> list[str]:
+        if not self.forwards:
+            return []
+        fwds = "".join(
+            f",guestfwd=tcp:{MGMT_ADDRESS}:{port}-cmd:{' '.join(cmd)}"
+            for port, cmd in sorted(self.forwards.items())
+        )
+        return [
+            "-netdev", f"user,id=mgmt,restrict=on{fwds}",
+            "-device", f"virtio-net-pci,bus=pcie.0,netdev=mgmt,mac={MGMT_MAC}",
         ]  # fmt: skip
 
 
@@ -164,18 +186,57 @@ def build_initramfs(dest: Path, release: str) -> Path:
         (root / "modules.order").write_text("\n".join(order) + "\n")
         (root / "init").write_text(INIT)
         (root / "init").chmod(0o755)
-        files = subprocess.run(
-            ["find", "."], cwd=root, capture_output=True, text=True, check=True
-        ).stdout
-        archive = subprocess.run(
-            ["cpio", "-o", "-H", "newc", "--quiet"],
-            cwd=root,
-            input=files.encode(),
-            capture_output=True,
-            check=True,
-        ).stdout
+        return _cpio(root, dest)
+
+
+GUEST_INIT = r"""#!/bin/busybox sh
+# A nested guest's init: say which PCI functions it sees, on its serial console, then idle.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo PCIPT-GUEST-LSPCI-BEGIN
+/usr/bin/lspci -nn
+echo PCIPT-GUEST-LSPCI-END
+while :; do sleep 3600; done
+"""
+
+
+def _cpio(root: Path, dest: Path) -> Path:
+    files = subprocess.run(
+        ["find", "."], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    archive = subprocess.run(
+        ["cpio", "-o", "-H", "newc", "--quiet"],
+        cwd=root,
+        input=files.encode(),
+        capture_output=True,
+        check=True,
+    ).stdout
     dest.write_bytes(archive)
     return dest
+
+
+def build_guest_initramfs(dest: Path) -> Path:
+    """The nested guest's whole root: busybox, this machine's lspci with its libraries and
+    pci.ids, and GUEST_INIT."""
+    with tempfile.TemporaryDirectory(prefix="pcipt-guest-") as tmp:
+        root = Path(tmp)
+        for d in ("bin", "proc", "sys", "dev", "usr/bin", "usr/share/misc"):
+            (root / d).mkdir(parents=True)
+        shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+        lspci = shutil.which("lspci") or "/usr/bin/lspci"
+        shutil.copy2(lspci, root / "usr" / "bin" / "lspci")
+        ldd = subprocess.run(["ldd", lspci], capture_output=True, text=True, check=True).stdout
+        for lib in {w for w in ldd.split() if w.startswith("/")}:
+            target = root / lib.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(lib, target)  # follows the symlink: the file under the soname
+        ids = Path("/usr/share/misc/pci.ids")
+        if ids.exists():
+            shutil.copy2(ids, root / "usr" / "share" / "misc" / "pci.ids")
+        (root / "init").write_text(GUEST_INIT)
+        (root / "init").chmod(0o755)
+        return _cpio(root, dest)
 
 
 @dataclass
@@ -187,11 +248,43 @@ class Boot:
     results: Path
 
 
-def boot(
+@dataclass
+class Running:
+    """A lab host being booted or running its scenario (start); finish waits for it."""
+
+    host: LabHost
+    proc: subprocess.Popen[bytes]
+    results: Path
+    started: float
+    console_file: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self) -> Boot:
+        try:
+            self.proc.wait(timeout=max(1.0, self.host.timeout - (time.monotonic() - self.started)))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            timed_out = True
+        seconds = time.monotonic() - self.started
+        console = self.console_file.read_text(errors="replace")
+        if timed_out:
+            console += f"\n(timed out after {self.host.timeout:.0f}s)"
+        exit_file = self.results / "exit"
+        code = int(exit_file.read_text().strip()) if exit_file.exists() else None
+        log_file = self.results / "scenario.log"
+        out = log_file.read_text(errors="replace") if log_file.exists() else ""
+        return Boot(code, seconds, out, console, self.results)
+
+
+def start(
     host: LabHost, scenario: str, results: Path, *, log: Log = print, files: Sequence[Path] = ()
-) -> Boot:
-    """Boot `host`, run the shell `scenario` inside (in /lab, which is `results` here), and
-    return its exit code and output once the host has powered off."""
+) -> Running:
+    """Boot `host` to run the shell `scenario` inside (in /lab, which is `results` here);
+    returns at once. The host powers off when the scenario ends."""
     vmlinuz, release = kernel()
     results.mkdir(parents=True, exist_ok=True)
     initrd = build_initramfs(results / "initramfs.cpio", release)
@@ -201,26 +294,21 @@ def boot(
         shutil.copy2(f, results / f.name)
     for stale in ("exit", "scenario.log"):
         (results / stale).unlink(missing_ok=True)
-    started = time.monotonic()
     log(f"hwlab: booting {host.name} ({len(host.devices)} devices)")
-    try:
-        proc = subprocess.run(
+    console_file = results / "console.txt"
+    with open(console_file, "wb") as console:
+        proc = subprocess.Popen(
             host.qemu_args(vmlinuz, initrd, results),
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=host.timeout,
-            check=False,
+            stdout=console,
+            stderr=subprocess.STDOUT,
         )
-        console = (proc.stdout + proc.stderr).decode(errors="replace")
-    except subprocess.TimeoutExpired as e:
-        console = ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")
-        console += f"\n(timed out after {host.timeout:.0f}s)"
-    seconds = time.monotonic() - started
-    exit_file = results / "exit"
-    code = int(exit_file.read_text().strip()) if exit_file.exists() else None
-    out = (
-        (results / "scenario.log").read_text(errors="replace")
-        if (results / "scenario.log").exists()
-        else ""
-    )
-    return Boot(code, seconds, out, console, results)
+    return Running(host, proc, results, time.monotonic(), console_file)
+
+
+def boot(
+    host: LabHost, scenario: str, results: Path, *, log: Log = print, files: Sequence[Path] = ()
+) -> Boot:
+    """Boot `host`, run the shell `scenario` inside (in /lab, which is `results` here), and
+    return its exit code and output once the host has powered off."""
+    return start(host, scenario, results, log=log, files=files).finish()

@@ -136,6 +136,29 @@ def vfcount(out: Path) -> None:
     record["vfs"] = sorted(
         (f.vf_index, f.address, f.iommu_group) for f in host.functions if f.phys_fn == pf
     )
+    # NVMe: the node plugin's own steps (flexible resources, online) around sriov_numvfs.
+    from nodeplugin.sriov import IpRunner
+
+    nvme = next(f.address for f in host.functions if f.class_code.startswith("010802"))
+    specs = load_specs(f"vfs: [{{name: nvme, match: {{address: '{nvme}'}}, count: 2}}]")
+    (v,) = compute_vf_counts(specs, host, labels, {})
+    record["nvme_writes"] = list(v.writes)
+    started = time.monotonic()
+    apply_vf_count(SYS, writer, v, IpRunner())
+    record["nvme_seconds"] = time.monotonic() - started
+    time.sleep(1)
+    record["nvme_numvfs"] = int((SYS / "bus/pci/devices" / nvme / "sriov_numvfs").read_text())
+    record["nvme_vfs"] = sorted(
+        (f.vf_index, f.address, f.iommu_group) for f in discover(SYS).functions
+        if f.phys_fn == nvme
+    )  # fmt: skip
+    dev = "/dev/" + sorted(p.name for p in (SYS / "bus/pci/devices" / nvme / "nvme").iterdir())[0]
+    record["nvme_secondaries"] = json.loads(
+        subprocess.run(
+            ["nvme", "list-secondary", dev, "-o", "json"], capture_output=True, text=True,
+            check=True,
+        ).stdout
+    )["secondary-controllers"]  # fmt: skip
     (out / "vfcount.json").write_text(json.dumps(record, indent=2))
 
 
@@ -164,11 +187,59 @@ def sriov(out: Path) -> None:
     (out / "sriov.txt").write_text(shown.stdout)
 
 
+def vfiofail(out: Path) -> None:
+    """The Preparer's failure paths on the real kernel: vfio-pci refusing a device (a PCIe
+    root port: a bridge), and a device whose VFIO group a process holds open (busy)."""
+    subprocess.run(["modprobe", "vfio-pci"], check=True)
+    host = discover(SYS)
+    record: dict[str, object] = {}
+    prep = Preparer(SYS, FileWriter(), Path("/tmp/pcipt-vfiofail.json"))
+    port = next(f.address for f in host.functions if f.class_code.startswith("0604") and f.driver)
+    record["port"] = port
+    record["port_driver_before"] = _driver(port)
+    record["port_has_unbind"] = (SYS / "bus/pci/drivers" / str(_driver(port)) / "unbind").exists()
+    try:
+        prep.bind_vfio([port])
+        record["port_error"] = None
+    except PrepareError as e:
+        record["port_error"] = {"reason": e.reason, "address": e.address, "message": str(e)}
+    record["port_driver_after"] = _driver(port)
+    record["port_override_after"] = (
+        (SYS / "bus/pci/devices" / port / "driver_override").read_text().strip()
+    )
+    record["moved_after_refusal"] = dict(prep.moved)
+    plain = next(f.address for f in host.functions if f.product_id == "10d3" and f.numa_node != 1)
+    prep.bind_vfio([plain])
+    group = (SYS / "bus/pci/devices" / plain / "iommu_group").resolve().name
+    holder = subprocess.Popen(["sh", "-c", f"exec 3</dev/vfio/{group}; exec sleep 600"])
+    time.sleep(1)
+    record["holders"] = prep.group_holders(plain)
+    started = time.monotonic()
+    try:
+        prep.restore([plain])
+        record["busy_error"] = None
+    except PrepareError as e:
+        record["busy_error"] = {"reason": e.reason, "address": e.address, "message": str(e)}
+    record["busy_seconds"] = time.monotonic() - started
+    record["driver_while_held"] = _driver(plain)
+    holder.kill()
+    holder.wait()
+    record["restored_after"] = prep.restore([plain])
+    record["driver_after"] = _driver(plain)
+    (out / "vfiofail.json").write_text(json.dumps(record, indent=2))
+
+
 def _driver(address: str) -> str | None:
     link = SYS / "bus/pci/devices" / address / "driver"
     return link.resolve().name if link.exists() else None
 
 
 if __name__ == "__main__":
-    scenarios = {"discovery": discovery, "vfio": vfio, "vfcount": vfcount, "sriov": sriov}
+    scenarios = {
+        "discovery": discovery,
+        "vfio": vfio,
+        "vfcount": vfcount,
+        "sriov": sriov,
+        "vfiofail": vfiofail,
+    }
     scenarios[sys.argv[1]](Path(sys.argv[2]))

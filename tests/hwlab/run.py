@@ -20,6 +20,7 @@ import json
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
+from pcipt import constants as c  # noqa: E402
 from pcipt.devcluster import hwlab  # noqa: E402
 
 PY = REPO / ".venv" / "bin" / "python"
@@ -169,7 +171,8 @@ for a in /sys/bus/pci/devices/*/modalias; do modprobe -q "$(cat "$a")" 2>/dev/nu
 
 
 def check_vfcount(out: Path) -> list[str]:
-    """0 -> 2 in one write, 2 -> 3 through 0; the kernel's EBUSY and ERANGE as simulated."""
+    """igb: 0 -> 2 in one write, 2 -> 3 through 0; the kernel's EBUSY and ERANGE as simulated.
+    NVMe: 0 -> 2 with the controller's flexible resources handed out and its VFs online."""
     r = json.loads((out / "vfcount.json").read_text())
     problems = []
     want = {
@@ -185,10 +188,48 @@ def check_vfcount(out: Path) -> list[str]:
         problems.append(f"a claimed VF did not stop the change: {r.get('refused')!r}")
     if [i for i, _a, _g in r["vfs"]] != [0, 1, 2] or len({g for *_x, g in r["vfs"]}) != 3:
         problems.append(f"VFs after the change: {r['vfs']}")
+    # NVMe: two VFs, each its own IOMMU group, each secondary controller online with 2 queues
+    # and 1 interrupt (the flexible resources the node plugin handed out).
+    if r["nvme_writes"] != [2] or r["nvme_numvfs"] != 2 or len(r["nvme_vfs"]) != 2:
+        problems.append(f"NVMe VFs: writes {r['nvme_writes']}, now {r['nvme_vfs']}")
+    if len({g for *_x, g in r["nvme_vfs"]}) != 2:
+        problems.append(f"NVMe VFs share an IOMMU group: {r['nvme_vfs']}")
+    states = [
+        (s["secondary-controller-state"], s["num-virtual-queues"], s["num-virtual-interrupts"])
+        for s in r["nvme_secondaries"]
+    ]
+    if states != [(1, 2, 1), (1, 2, 1)]:
+        problems.append(f"NVMe secondary controllers (online, queues, interrupts): {states}")
     return problems
 
 
 SRIOV = VFCOUNT.replace("inside.py vfcount", "inside.py sriov")
+VFIOFAIL = VFCOUNT.replace("inside.py vfcount", "inside.py vfiofail")
+
+
+def check_vfiofail(out: Path) -> list[str]:
+    """vfio-pci refuses a bridge: the kernel's EINVAL is reported and the port is left on its
+    own driver with no override; a held group is DeviceBusy (no blocking unbind), then goes
+    back once let go."""
+    r = json.loads((out / "vfiofail.json").read_text())
+    problems = []
+    err = r["port_error"] or {}
+    if err.get("reason") != "BindRefused" or "(EINVAL)" not in err.get("message", ""):
+        problems.append(f"binding the root port {r['port']}: {err or 'no error'}")
+    if r["port_driver_after"] != r["port_driver_before"] or r["port_override_after"] != "(null)":
+        problems.append(
+            f"root port left on {r['port_driver_after']!r}, override {r['port_override_after']!r}"
+        )
+    if r["moved_after_refusal"]:
+        problems.append(f"a refused device is still recorded as moved: {r['moved_after_refusal']}")
+    busy = r["busy_error"] or {}
+    if busy.get("reason") != "DeviceBusy" or "sleep" not in busy.get("message", ""):
+        problems.append(f"restoring a held device: {busy or 'no error'} (holders {r['holders']})")
+    if r["driver_while_held"] != "vfio-pci" or r["busy_seconds"] > 5:
+        problems.append(f"while held: {r['driver_while_held']} after {r['busy_seconds']:.1f} s")
+    if r["driver_after"] != "e1000e":
+        problems.append(f"after the holder let go: {r['driver_after']!r}, not e1000e")
+    return problems
 
 
 def check_sriov(out: Path) -> list[str]:
@@ -208,25 +249,336 @@ def check_sriov(out: Path) -> list[str]:
     return problems
 
 
+# libvirt's qemu driver inside a lab host: root runs QEMU (no users, no namespaces, no
+# cgroups, no SELinux/AppArmor there), logs go to files (no virtlogd). libvirt resolves its
+# default user before it reads qemu.conf, so that user must exist.
+LIBVIRTD = r"""
+echo "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin" >> /etc/passwd
+printf 'kvm:x:64056:\nlibvirt-qemu:x:64055:\n' >> /etc/group
+mkdir -p /etc/libvirt /var/lib/libvirt /var/log/libvirt/qemu /run/libvirt
+cat > /etc/libvirt/qemu.conf <<EOC
+user = "root"
+group = "root"
+security_driver = "none"
+namespaces = []
+cgroup_controllers = []
+stdio_handler = "file"
+remember_owner = 0
+EOC
+libvirtd > /lab/libvirtd.log 2>&1 &
+for i in $(seq 1 120); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.5; done
+"""
+
+E2E = f"""
+set -x
+for a in /sys/bus/pci/devices/*/modalias; do modprobe -q "$(cat "$a")" 2>/dev/null; done
+modprobe vfio-pci
+modprobe virtio_net  # the management NIC: a virtio device, whose modalias is not a PCI one
+sleep 1
+{LIBVIRTD}
+mgmt=$(for n in /sys/class/net/*; do [ "$(cat $n/address)" = {hwlab.MGMT_MAC} ] && basename $n; done)
+[ -n "$mgmt" ] || {{ echo "no management NIC"; exit 3; }}
+ip link set lo up
+ip addr add {hwlab.MGMT_GUEST_IP} dev $mgmt && ip link set $mgmt up
+drivers() {{ for d in /sys/bus/pci/devices/*; do echo "$(basename $d) $(basename "$(readlink $d/driver)")"; done; }}
+drivers > /lab/drivers-before.txt
+mkdir -p /lab/consoles
+{PY} -m nodeplugin run --node-name lab --kubeconfig /lab/kubeconfig --config /lab/devices.yaml \
+  --libvirt-uri qemu:///system --domain-type qemu --state-dir /var/lib/pcipt \
+  --console-log-dir /lab/consoles --stop-grace 1 --rescan-interval 15 --resync-interval 5 \
+  --lease-interval 10 > /lab/agent.log 2>&1 &
+agent=$!
+# The outer side says when the guests have shown their devices, and when the VMs are gone.
+for i in $(seq 1 900); do [ -e /lab/guests-seen ] && break; sleep 1; done
+igb=$(for d in /sys/bus/pci/devices/*; do [ "$(cat $d/device)" = 0x10c9 ] && ls $d/net; done)
+ip -d link show dev $igb > /lab/iplink.txt
+drivers > /lab/drivers-running.txt
+virsh -c qemu:///system list --all > /lab/virsh-running.txt
+touch /lab/inside-read
+for i in $(seq 1 600); do [ -e /lab/vms-gone ] && break; sleep 1; done
+sleep 3
+drivers > /lab/drivers-after.txt
+virsh -c qemu:///system list --all > /lab/virsh-after.txt
+ps -eo comm > /lab/ps-after.txt
+kill $agent 2>/dev/null; exit 0
+"""
+
+E2E_DEVICES = """
+vfs:
+  - name: igb
+    match: {vendorID: "8086", productID: "10c9"}
+    count: 2
+devices:
+  - name: e1000e
+    match: {vendorID: "8086", productID: "10d3", address: "0000:03:00.0"}
+  - name: igb-vf
+    match: {vendorID: "8086", productID: "10ca"}
+    physicalNetwork: labnet
+"""
+
+
+def _e2e_objects(kernel: str) -> str:
+    boot = {
+        "kernel": f"file://{kernel}",
+        "initrd": "file:///lab/guest.cpio",
+        "cmdline": "console=ttyS0 quiet panic=-1",
+    }
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lab"}},
+        {
+            "apiVersion": "pcipt.io/v1alpha1",
+            "kind": "PciFlavor",
+            "metadata": {"name": "lab-e1000e"},
+            "spec": {"deviceType": "nic", "selector": {"productIDs": ["10d3"]}},
+        },
+        {
+            "apiVersion": "pcipt.io/v1alpha1",
+            "kind": "PciFlavor",
+            "metadata": {"name": "lab-igb-vf"},
+            "spec": {
+                "deviceType": "nic",
+                "selector": {"productIDs": ["10ca"], "physicalNetworks": ["labnet"]},
+                "networking": {"vlanRanges": ["100-199"]},
+            },
+        },
+    ]
+    for name, extra in (
+        ("plain", {"devices": [{"name": "nic", "flavor": "lab-e1000e"}]}),
+        (
+            "vf",
+            {
+                "networks": [
+                    {
+                        "name": "uplink",
+                        "flavor": "lab-igb-vf",
+                        "physicalNetwork": "labnet",
+                        "vlan": 100,
+                        "mac": "52:54:00:aa:00:01",
+                        "mode": "hostdev",
+                    }
+                ]
+            },
+        ),
+    ):
+        docs.append(
+            {
+                "apiVersion": "pcipt.io/v1alpha1",
+                "kind": "PassthroughVM",
+                "metadata": {"name": name, "namespace": "lab"},
+                "spec": {
+                    "cpu": {"cores": 1, "pinning": "none"},
+                    "memory": "256Mi",
+                    "kernelBoot": boot,
+                    **extra,
+                },
+            }
+        )
+    return "\n---\n".join(json.dumps(d) for d in docs)
+
+
+def _guest_lspci(console: str) -> list[str]:
+    if "PCIPT-GUEST-LSPCI-END" not in console:
+        return []
+    body = console.split("PCIPT-GUEST-LSPCI-BEGIN", 1)[1].split("PCIPT-GUEST-LSPCI-END", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
+    """The outer side: a real API server and the controller here, the node plugin in the lab
+    host (through guestfwd); two PassthroughVMs; the guests' lspci read from their consoles."""
+    from pcipt.devcluster.cluster import LocalCluster
+    from pcipt.devcluster.lab import Lab
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "no-hosts.yaml").write_text("hosts: {}\n")
+    cluster = LocalCluster(out / "control-plane", extra_names=[hwlab.MGMT_ADDRESS])
+    lab = Lab(
+        out / "outer",
+        out / "no-hosts.yaml",
+        out / "no-hosts.yaml",
+        controller_args=["--node-dead-after", "60"],
+    )
+    problems: list[str] = []
+    running = None
+    try:
+        lab.start(cluster)
+        state = cluster.state()
+        assert state is not None
+        port = int(state.server.rsplit(":", 1)[1])
+        kubeconfig = cluster.kubeconfig.read_text().replace(
+            state.server, f"https://{hwlab.MGMT_ADDRESS}:6443"
+        )
+        (out / "kubeconfig").write_text(kubeconfig)
+        (out / "devices.yaml").write_text(E2E_DEVICES)
+        hwlab.build_guest_initramfs(out / "guest.cpio")
+        lab.kubectl("create", "namespace", c.DEFAULT_NAMESPACE, check=False)
+        host = hwlab.LabHost(
+            name="e2e",
+            devices=hwlab.default_devices(),
+            timeout=900,
+            forwards={
+                6443: [sys.executable, str(REPO / "tests/hwlab/relay.py"), "127.0.0.1", str(port)]
+            },
+        )
+        running = hwlab.start(host, E2E, out, log=log)
+        lab.kubectl("apply", "-f", "-", input=_e2e_objects(str(hwlab.kernel()[0])))
+        seen: dict[str, list[str]] = {}
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and running.alive() and len(seen) < 2:
+            for name in ("plain", "vf"):
+                f = out / "consoles" / f"lab_{name}.log"
+                if name not in seen and f.exists():
+                    lines = _guest_lspci(f.read_text(errors="replace"))
+                    if lines:
+                        seen[name] = lines
+                        log(
+                            f"hwlab: guest {name} is up ({time.monotonic() - running.started:.0f} s)"
+                        )
+            got = lab.kubectl("get", "passthroughvms", "-n", "lab", "-o", "json", check=False)
+            vms = json.loads(got.stdout or '{"items": []}')
+            failed = [v for v in vms["items"] if (v.get("status") or {}).get("phase") == "Failed"]
+            if failed:
+                problems += [
+                    f"VM {v['metadata']['name']} failed: {v['status'].get('conditions')}"
+                    for v in failed
+                ]
+                break
+            time.sleep(2)
+        phases = lab.kubectl(
+            "get",
+            "passthroughvms",
+            "-n",
+            "lab",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.status.phase} {end}",
+            check=False,
+        ).stdout
+        (out / "phases.txt").write_text(phases)
+        (out / "pcidevices.json").write_text(
+            lab.kubectl("get", "pcidev", "-o", "json", check=False).stdout
+        )
+        (out / "vms.json").write_text(
+            lab.kubectl("get", "passthroughvms", "-A", "-o", "json", check=False).stdout
+        )
+        (out / "guests-seen").touch()
+        wait_file(out / "inside-read", running, 120)
+        started = time.monotonic()
+        lab.kubectl(
+            "delete",
+            "passthroughvms",
+            "-n",
+            "lab",
+            "--all",
+            "--wait=true",
+            "--timeout=180s",
+            check=False,
+        )
+        (out / "delete-seconds.txt").write_text(f"{time.monotonic() - started:.1f}")
+        left = lab.kubectl(
+            "get", "passthroughvms", "-n", "lab", "-o", "name", check=False
+        ).stdout.strip()
+        if left:
+            problems.append(f"VMs still there after delete: {left}")
+        (out / "vms-gone").touch()
+        boot = running.finish()
+        running = None
+        if boot.exit_code != 0:
+            problems.append(
+                f"lab scenario exited {boot.exit_code}:\n{boot.log[-2500:]}\n{boot.console[-1500:]}"
+            )
+        problems += check_e2e(out, seen, phases)
+    finally:
+        if running is not None:
+            (out / "guests-seen").touch()
+            (out / "vms-gone").touch()
+            running.finish()
+        lab.stop()
+        cluster.down()
+    return problems
+
+
+def wait_file(path: Path, running: hwlab.Running, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and running.alive() and time.monotonic() < deadline:
+        time.sleep(1)
+
+
+def check_e2e(out: Path, seen: dict[str, list[str]], phases: str) -> list[str]:
+    problems = []
+    agent_log = (out / "agent.log").read_text() if (out / "agent.log").exists() else ""
+    if "plain=Running" not in phases or "vf=Running" not in phases:
+        problems.append(f"VM phases: {phases!r}")
+    plain = seen.get("plain", [])
+    if not any("[8086:10d3]" in line for line in plain):
+        problems.append(f"the plain guest's lspci shows no e1000e: {plain}")
+    vf = seen.get("vf", [])
+    if not any("[8086:10ca]" in line for line in vf):
+        problems.append(f"the VF guest's lspci shows no igb VF: {vf}")
+    text = (out / "iplink.txt").read_text() if (out / "iplink.txt").exists() else ""
+    if not re.search(r"vf 0 .*52:54:00:aa:00:01.*vlan 100", text) and not re.search(
+        r"vf 1 .*52:54:00:aa:00:01.*vlan 100", text
+    ):
+        problems.append(f"no VF with the VM's MAC and VLAN in the PF's ip -d link: {text!r}")
+
+    def drivers(name: str) -> dict[str, str]:
+        f = out / name
+        rows = [line.split() for line in f.read_text().splitlines()] if f.exists() else []
+        return {r[0]: (r[1] if len(r) > 1 else "") for r in rows}
+
+    during, after = drivers("drivers-running.txt"), drivers("drivers-after.txt")
+    vfio_during = sorted(a for a, d in during.items() if d == "vfio-pci")
+    if len(vfio_during) != 2:
+        problems.append(f"bound to vfio-pci while the guests ran: {vfio_during}")
+    # What each device had before the agent bound it (a VF it made has no driver here: no udev).
+    was = dict(re.findall(r"bound device=(\S+) driver=vfio-pci \(was (\S+)\)", agent_log))
+    for a in vfio_during:
+        want = "" if was.get(a, "none") == "none" else was[a]
+        if after.get(a, "") != want:
+            problems.append(f"{a} after the VM went: {after.get(a)!r}, not {want!r} as before")
+    virsh_after = (
+        (out / "virsh-after.txt").read_text() if (out / "virsh-after.txt").exists() else ""
+    )
+    if "lab_" in virsh_after:
+        problems.append(f"domains left after delete: {virsh_after!r}")
+    ps_after = (out / "ps-after.txt").read_text() if (out / "ps-after.txt").exists() else ""
+    if "qemu-system" in ps_after:
+        problems.append("a nested QEMU still runs after the VMs were deleted")
+    return problems
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Path], list[str]]]] = {
     "discovery": (DISCOVERY, check_discovery),
     "vfio": (VFIO, check_vfio),
     "vfcount": (VFCOUNT, check_vfcount),
     "sriov": (SRIOV, check_sriov),
+    "vfiofail": (VFIOFAIL, check_vfiofail),
 }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
+    p.add_argument("scenarios", nargs="*", default=[*SCENARIOS, "e2e"])
     p.add_argument("--keep", type=Path, help="keep each scenario's files under this folder")
     args = p.parse_args()
     passed = failed = 0
     with tempfile.TemporaryDirectory(prefix="pcipt-hwlab-") as tmp:
         base = args.keep or Path(tmp)
         for name in args.scenarios:
-            script, check = SCENARIOS[name]
             out = base / name
+            if name == "e2e":
+                started = time.monotonic()
+                problems = run_e2e(out, lambda m: print(m, flush=True))
+                took = time.monotonic() - started
+                if problems:
+                    failed += 1
+                    print(f"FAIL e2e ({took:.0f} s)")
+                    for line in problems:
+                        print(f"  - {line}")
+                else:
+                    passed += 1
+                    print(f"PASS e2e ({took:.0f} s)")
+                continue
+            script, check = SCENARIOS[name]
             host = hwlab.LabHost(name=name, devices=hwlab.default_devices())
             boot = hwlab.boot(host, script, out, log=lambda m: print(m, flush=True))
             problems = (

@@ -20,7 +20,7 @@ from kubernetes import client
 from nodeplugin.agent import AgentSettings, NodeAgent
 from nodeplugin.domain.build import domain_name
 from nodeplugin.domain.render import passthrough_addresses
-from nodeplugin.simulate import SysfsTree, build_host
+from nodeplugin.simulate import SimulatedKernel, SysfsTree, build_host
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, pcidevice_name
 from pcipt.devcluster import LocalCluster
@@ -80,11 +80,13 @@ class Rig:
         self.kubeconfig = kubeconfig
         self.api: KubeClient | None = None
         self.agent: NodeAgent | None = None
+        self.writer: SimulatedKernel | None = None
+        """The kernel the agent writes to (default: a plain simulated one)."""
 
     async def start(self) -> NodeAgent:
         if self.api is None:
             self.api = KubeClient(load_credentials(str(self.kubeconfig)))
-        self.agent = NodeAgent(self.api, self.settings)
+        self.agent = NodeAgent(self.api, self.settings, writer=self.writer)
         await self.agent.start()
         await self.agent.devices.synced.wait()
         await self.agent.rescan()
@@ -492,6 +494,70 @@ def test_a_start_failure_is_failed_with_libvirts_message(rig: Rig) -> None:
         finally:
             await rig.stop()
             foreign.undefine()
+
+    run(scenario())
+
+
+class RefusingKernel(SimulatedKernel):
+    """vfio-pci's probe refuses one device (as it refuses a bridge: EINVAL) while `refuse`."""
+
+    refuse = True
+
+    def write(self, path: Path, value: str) -> None:
+        if self.refuse and path.name == "bind" and path.parent.name == "vfio-pci":
+            if value.strip() == AUDIO:
+                raise OSError(22, "Invalid argument")
+        super().write(path, value)
+
+
+def test_a_bind_the_kernel_refuses_marks_the_device_unhealthy_and_touches_nothing(
+    rig: Rig, kube: KubeCluster
+) -> None:
+    async def scenario() -> None:
+        kernel = RefusingKernel(rig.root)
+        rig.writer = kernel
+        agent = await rig.start()
+        try:
+            await rig.schedule_vm("refused", [GPU, AUDIO])
+            failed = await until(lambda: _phase(rig, "refused", "Failed"), what="Failed")
+            cond = next(x for x in failed.status.conditions if x.type == c.COND_DOMAIN_READY)
+            assert cond.reason == "PrepareFailed" and "the kernel said Invalid argument" in (
+                cond.message
+            )
+            # Nothing half-bound: both back on their own drivers, no override left behind.
+            assert driver(rig, GPU) == "nvidia" and driver(rig, AUDIO) == "snd_hda_intel"
+            for a in (GPU, AUDIO):
+                override = rig.root / "bus/pci/devices" / a / "driver_override"
+                assert override.read_text().strip() == "(null)"
+            assert libvirt_domain(domain_name(rig.namespace, "refused")) is None
+
+            async def unhealthy() -> dict[str, Any] | None:
+                d = await rig.device(AUDIO)
+                return d if d and d["status"].get("health") == "Unhealthy" else None
+
+            audio = await until(unhealthy, what="the refused device Unhealthy")
+            healthy = next(x for x in audio["status"]["conditions"] if x["type"] == "Healthy")
+            assert healthy["reason"] == "BindRefused"
+            assert (
+                "binding it to vfio-pci failed: the kernel said Invalid argument (EINVAL)"
+                in (healthy["message"])
+            )
+            gpu = await rig.device(GPU)
+            assert gpu is not None and gpu["status"]["health"] == "Healthy"  # not at fault
+            events = client.CoreV1Api(kube.api).list_namespaced_event(
+                "default", field_selector=f"involvedObject.name={rig.name(AUDIO)}"
+            )
+            assert [e.reason for e in events.items] == ["BindRefused"]
+            # The cause goes away: the VM's next try binds both, and the device is Healthy.
+            kernel.refuse = False
+            await until(lambda: _phase(rig, "refused", "Running"), what="Running after the fix")
+            assert driver(rig, AUDIO) == "vfio-pci"
+            assert AUDIO not in agent.failures
+            await agent.rescan()
+            audio_now = await rig.device(AUDIO)
+            assert audio_now is not None and audio_now["status"]["health"] == "Healthy"
+        finally:
+            await rig.stop()
 
     run(scenario())
 

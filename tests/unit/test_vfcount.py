@@ -11,6 +11,7 @@ import pytest
 from nodeplugin.devicespec import DeviceSpecError, load_specs
 from nodeplugin.discovery import discover
 from nodeplugin.simulate import SimulatedKernel, build_host
+from nodeplugin.sriov import RecordingRunner, SriovError
 from nodeplugin.vfcount import apply_vf_count, compute_vf_counts, vf_condition
 from tests.unit.hosts import lab_host
 
@@ -130,3 +131,87 @@ def test_the_simulated_kernel_answers_as_sriov_numvfs_store(root: Path) -> None:
     with pytest.raises(OSError) as no_driver:
         SimulatedKernel(root).write(path, "0")
     assert no_driver.value.errno == 2
+
+
+NVME_CAPS = (
+    '{"cntlid": 0, "vqfrt": 4, "vqrfap": 2, "vqfrsm": 2, "vifrt": 2, "virfap": 1, "vifrsm": 1}'
+)
+NVME_SECONDARIES = """{"num": 2, "secondary-controllers": [
+  {"secondary-controller-identifier": 2, "secondary-controller-state": 1,
+   "virtual-function-number": 2},
+  {"secondary-controller-identifier": 1, "secondary-controller-state": 0,
+   "virtual-function-number": 1}]}"""
+
+
+class Shared:
+    """One ordered log of sysfs writes and commands, to check the order across both."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+
+def nvme_rig(root: Path) -> tuple[Shared, SimulatedKernel, RecordingRunner]:
+    (root / "bus/pci/devices" / PF / "nvme" / "nvme3").mkdir(parents=True)
+    shared = Shared()
+
+    class Kernel(SimulatedKernel):
+        def write(self, path: Path, value: str) -> None:
+            shared.log.append(f"write {path.name}={value}")
+            super().write(path, value)
+
+    class Runner(RecordingRunner):
+        def run(self, argv: list[str]) -> None:
+            shared.log.append(" ".join(argv))
+            super().run(argv)
+
+    runner = Runner(
+        answers={
+            "nvme primary-ctrl-caps /dev/nvme3": NVME_CAPS,
+            "nvme list-secondary /dev/nvme3": NVME_SECONDARIES,
+        }
+    )
+    return shared, Kernel(root), runner
+
+
+def test_an_nvme_pf_gives_its_vfs_flexible_resources_and_brings_them_online(root: Path) -> None:
+    shared, kernel, runner = nvme_rig(root)
+    v = plan(root, "vfs: [{match: {address: '0000:5e:00.0'}, count: 2}]")[PF]
+    apply_vf_count(root, kernel, v, runner)
+    m = "nvme virt-mgmt /dev/nvme3"
+    assert shared.log == [
+        f"{m} -c 2 -a 7",  # an online secondary goes offline before anything changes
+        f"{m} -c 0 -r 0 -a 1 -n 0",  # the primary's flexible queues back to the pool...
+        f"{m} -c 0 -r 1 -a 1 -n 0",  # ... and interrupts,
+        "nvme reset /dev/nvme3",  # which a reset makes take effect
+        f"{m} -c 1 -r 0 -a 8 -n 2",  # 4 queues and 2 interrupts over 2 VFs, in VF order
+        f"{m} -c 1 -r 1 -a 8 -n 1",
+        f"{m} -c 2 -r 0 -a 8 -n 2",
+        f"{m} -c 2 -r 1 -a 8 -n 1",
+        "write sriov_numvfs=0",
+        "write sriov_numvfs=2",
+        f"{m} -c 1 -a 9",  # online once the VFs exist
+        f"{m} -c 2 -a 9",
+    ]
+    assert numvfs(root) == 2
+
+
+def test_nvme_vfs_going_to_zero_only_go_offline(root: Path) -> None:
+    shared, kernel, runner = nvme_rig(root)
+    v = plan(root, "vfs: [{match: {address: '0000:5e:00.0'}, count: 0}]")[PF]
+    apply_vf_count(root, kernel, v, runner)
+    assert shared.log == ["nvme virt-mgmt /dev/nvme3 -c 2 -a 7", "write sriov_numvfs=0"]
+
+
+def test_too_few_flexible_resources_is_refused_before_any_vf_changes(root: Path) -> None:
+    _shared, kernel, runner = nvme_rig(root)
+    v = plan(root, "vfs: [{match: {address: '0000:5e:00.0'}, count: 3}]")[PF]
+    with pytest.raises(SriovError, match="too few for 3 VFs"):
+        apply_vf_count(root, kernel, v, runner)
+    assert numvfs(root) == 4  # untouched
+
+
+def test_a_pf_that_is_not_nvme_runs_no_nvme_command(root: Path) -> None:
+    runner = RecordingRunner()
+    v = plan(root, "vfs: [{match: {netdev: ens1f0}, count: 2}]")[PF]
+    apply_vf_count(root, SimulatedKernel(root), v, runner)
+    assert runner.commands == [] and numvfs(root) == 2
