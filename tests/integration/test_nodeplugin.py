@@ -504,9 +504,9 @@ class RefusingKernel(SimulatedKernel):
     refuse = True
 
     def write(self, path: Path, value: str) -> None:
-        if self.refuse and path.name == "bind" and path.parent.name == "vfio-pci":
-            if value.strip() == AUDIO:
-                raise OSError(22, "Invalid argument")
+        vfio_bind = path.name == "bind" and path.parent.name == "vfio-pci"
+        if self.refuse and vfio_bind and value.strip() == AUDIO:
+            raise OSError(22, "Invalid argument")
         super().write(path, value)
 
 

@@ -155,7 +155,7 @@ def test_a_driver_without_an_unbind_file_is_refused_before_anything_moves(
     root: Path, tmp_path: Path
 ) -> None:
     (root / "bus/pci/drivers/nvidia/unbind").unlink()
-    p, w = preparer(root, tmp_path / "s.json")
+    p, _w = preparer(root, tmp_path / "s.json")
     with pytest.raises(PrepareError, match="driver nvidia does not let 0000:3b:00.0 go") as e:
         p.bind_vfio([GPU])
     assert e.value.reason == "UnbindRefused"

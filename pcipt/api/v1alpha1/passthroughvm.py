@@ -205,9 +205,7 @@ HostPath = Annotated[
         json_schema_extra=k8s(
             cel(
                 "self.startsWith('file:///')",
-                message_expression=cel_value_message(
-                    "is not a file on the host: use file:///path"
-                ),
+                message_expression=cel_value_message("is not a file on the host: use file:///path"),
             )
         ),
     ),
