@@ -156,7 +156,7 @@ def test_a_driver_without_an_unbind_file_is_refused_before_anything_moves(
 ) -> None:
     (root / "bus/pci/drivers/nvidia/unbind").unlink()
     p, _w = preparer(root, tmp_path / "s.json")
-    with pytest.raises(PrepareError, match="driver nvidia does not let 0000:3b:00.0 go") as e:
+    with pytest.raises(PrepareError, match=r"driver nvidia does not let 0000:3b:00\.0 go") as e:
         p.bind_vfio([GPU])
     assert e.value.reason == "UnbindRefused"
     assert driver(root, GPU) == "nvidia" and override(root, GPU) == "(null)" and p.moved == {}
@@ -189,7 +189,7 @@ def test_restore_goes_on_past_a_failure_then_reports_it(root: Path, tmp_path: Pa
 
     p = Preparer(root, NoProbe(root), tmp_path / "s.json")
     p.bind_vfio([GPU, AUDIO])
-    with pytest.raises(PrepareError, match="restoring 0000:3b:00.0 to nvidia failed") as e:
+    with pytest.raises(PrepareError, match=r"restoring 0000:3b:00\.0 to nvidia failed") as e:
         p.restore([GPU, AUDIO])
     assert e.value.reason == "RestoreFailed" and driver(root, AUDIO) == "snd_hda_intel"
     assert p.moved == {GPU: "nvidia"}
