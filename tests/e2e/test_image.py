@@ -73,6 +73,10 @@ def test_it_runs_unprivileged_with_libvirts_client_library(container: str) -> No
     assert out.returncode == 0 and int(out.stdout) >= 9_000_000, out.stderr  # libvirt 9.0 or newer
     out = run_in(container, "lspci", "--version")
     assert out.returncode == 0 and "lspci" in out.stdout
+    # The node plugin's tools for VFs: `ip link` (VF settings), nvme-cli (NVMe VF resources).
+    for tool in (["ip", "-V"], ["nvme", "version"]):
+        out = run_in(container, *tool)
+        assert out.returncode == 0, (tool, out.stderr)
 
 
 def test_discover_in_the_image_reads_a_fake_sysfs_as_outside(

@@ -5,12 +5,9 @@ with `N passed, M failed`.
 
     .venv/bin/python tests/hwlab/run.py [SCENARIO ...] [--keep DIR]
 
-Scenarios so far: discovery (pcipt-nodeplugin's discovery and publish step against
-`lspci -Dnnvk` and /sys/class/net, with igb VFs made by the kernel); vfio (the node plugin's
-Preparer binds an e1000e and an igb VF to vfio-pci and gives them back, on the real kernel);
-vfcount (the node plugin's VF counts on igb: 0 -> 2, then 2 -> 3 through 0, refused while a VF
-is claimed; the kernel's EBUSY and ERANGE, which the simulated kernel copies); sriov (MAC,
-VLAN, trust and spoof checking set by the node plugin on igb VFs, read back from `ip -d link`).
+Scenarios: discovery, vfio, vfiofail, vfcount, sriov (each a check_<name> below says what it
+asserts) and e2e (run_e2e: the controller here, the node plugin in the lab host, nested guests
+that show their devices). docs/nodeplugin.md has the table.
 """
 
 from __future__ import annotations
