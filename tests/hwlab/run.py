@@ -305,9 +305,14 @@ vfs:
   - name: igb
     match: {vendorID: "8086", productID: "10c9"}
     count: 2
+  - name: nvme
+    match: {vendorID: "1b36", productID: "0010", address: "0000:01:00.0"}
+    count: 1
 devices:
   - name: e1000e
     match: {vendorID: "8086", productID: "10d3", address: "0000:03:00.0"}
+  - name: nvme-vf
+    match: {vendorID: "1b36", productID: "0010", address: "0000:01:00.1"}
   - name: igb-vf
     match: {vendorID: "8086", productID: "10ca"}
     physicalNetwork: labnet
@@ -331,6 +336,15 @@ def _e2e_objects(kernel: str) -> str:
         {
             "apiVersion": "pcipt.io/v1alpha1",
             "kind": "PciFlavor",
+            "metadata": {"name": "lab-nvme-vf"},
+            "spec": {
+                "deviceType": "nvme",
+                "selector": {"productIDs": ["0010"], "sriovRoles": ["VF"]},
+            },
+        },
+        {
+            "apiVersion": "pcipt.io/v1alpha1",
+            "kind": "PciFlavor",
             "metadata": {"name": "lab-igb-vf"},
             "spec": {
                 "deviceType": "nic",
@@ -340,7 +354,16 @@ def _e2e_objects(kernel: str) -> str:
         },
     ]
     for name, extra in (
-        ("plain", {"devices": [{"name": "nic", "flavor": "lab-e1000e"}]}),
+        # Two passthrough devices in one guest: a plain function and an NVMe VF the plugin made.
+        (
+            "plain",
+            {
+                "devices": [
+                    {"name": "nic", "flavor": "lab-e1000e"},
+                    {"name": "disk", "flavor": "lab-nvme-vf"},
+                ]
+            },
+        ),
         (
             "vf",
             {
@@ -508,6 +531,8 @@ def check_e2e(out: Path, seen: dict[str, list[str]], phases: str) -> list[str]:
     plain = seen.get("plain", [])
     if not any("[8086:10d3]" in line for line in plain):
         problems.append(f"the plain guest's lspci shows no e1000e: {plain}")
+    if not any("[1b36:0010]" in line for line in plain):
+        problems.append(f"the plain guest's lspci shows no NVMe VF: {plain}")
     vf = seen.get("vf", [])
     if not any("[8086:10ca]" in line for line in vf):
         problems.append(f"the VF guest's lspci shows no igb VF: {vf}")
@@ -524,7 +549,7 @@ def check_e2e(out: Path, seen: dict[str, list[str]], phases: str) -> list[str]:
 
     during, after = drivers("drivers-running.txt"), drivers("drivers-after.txt")
     vfio_during = sorted(a for a, d in during.items() if d == "vfio-pci")
-    if len(vfio_during) != 2:
+    if len(vfio_during) != 3:
         problems.append(f"bound to vfio-pci while the guests ran: {vfio_during}")
     # What each device had before the agent bound it (a VF it made has no driver here: no udev).
     was = dict(re.findall(r"bound device=(\S+) driver=vfio-pci \(was (\S+)\)", agent_log))
