@@ -296,12 +296,15 @@ def parse_nova_spec(
         keys = dict(d)
         vendor = _nova_hex(str(keys.pop("vendor_id", "*")), f"{at}: vendor_id", 0xFFFF, 4)
         product = _nova_hex(str(keys.pop("product_id", "*")), f"{at}: product_id", 0xFFFF, 4)
-        devname = keys.pop("devname", None)
+        # Nova reads both as "not given" when empty or null.
+        devname = keys.pop("devname", None) or None
         address_raw = keys.pop("address", None)
         if devname is not None and address_raw is not None:
             raise DeviceSpecError(f"{at}: a spec can name devname or address, but not both")
         address = parse_nova_address(address_raw, at) if address_raw is not None else None
-        tags = {str(k): _tag(v) for k, v in keys.items()}
+        # A null tag is no tag: `"physical_network": null` means no physical network (the
+        # device is not for a Neutron physnet), not one called "None".
+        tags = {str(k): _tag(v) for k, v in keys.items() if v is not None}
         out.append(
             NovaSpec(
                 index,
@@ -325,10 +328,17 @@ def _tag(value: Any) -> str:
     return str(value)
 
 
+NOVA_SPEC_OPTIONS = {
+    ("pci", "device_spec"),
+    ("pci", "passthrough_whitelist"),
+    ("default", "pci_passthrough_whitelist"),
+}
+
+
 def nova_conf_specs(text: str) -> list[str]:
-    """Every `device_spec` (and the older `passthrough_whitelist`) value of the [pci] section of
-    a nova.conf, in order; oslo.config repeats a multi-valued option's key, and continues a
-    value on indented lines."""
+    """Every `device_spec` value of a nova.conf (and of its older names: `[pci]
+    passthrough_whitelist`, `[DEFAULT] pci_passthrough_whitelist`), in order; oslo.config
+    repeats a multi-valued option's key, and continues a value on indented lines."""
     values: list[str] = []
     section = None
     current: list[str] | None = None
@@ -345,10 +355,12 @@ def nova_conf_specs(text: str) -> list[str]:
         if stripped.startswith("[") and stripped.endswith("]"):
             section = stripped[1:-1].strip().lower()
             continue
-        if section != "pci" or "=" not in stripped:
+        if "=" not in stripped:
             continue
         key, _, value = stripped.partition("=")
-        if key.strip() in ("device_spec", "passthrough_whitelist"):
+        # [pci] device_spec, its older name [pci] passthrough_whitelist, and the oldest,
+        # [DEFAULT] pci_passthrough_whitelist, which oslo.config still reads as deprecated.
+        if (section, key.strip()) in NOVA_SPEC_OPTIONS:
             current = [value.strip()]
     if current is not None:
         values.append(" ".join(current))

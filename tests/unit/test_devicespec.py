@@ -246,6 +246,15 @@ def test_nova_tags_become_attributes_and_physnet(host: HostInventory) -> None:
     }
 
 
+def test_nova_null_and_empty_values_mean_not_given(host: HostInventory) -> None:
+    # Nova: an empty devname is no devname (so it may stand beside an address), and a null
+    # physical_network is no physical network, not one named "None".
+    got = nova(host, '{"address": "0000:3b:00.0", "devname": "", "physical_network": null}')
+    assert got == {GPU: ("novaDeviceSpecs[0]", None, {})}
+    got = nova(host, '{"devname": null, "vendor_id": "10de", "product_id": "1aef"}')
+    assert set(got) == {AUDIO}
+
+
 def test_native_entries_come_before_nova_ones(host: HostInventory) -> None:
     got = offered(
         host,
@@ -295,6 +304,7 @@ def test_nova_refuses_remote_managed_on_a_pf(host: HostInventory) -> None:
 NOVA_CONF = """
 [DEFAULT]
 device_spec = {"vendor_id": "ffff"}
+pci_passthrough_whitelist = {"address": "0000:3b:00.1"}
 
 [pci]
 # the VFs of port 0, on physnet2
@@ -310,7 +320,9 @@ virt_type = kvm
 
 
 def test_nova_conf_pci_section_multi_valued_and_continued() -> None:
+    # [DEFAULT] pci_passthrough_whitelist: the deprecated name oslo.config still reads.
     assert nova_conf_specs(NOVA_CONF) == [
+        '{"address": "0000:3b:00.1"}',
         '{"devname": "ens1f0", "product_id": "1889", "physical_network": "physnet2"}',
         '{"address": "0000:af:00.0"}',
         '[{"vendor_id": "10de", "product_id": "20b0"}]',
@@ -320,6 +332,6 @@ def test_nova_conf_pci_section_multi_valued_and_continued() -> None:
 def test_nova_conf_specs_are_honoured(host: HostInventory, tmp_path: Path) -> None:
     specs = load_specs(None, nova_conf=NOVA_CONF)
     got = {d.address: d for d in decide(specs, host, HOSTNAME) if d.publish}
-    assert set(got) == {*VFS0, NVME, GPU}
+    assert set(got) == {*VFS0, NVME, GPU, AUDIO}
     assert got[VFS0[0]].physical_network == "physnet2"
-    assert got[GPU].entry == "novaDeviceSpecs[2]"
+    assert got[GPU].entry == "novaDeviceSpecs[3]"
