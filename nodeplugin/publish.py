@@ -38,7 +38,10 @@ def device_labels(node: str, f: PciFunction) -> dict[str, str]:
     }
 
 
-def _health(f: PciFunction) -> tuple[str, str, str]:
+def _health(f: PciFunction, failure: tuple[str, str] | None = None) -> tuple[str, str, str]:
+    """(health, reason, message); `failure` is what the kernel said when preparing it failed."""
+    if failure is not None:
+        return "Unhealthy", *failure
     if f.iommu_group is None:
         return (
             "Unhealthy",
@@ -49,8 +52,10 @@ def _health(f: PciFunction) -> tuple[str, str, str]:
     return "Healthy", "Present", "found on the host"
 
 
-def desired_status(f: PciFunction, d: Decision, ids: PciIds) -> dict[str, Any]:
-    health, reason, message = _health(f)
+def desired_status(
+    f: PciFunction, d: Decision, ids: PciIds, failure: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    health, reason, message = _health(f, failure)
     status: dict[str, Any] = {
         "vendorID": f.vendor_id,
         "productID": f.product_id,
@@ -115,15 +120,7 @@ def desired_devices(
             continue
         f = by_addr[d.address]
         name = pcidevice_name(node, f.address)
-        status = desired_status(f, d, ids)
-        if failure := (failures or {}).get(f.address):
-            status["health"] = "Unhealthy"
-            status["conditions"][0] = {
-                "type": COND_HEALTHY,
-                "status": "False",
-                "reason": failure[0],
-                "message": failure[1],
-            }
+        status = desired_status(f, d, ids, (failures or {}).get(f.address))
         status["conditions"] += (conditions or {}).get(f.address, [])
         out[name] = Desired(
             name, device_labels(node, f), {"nodeName": node, "address": f.address}, status

@@ -213,19 +213,18 @@ class Preparer:
 
     def _undo(self, address: str, original: str | None) -> None:
         """Put a device a failed bind touched back as it was; forget it once it is."""
-        for path, value in (
-            (self._drivers() / VFIO / "unbind", address),
-            (self._dev(address) / "driver_override", "\n"),
-            (self.root / "bus" / "pci" / "drivers_probe", address),
-        ):
-            if path.name == "unbind" and self.driver(address) != VFIO:
-                continue
-            if path.name == "drivers_probe" and (original is None or self.driver(address)):
-                continue
+
+        def attempt(path: Path, value: str) -> None:
             try:
                 self.writer.write(path, value)
             except OSError as e:
                 log.warning("undoing device=%s: %s failed: %s", address, path.name, e)
+
+        if self.driver(address) == VFIO:
+            attempt(self._drivers() / VFIO / "unbind", address)
+        attempt(self._dev(address) / "driver_override", "\n")
+        if original is not None and self.driver(address) is None:
+            attempt(self.root / "bus" / "pci" / "drivers_probe", address)
         if self.driver(address) == original:
             self.moved.pop(address, None)
             self._save()
