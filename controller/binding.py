@@ -60,6 +60,10 @@ def vm_path(namespace: str, name: str, status: bool = False) -> str:
     )
 
 
+def one_time_use(dev: Device) -> bool:
+    return dev.facts.attributes.get("one_time_use", "").lower() == "true"
+
+
 def claim_ref(vm: PassthroughVM, a: Assignment, bind_id: str, at: datetime) -> dict[str, Any]:
     ref: dict[str, Any] = {
         "namespace": vm.metadata.namespace,
@@ -93,12 +97,24 @@ class Binder:
             raise LostRace(f"claim of {dev.name} lost ({e.status} {e.reason})") from e
         self.inv.upsert_device(PciDevice.model_validate(got))
 
-    async def release(self, name: str, uid: str, bind_id: str | None = None) -> bool:
+    async def release(
+        self, name: str, uid: str, bind_id: str | None = None, *, used: bool = False
+    ) -> bool:
         """Clear claimRef if it is still `uid`'s (and, given bind_id, still that attempt's).
-        Returns True when released or already gone."""
+        `used`: the VM had the device (it is being deleted, not rolled back), so a device
+        marked one-time-use is left reserved in the same write. Returns True when released or
+        already gone."""
         patch: list[dict[str, Any]] = [{"op": "test", "path": "/spec/claimRef/uid", "value": uid}]
         if bind_id is not None:
             patch.append({"op": "test", "path": "/spec/claimRef/bindID", "value": bind_id})
+        dev = self.inv.devices.get(name)
+        if used and dev is not None and dev.claim is not None and one_time_use(dev):
+            reserved = {
+                "vm": f"{dev.claim.namespace}/{dev.claim.name}",
+                "uid": uid,
+                "releasedAt": now().isoformat().replace("+00:00", "Z"),
+            }
+            patch.append({"op": "add", "path": "/spec/reserved", "value": reserved})
         patch.append({"op": "remove", "path": "/spec/claimRef"})
         try:
             got = await self.api.patch(device_path(name), patch, patch_type="json")
@@ -114,9 +130,10 @@ class Binder:
         return True
 
     async def release_all(self, uid: str, names: list[str]) -> int:
+        """A deleted VM's devices: released, one-time-use ones left reserved."""
         released = 0
         for name in sorted(set(names)):
-            released += await self.release(name, uid)
+            released += await self.release(name, uid, used=True)
         return released
 
     async def bind(self, vm: PassthroughVM, placement: Placement) -> BindResult:

@@ -28,7 +28,7 @@ def compute_flavor_status(inv: Inventory, flavor: str) -> dict[str, Any]:
         row["total"] += 1
         if not d.healthy:
             row["unhealthy"] += 1
-        elif not d.unschedulable and inv.is_alive(d.node):
+        elif not d.unschedulable and not d.reserved_after_use and inv.is_alive(d.node):
             row["allocatable"] += 1
         if d.claim is not None:
             row["allocated"] += 1

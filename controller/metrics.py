@@ -63,6 +63,8 @@ class ControllerMetrics:
                     state = "unhealthy"
                 elif d.unschedulable:
                     state = "cordoned"
+                elif d.reserved_after_use:
+                    state = "reserved"
                 elif not inv.is_alive(d.node):
                     state = "node-not-alive"
                 else:

@@ -79,6 +79,8 @@ class Device:
     unschedulable: bool = False
     claim: Claim | None = None
     resource_version: str = ""
+    reserved_after_use: bool = False
+    """A one-time-use device a VM has had, not yet freed by an admin."""
 
     @property
     def address(self) -> str:
@@ -112,6 +114,7 @@ class Device:
             unschedulable=spec.unschedulable,
             claim=claim,
             resource_version=dev.metadata.resource_version or "",
+            reserved_after_use=spec.reserved is not None,
         )
 
 
@@ -392,6 +395,8 @@ class _NodeView:
         """Free for this VM: healthy, not cordoned, not claimed or reserved for another VM."""
         if not d.healthy or d.unschedulable:
             return False
+        if d.reserved_after_use and d.claim is None:
+            return False
         if d.claim is not None:
             return d.claim.uid == self.own_uid
         return d.name not in self.reserved
@@ -415,6 +420,8 @@ def _why_not(view: _NodeView, d: Device) -> str:
         return "unhealthy"
     if d.unschedulable:
         return "cordoned"
+    if d.reserved_after_use and d.claim is None:
+        return "reserved after one-time use"
     if d.claim is not None and d.claim.uid != view.own_uid:
         return "claimed by other VMs"
     if d.claim is None and d.name in view.reserved:
@@ -748,7 +755,8 @@ def _indexed_search(
     A node's score is (skipped, -own, numa penalty, stranded), and for a VM that holds nothing
     yet, stranded is exactly the node's free count of the requested flavors minus what the VM
     takes: so sum(free) - wanted is a lower bound that the first three terms can only raise.
-    Nodes whose free counts cannot cover the mandatory requests are refused from the counts.
+    Nodes whose free counts cannot cover the mandatory requests are skipped, and examined only
+    when no node fits, to say why.
     """
     assert inp.free is not None
     free = inp.free
@@ -762,18 +770,11 @@ def _indexed_search(
             mandatory[r.flavor] += r.count
     sign = 1 if inp.policy == "best-fit" else -1
     bounds: list[tuple[int, str]] = []
+    short: list[str] = []
     for name in eligible:
         counts = {f: free.get(f, {}).get(name, 0) for f in flavors}
-        short = [r for r in active if not r.optional and counts[r.flavor] < mandatory[r.flavor]]
-        if short:
-            refusals[name] = NodeRefusal(
-                name,
-                tuple(
-                    dict.fromkeys(
-                        _shortage_text(r, counts[r.flavor], mandatory[r.flavor]) for r in short
-                    )
-                ),
-            )
+        if any(not r.optional and counts[r.flavor] < mandatory[r.flavor] for r in active):
+            short.append(name)
             continue
         left = sum(max(0, counts[f] - wanted[f]) for f in flavors)
         bounds.append((sign * left, name))
@@ -789,6 +790,12 @@ def _indexed_search(
         got = evaluate(name)
         if got is not None and (best is None or (got.score, name) < (best.score, best.node)):
             best = got
+    if best is None:
+        # A refusal: the nodes the counts ruled out are looked at device by device after all,
+        # so each says why (claimed, reserved, blocked by its IOMMU group, ...), not only how
+        # many are free. Only refusals pay for this; a placement never does.
+        for name in short:
+            evaluate(name)
     return best
 
 

@@ -111,6 +111,8 @@ class NodeAgent:
         self.writer = writer
         self._vf_said: dict[str, tuple[str, str]] = {}
         self.failures: dict[str, tuple[str, str]] = {}
+        self.unmanaged: set[str] = set()
+        """Addresses the device spec marks `managed: false`: never rebound by this plugin."""
         """address -> (reason, message): what the kernel said when preparing or restoring it
         failed; the device is published Unhealthy until it is cleared (see _retry_failures)."""
         self.runner = runner or (RecordingRunner() if settings.simulate else IpRunner())
@@ -254,6 +256,7 @@ class NodeAgent:
             log.error("device specs do not fit this host, offering nothing new: %s", e)
             self._event_on_node("Warning", "DeviceSpecInvalid", str(e))
             decisions = []
+        self.unmanaged = {d.address for d in decisions if d.attributes.get("managed") == "false"}
         await self._retry_failures()
         desired = desired_devices(
             self.s.node, self.host, decisions, self.ids, vf_conditions, failures=self.failures
@@ -690,7 +693,7 @@ class NodeAgent:
         vfio = [d.address for d in vm.status.devices] + [
             n.address for n in vm.status.networks if n.name not in macvtap
         ]
-        await asyncio.to_thread(self.preparer.bind_vfio, vfio)
+        await asyncio.to_thread(self.preparer.bind_vfio, vfio, frozenset(self.unmanaged))
         self._cleared(vfio)
         by_addr = (
             self.host.by_address()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -128,6 +129,13 @@ class Entry(_Strict):
     """Apply on nodes whose labels match (every node carries kubernetes.io/hostname)."""
     physical_network: str | None = Field(default=None, alias="physicalNetwork")
     trusted: bool | None = None
+    """VFs it offers may be given to networks asking for a trusted VF."""
+    managed: bool | None = None
+    """False: the admin binds these devices to vfio-pci (or a vendor's vfio-pci variant)
+    and pcipt never rebinds them; a device found on another driver is published Unhealthy."""
+    one_time_use: bool | None = Field(default=None, alias="oneTimeUse")
+    """After a VM releases it the device stays reserved (cordoned) until an admin frees it."""
+    live_migratable: bool | None = Field(default=None, alias="liveMigratable")
     attributes: dict[str, str] = Field(default_factory=dict)
 
 
@@ -216,7 +224,16 @@ class NovaAddress:
     """domain, bus, slot, function: hex or * (glob), or regular expressions (regex)"""
 
     def is_single(self) -> bool:
-        return self.kind == "glob" and "*" not in self.fields
+        """Names one address: every field plain hex (a regex map of plain hex fields too, as
+        Nova's `is_single_address` reads it)."""
+        return all(f and all(c in string.hexdigits for c in f) for f in self.fields)
+
+    def single(self) -> str | None:
+        """The address it names, written as sysfs writes addresses, when it names one."""
+        if not self.is_single():
+            return None
+        d, b, s, fn = self.fields
+        return f"{d}:{b}:{s}.{fn}"
 
     def matches(self, address: str) -> bool:
         a = PciAddress.parse(address)
@@ -305,6 +322,9 @@ def parse_nova_spec(
         # A null tag is no tag: `"physical_network": null` means no physical network (the
         # device is not for a Neutron physnet), not one called "None".
         tags = {str(k): _tag(v) for k, v in keys.items() if v is not None}
+        for name in BOOLEAN_TAGS:
+            if name in tags:
+                tags[name] = _nova_bool(tags[name], f"{at}: tag {name}")
         out.append(
             NovaSpec(
                 index,
@@ -318,6 +338,22 @@ def parse_nova_spec(
             )
         )
     return out
+
+
+BOOLEAN_TAGS = ("managed", "live_migratable", "one_time_use")
+"""Tags Nova normalises to "true"/"false", refusing any other value."""
+
+
+def _nova_bool(value: str, what: str) -> str:
+    v = value.strip().lower()
+    if v in TRUE_STRINGS:
+        return "true"
+    if v in FALSE_STRINGS:
+        return "false"
+    raise DeviceSpecError(
+        f"{what} ({value!r}) is not a boolean: use one of "
+        f"{', '.join(sorted(TRUE_STRINGS))} or {', '.join(sorted(FALSE_STRINGS))}"
+    )
 
 
 def _tag(value: Any) -> str:
@@ -551,18 +587,26 @@ def _matches_nova(s: NovaSpec, f: PciFunction, host: HostInventory) -> bool:
             return True
         return owner.sriov_role == "PF" and f.phys_fn == owner.address
     address = s.address or NovaAddress("glob", ("*", "*", "*", "*"))
-    if address.is_single() and f.phys_fn is not None:
-        pf = host.by_address().get(f.phys_fn)
-        if pf is not None and pf.sriov_role == "PF" and address.matches(f.phys_fn):
-            return True  # a PF's address matches its VFs
+    if f.phys_fn is not None and (single := address.single()) is not None:
+        named = host.by_address().get(single)
+        if named is not None and named.sriov_role == "PF" and address.matches(f.phys_fn):
+            return True  # a PF's address, string or plain-hex map, matches its VFs
     return address.matches(f.address)
 
 
+def _remote_managed(s: NovaSpec) -> bool:
+    """Nova reads the tag leniently: anything but a true string is false."""
+    return s.tags.get("remote_managed", "").strip().lower() in TRUE_STRINGS
+
+
 def check_nova_refusals(specs: DeviceSpecs, host: HostInventory) -> None:
-    """Refusals that depend on the hardware, as Nova makes them: remote_managed on a PF."""
+    """Refusals that depend on the hardware, as Nova makes them: a remote_managed spec whose
+    devname is not on the host, or that names a PF. A spec naming a PF's address may still
+    be remote_managed when its IDs are the VFs' (it then means the PF's VFs); IDs that are
+    neither the PF's nor its VFs' are refused."""
     by_addr, by_dev = host.by_address(), host.by_netdev()
     for s in specs.nova:
-        if s.tags.get("remote_managed", "").lower() not in TRUE_STRINGS:
+        if not _remote_managed(s):
             continue
         target = None
         if s.devname is not None:
@@ -571,18 +615,23 @@ def check_nova_refusals(specs: DeviceSpecs, host: HostInventory) -> None:
                 raise DeviceSpecError(
                     f"{s.where}: remote_managed devname {s.devname!r} is not on this host"
                 )
-        elif s.address is not None and s.address.is_single():
-            d, b, sl, fn = s.address.fields
-            target = by_addr.get(f"{d}:{b}:{sl}.{fn}")
-        if (
-            target is not None
-            and target.sriov_role == "PF"
-            and s.product_id in ("*", target.product_id)
-        ):
+        elif s.address is not None and (single := s.address.single()) is not None:
+            target = by_addr.get(single)
+        if target is None or target.sriov_role != "PF":
+            continue
+        vendor_ok = s.vendor_id in ("*", target.vendor_id)
+        if vendor_ok and s.product_id == target.vf_product_id:
+            continue
+        if vendor_ok and s.product_id in ("*", target.product_id):
             raise DeviceSpecError(
                 f"{s.where}: remote_managed cannot apply to PF {target.address}; "
-                "name its VFs (their product ID) instead"
+                f"name its VFs (product_id {target.vf_product_id or '?'}) instead"
             )
+        raise DeviceSpecError(
+            f"{s.where}: vendor_id {s.vendor_id} and product_id {s.product_id} are neither "
+            f"PF {target.address}'s ({target.vendor_id}:{target.product_id}) nor its VFs' "
+            f"({target.vendor_id}:{target.vf_product_id or '?'})"
+        )
 
 
 def decide(
@@ -603,13 +652,21 @@ def decide(
                     physnet = e.physical_network or attrs.get(PHYSNET_ATTRIBUTE)
                     if physnet:
                         attrs[PHYSNET_ATTRIBUTE] = physnet
-                    if e.trusted is not None:
-                        attrs["trusted"] = "true" if e.trusted else "false"
+                    for key, flag in (
+                        ("trusted", e.trusted),
+                        ("managed", e.managed),
+                        ("one_time_use", e.one_time_use),
+                        ("live_migratable", e.live_migratable),
+                    ):
+                        if flag is not None:
+                            attrs[key] = "true" if flag else "false"
                     decision = Decision(f.address, True, e.name or f"devices[{i}]", physnet, attrs)
                     break
             else:
                 for s in specs.nova:
-                    if _matches_nova(s, f, host):
+                    # A remote_managed device must carry the card's serial number in its VPD
+                    # (a VF may use its PF's): the remote side needs it to find the card.
+                    if _matches_nova(s, f, host) and (not _remote_managed(s) or f.serial):
                         physnet = s.tags.get(PHYSNET_ATTRIBUTE)
                         decision = Decision(f.address, True, s.where, physnet, dict(s.tags))
                         break

@@ -40,6 +40,11 @@ class PciFunction:
     num_vfs: int | None = None
     virtfns: tuple[str, ...] = ()
     netdevs: tuple[str, ...] = ()
+    vf_product_id: str | None = None
+    """A PF's VFs' device ID (`sriov_vf_device`)."""
+    serial: str | None = None
+    """The card's serial number from the PCI VPD (`SN`); a VF without VPD of its own has its
+    PF's, as Nova reads it."""
 
     @property
     def is_bridge(self) -> bool:
@@ -154,7 +159,10 @@ def read_function(
         if vf_indexes is None:
             vf_indexes = _vf_indexes(root / "bus" / "pci" / "devices" / phys_fn)
         vf_index = vf_indexes.get(address)
-    role = "VF" if phys_fn is not None else ("PF" if total_vfs is not None else "None")
+    # A PF is a function that can have VFs: the kernel creates sriov_totalvfs for every
+    # function with an SR-IOV capability, even one whose firmware gives it 0 VFs (Nova too
+    # counts a PF only when sriov_totalvfs > 0).
+    role = "VF" if phys_fn is not None else ("PF" if total_vfs else "None")
     numa = _int(dev / "numa_node")
     override = _read(dev / "driver_override")
     return PciFunction(
@@ -176,7 +184,52 @@ def read_function(
         num_vfs=_int(dev / "sriov_numvfs"),
         virtfns=tuple(n for p in virtfns if (n := _link_name(p)) is not None),
         netdevs=_netdevs(dev),
+        vf_product_id=(_hex(dev / "sriov_vf_device", 4) or None) if total_vfs else None,
+        serial=vpd_serial(dev / "vpd"),
     )
+
+
+VPD_ID_STRING, VPD_READ_ONLY, VPD_END = 0x02, 0x10, 0x0F
+
+
+def parse_vpd_serial(data: bytes) -> str | None:
+    """The `SN` keyword of a PCI VPD image's read-only section (PCI Local Bus 3.0, section
+    6.4 / appendix I): large resources are a tag byte with bit 7 set and a 16-bit
+    little-endian length, small ones carry a 3-bit length in the tag byte, keywords are two
+    letters, a length byte and the value. Stops quietly at anything malformed."""
+    i = 0
+    while i < len(data):
+        tag = data[i]
+        if tag & 0x80:
+            if i + 3 > len(data):
+                return None
+            name, length, start = tag & 0x7F, data[i + 1] | (data[i + 2] << 8), i + 3
+        else:
+            name, length, start = (tag >> 3) & 0x0F, tag & 0x07, i + 1
+            if name == VPD_END:
+                return None
+        body = data[start : start + length]
+        if len(body) < length:
+            return None
+        if name == VPD_READ_ONLY:
+            j = 0
+            while j + 3 <= len(body):
+                key, size = body[j : j + 2], body[j + 2]
+                value = body[j + 3 : j + 3 + size]
+                if key == b"SN":
+                    text = value.decode("ascii", "replace").strip(" \x00")
+                    return text or None
+                j += 3 + size
+        i = start + length
+    return None
+
+
+def vpd_serial(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            return parse_vpd_serial(f.read(4096))
+    except OSError:
+        return None
 
 
 def _vf_indexes(pf: Path) -> dict[str, int]:
@@ -224,5 +277,8 @@ def discover(root: Path) -> HostInventory:
         if numa_node < 0 and single_node:
             # Single-socket hosts report -1: every device is local to the only node there is.
             numa_node = next(iter(numa))
-        out.append(replace(f, iommu_group_peers=peers, numa_node=numa_node))
+        serial = f.serial
+        if serial is None and f.phys_fn is not None and f.phys_fn in by_addr:
+            serial = by_addr[f.phys_fn].serial
+        out.append(replace(f, iommu_group_peers=peers, numa_node=numa_node, serial=serial))
     return HostInventory(tuple(out), numa)

@@ -15,6 +15,7 @@ from typing import Any
 from nodeplugin.devicespec import Decision
 from nodeplugin.discovery import HostInventory, PciFunction
 from nodeplugin.pciids import PciIds
+from nodeplugin.vfio import is_vfio_driver
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PciDevice, pcidevice_name
 
@@ -38,10 +39,20 @@ def device_labels(node: str, f: PciFunction) -> dict[str, str]:
     }
 
 
-def _health(f: PciFunction, failure: tuple[str, str] | None = None) -> tuple[str, str, str]:
-    """(health, reason, message); `failure` is what the kernel said when preparing it failed."""
+def _health(
+    f: PciFunction, failure: tuple[str, str] | None = None, unmanaged: bool = False
+) -> tuple[str, str, str]:
+    """(health, reason, message); `failure` is what the kernel said when preparing it failed;
+    `unmanaged`: the device spec says `managed: false`, so it must already be on vfio-pci."""
     if failure is not None:
         return "Unhealthy", *failure
+    if unmanaged and not is_vfio_driver(f.driver):
+        return (
+            "Unhealthy",
+            "NotBoundToVfio",
+            f"the device spec says managed: false, so the admin binds it to vfio-pci (or a "
+            f"variant) and pcipt never rebinds it; it is on {f.driver or 'no driver'}",
+        )
     if f.iommu_group is None:
         return (
             "Unhealthy",
@@ -55,7 +66,7 @@ def _health(f: PciFunction, failure: tuple[str, str] | None = None) -> tuple[str
 def desired_status(
     f: PciFunction, d: Decision, ids: PciIds, failure: tuple[str, str] | None = None
 ) -> dict[str, Any]:
-    health, reason, message = _health(f, failure)
+    health, reason, message = _health(f, failure, d.attributes.get("managed") == "false")
     status: dict[str, Any] = {
         "vendorID": f.vendor_id,
         "productID": f.product_id,

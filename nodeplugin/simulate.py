@@ -51,6 +51,8 @@ class DeviceSpec:
     revision: str = "a1"
     netdev: str | None = None
     sriov: SriovSpec | None = None
+    serial: str | None = None
+    """The card serial number its PCI VPD carries; None: no VPD."""
 
 
 @dataclass
@@ -74,6 +76,7 @@ def _dev(d: Mapping[str, Any]) -> DeviceSpec:
         subsystem_vendor=d.get("subsystemVendor"),
         subsystem=d.get("subsystem"),
         netdev=d.get("netdev"),
+        serial=d.get("serial"),
         sriov=SriovSpec(
             total_vfs=int(sriov["totalVFs"]),
             num_vfs=int(sriov.get("numVFs", sriov["totalVFs"])),
@@ -175,6 +178,11 @@ class SysfsTree:
             (dev / "net" / netdev).mkdir(parents=True, exist_ok=True)
         return dev
 
+    def write_vpd(self, address: str, serial: str, product: str = "Simulated adapter") -> None:
+        """A PCI VPD image as a card's EEPROM holds it: the identifier string, a read-only
+        section with the part and serial numbers, the end tag."""
+        (self.devices / address / "vpd").write_bytes(vpd_image(serial, product))
+
     def bind(self, address: str, driver: str) -> None:
         drv = self.ensure_driver(driver)
         dev = self.devices / address
@@ -253,6 +261,24 @@ class SysfsTree:
         shutil.rmtree(self.devices / address, ignore_errors=True)
 
 
+def vpd_image(serial: str, product: str = "Simulated adapter") -> bytes:
+    """Identifier string (large resource 0x82), VPD-R (0x90) with PN, SN and the RV checksum
+    keyword, end (small resource 0x78)."""
+
+    def large(tag: int, body: bytes) -> bytes:
+        return bytes([tag, len(body) & 0xFF, len(body) >> 8]) + body
+
+    def keyword(key: bytes, value: bytes) -> bytes:
+        return key + bytes([len(value)]) + value
+
+    ident = large(0x82, product.encode())
+    ro = keyword(b"PN", b"SIM-0001") + keyword(b"SN", serial.encode())
+    head = ident + bytes([0x90, 0, 0]) + ro + b"RV" + bytes([1])
+    checksum = (-sum(head)) & 0xFF
+    ro += keyword(b"RV", bytes([checksum]))
+    return ident + large(0x90, ro) + bytes([0x78])
+
+
 def build_host(root: Path, host: HostProfile) -> SysfsTree:
     """Write the host's sysfs tree under `root` (which must be empty or absent)."""
     tree = SysfsTree(root)
@@ -282,6 +308,8 @@ def build_host(root: Path, host: HostProfile) -> SysfsTree:
             netdev=d.netdev,
         )
         native[d.address] = d.driver
+        if d.serial is not None:
+            tree.write_vpd(d.address, d.serial)
         if d.sriov is None:
             continue
         pf = {
@@ -295,6 +323,7 @@ def build_host(root: Path, host: HostProfile) -> SysfsTree:
         }
         sriov[d.address] = pf
         (tree.devices / d.address / "sriov_totalvfs").write_text(f"{d.sriov.total_vfs}\n")
+        (tree.devices / d.address / "sriov_vf_device").write_text(f"{d.sriov.vf_device}\n")
         next_group = tree.add_vfs(d.address, pf, d.sriov.num_vfs, next_group, native)
     state = {"host": host.name, "native": native, "sriov": sriov, "nextGroup": next_group}
     (root / SIM_STATE).write_text(json.dumps(state, indent=1))
@@ -408,6 +437,7 @@ def write_profile(hosts: Sequence[HostProfile]) -> str:
                         "driver": d.driver,
                         "iommuGroup": d.iommu_group,
                         "netdev": d.netdev,
+                        "serial": d.serial,
                         "sriov": {
                             "totalVFs": d.sriov.total_vfs,
                             "numVFs": d.sriov.num_vfs,

@@ -17,13 +17,19 @@ import errno
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 log = logging.getLogger("pcipt.nodeplugin.vfio")
 VFIO = "vfio-pci"
+
+
+def is_vfio_driver(name: str | None) -> bool:
+    """vfio-pci, or a vendor's variant of it (mlx5_vfio_pci, nvgrace_gpu_vfio_pci, ...): a
+    device on one is ready for a VM as it is."""
+    return name is not None and (name == VFIO or name.endswith(("_vfio_pci", "-vfio-pci")))
 
 
 class SysfsWriter(Protocol):
@@ -142,11 +148,23 @@ class Preparer:
                     continue
         return sorted(found)
 
-    def bind_vfio(self, addresses: Iterable[str]) -> list[str]:
+    def bind_vfio(self, addresses: Iterable[str], unmanaged: Set[str] = frozenset()) -> list[str]:
         """Bind each device to vfio-pci; returns those that moved. Idempotent. All or nothing:
         when one fails, those this call moved go back to their drivers, and the failing one
-        is left as it was found (no driver_override, its own driver)."""
+        is left as it was found (no driver_override, its own driver). A device `unmanaged`
+        (the device spec's `managed: false`) is never rebound: the admin binds it, and one
+        found on another driver fails the call before anything moves."""
         addresses = list(addresses)
+        for address in addresses:
+            current = self.driver(address)
+            if address in unmanaged and not is_vfio_driver(current):
+                raise PrepareError(
+                    f"{address} is on {current or 'no driver'}, and its device spec says "
+                    "managed: false (the admin binds it to vfio-pci or a variant; pcipt does "
+                    "not rebind it)",
+                    address=address,
+                    reason="NotBoundToVfio",
+                )
         if not self.vfio_loaded():
             raise PrepareError(
                 "the vfio-pci driver is not loaded on this host: modprobe vfio-pci",
@@ -155,7 +173,7 @@ class Preparer:
         moved: list[str] = []
         for address in addresses:
             current = self.driver(address)
-            if current == VFIO:
+            if is_vfio_driver(current):
                 continue
             if not self._dev(address).exists():
                 self._give_back(moved)

@@ -96,6 +96,8 @@ def _state(d: PciDevice, alive: bool) -> str:
         return "unhealthy"
     if d.spec.unschedulable:
         return "cordoned"
+    if d.spec.reserved is not None:
+        return "reserved"
     if not alive:
         return "node-not-alive"
     return "free"
@@ -125,7 +127,7 @@ def inventory(args: argparse.Namespace) -> int:
         rows = {k: v for k, v in rows.items() if k[0] == args.node}
     if args.flavor:
         rows = {k: v for k, v in rows.items() if k[1] == args.flavor}
-    cols = ("total", "free", "allocated", "unhealthy", "cordoned", "node-not-alive")
+    cols = ("total", "free", "allocated", "unhealthy", "cordoned", "reserved", "node-not-alive")
     records: list[dict[str, Any]] = [
         {
             "node": node,
@@ -138,7 +140,19 @@ def inventory(args: argparse.Namespace) -> int:
     if args.output in ("yaml", "json"):
         _dump({"items": records}, args.output)
         return 0
-    table = [("NODE", "FLAVOR", "TOTAL", "FREE", "ALLOCATED", "UNHEALTHY", "CORDONED", "ALIVE")]
+    table = [
+        (
+            "NODE",
+            "FLAVOR",
+            "TOTAL",
+            "FREE",
+            "ALLOCATED",
+            "UNHEALTHY",
+            "CORDONED",
+            "RESERVED",
+            "ALIVE",
+        )
+    ]
     for r in records:
         table.append(
             (
@@ -149,6 +163,7 @@ def inventory(args: argparse.Namespace) -> int:
                 str(r["allocated"]),
                 str(r["unhealthy"]),
                 str(r["cordoned"]),
+                str(r["reserved"]),
                 "yes" if r["alive"] else "no",
             )
         )
@@ -249,7 +264,10 @@ def cordon(args: argparse.Namespace, unschedulable: bool) -> int:
                 c.VERSION,
                 c.PLURAL_PCIDEVICE,
                 name,
-                {"spec": {"unschedulable": unschedulable}},
+                # Uncordoning also frees a one-time-use device its last VM left reserved.
+                {"spec": {"unschedulable": unschedulable}}
+                if unschedulable
+                else {"spec": {"unschedulable": False, "reserved": None}},
             )
         except client.ApiException as e:
             if e.status == 404:

@@ -74,11 +74,12 @@ def test_inventory_per_node_and_flavor(lab: Lab) -> None:
         "ALLOCATED",
         "UNHEALTHY",
         "CORDONED",
+        "RESERVED",
         "ALIVE",
     ]
     rows = {tuple(line.split()[:2]): line.split()[2:] for line in lines[1:]}
-    assert rows[("node-a", "a100")] == ["3", "1", "2", "0", "0", "yes"]
-    assert rows[("node-b", "a100")] == ["1", "1", "0", "0", "0", "yes"]
+    assert rows[("node-a", "a100")] == ["3", "1", "2", "0", "0", "0", "yes"]
+    assert rows[("node-b", "a100")] == ["1", "1", "0", "0", "0", "0", "yes"]
     assert rows[("node-b", "e810-vf-physnet2")][:2] == ["8", "8"]
     assert rows[("node-a", "<none>")][0] == "1"  # the GPU's audio function: published, in no flavor
     as_json = json.loads(plugin(lab.kubectl_path, lab.kubeconfig, "inventory", "-o", "json").stdout)

@@ -200,8 +200,11 @@ class World:
         netdev: str | None = None,
         health: str = "Healthy",
         unschedulable: bool = False,
+        attributes: dict[str, str] | None = None,
+        phys_fn: str | None = None,
     ) -> str:
-        """Publish a device as a node plugin does: spec by apply, then status."""
+        """Publish a device as a node plugin does: spec by apply, then status. `phys_fn`: the
+        PF's address, for a VF (role VF is implied)."""
         node = self.node(node)
         name = pcidevice_name(node, address)
         body = {
@@ -218,9 +221,11 @@ class World:
             "driver": "vfio-pci",
             "numaNode": numa,
             "health": health,
-            "sriov": {"role": role},
-            "attributes": {"test": self.test_id},
+            "sriov": {"role": "VF" if phys_fn else role},
+            "attributes": {"test": self.test_id, **(attributes or {})},
         }
+        if phys_fn:
+            status["sriov"]["physFn"] = phys_fn
         if group is not None:
             status["iommuGroup"] = group
             status["iommuGroupPeers"] = peers or []

@@ -110,6 +110,40 @@ def test_bind_and_release(
     check_invariants(world)
 
 
+def test_a_one_time_use_device_stays_reserved_after_its_vm_until_an_admin_frees_it(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    a = world.node("a")
+    leases(a)
+    d0 = world.device("a", "0000:3b:00.0", attributes={"one_time_use": "true"})
+    gpu = world.flavor("a100")
+    world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(phase(world, "vm1", "Scheduled"), what="vm1 Scheduled")
+    uid = world.get_vm("vm1").metadata.uid
+    world.delete_vm("vm1")
+    wait_for(lambda: not world.vms(), what="vm1 gone")
+    dev = world.get_device(d0)
+    assert dev.spec.claim_ref is None and dev.spec.reserved is not None
+    assert dev.spec.reserved.vm == f"{world.namespace}/vm1" and dev.spec.reserved.uid == uid
+    assert dev.spec.reserved.released_at is not None
+    # Reserved: the next VM waits, and says why.
+    world.vm("vm2", [{"name": "gpu", "flavor": gpu}])
+    vm2 = wait_for(lambda: (v := world.get_vm("vm2")).status.scheduling and v, what="refusal")
+    (refused,) = [n for n in vm2.status.scheduling.nodes if n.node_name == a]
+    assert any("1 reserved after one-time use" in r for r in refused.reasons), refused
+    assert vm2.status.phase == "Pending"
+    # The admin, having wiped it, frees it (what `kubectl pcipt uncordon` writes).
+    world.custom.patch_cluster_custom_object(
+        c.GROUP,
+        c.VERSION,
+        c.PLURAL_PCIDEVICE,
+        d0,
+        {"spec": {"unschedulable": False, "reserved": None}},
+    )
+    wait_for(phase(world, "vm2", "Scheduled"), what="vm2 Scheduled once the device is freed")
+    check_invariants(world)
+
+
 def test_refusal_reasons_text(
     world: World,
     kube: KubeCluster,

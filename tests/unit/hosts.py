@@ -49,6 +49,7 @@ def lab_host() -> HostProfile:
                 iommu_group=10,
                 netdev="ens1f0",
                 sriov=SriovSpec(64, 4, "1889", "iavf", "ens1f0v"),
+                serial="MT2048X12345",
             ),
             DeviceSpec(
                 "0000:d8:00.0",

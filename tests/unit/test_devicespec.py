@@ -255,6 +255,120 @@ def test_nova_null_and_empty_values_mean_not_given(host: HostInventory) -> None:
     assert set(got) == {AUDIO}
 
 
+@pytest.mark.parametrize(
+    ("address", "want"),
+    [
+        # A map whose four fields are plain hex names one address: when that is a PF, its
+        # VFs match too, as with the string form.
+        ('{"domain": "0000", "bus": "5e", "slot": "00", "function": "0"}', {PF0, *VFS0}),
+        # Any field that is a pattern makes it a regex over addresses: the PF alone.
+        ('{"domain": "0000", "bus": "5e", "slot": "00", "function": "[0]"}', {PF0}),
+        ('{"bus": "5e", "slot": "00", "function": "0"}', {PF0}),
+        # Plain hex naming a function that is not a PF is just that function.
+        ('{"domain": "0000", "bus": "3b", "slot": "00", "function": "1"}', {AUDIO}),
+    ],
+)
+def test_nova_regex_map_of_plain_hex_naming_a_pf_matches_its_vfs(
+    host: HostInventory, address: str, want: set[str]
+) -> None:
+    assert set(nova(host, f'{{"address": {address}}}')) == want
+
+
+def test_a_pf_is_a_function_that_can_have_vfs(tmp_path: Path) -> None:
+    # The kernel creates sriov_totalvfs for any function with an SR-IOV capability; one whose
+    # firmware allows 0 VFs is no PF (Nova: sriov_totalvfs > 0), so its address is its own.
+    tree = build_lab(tmp_path / "sys")
+    (tree.devices / NVME / "sriov_totalvfs").write_text("0\n")
+    host = discover(tmp_path / "sys")
+    assert host.by_address()[NVME].sriov_role == "None"
+    assert host.by_address()[PF0].sriov_role == "PF"
+    assert host.by_address()[PF0].vf_product_id == "1889"
+    assert set(offered(host, "devices: [{match: {sriovRole: PF}}]")) == {PF0, PF1}
+
+
+@pytest.mark.parametrize("tag", ["managed", "live_migratable", "one_time_use"])
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [("yes", "true"), ("Y", "true"), ("1", "true"), (True, "true"), (1, "true"),
+     ("on", "true"), ("no", "false"), ("OFF", "false"), ("0", "false"), (False, "false")],
+)  # fmt: skip
+def test_nova_boolean_tags_are_normalised(
+    host: HostInventory, tag: str, value: object, want: str
+) -> None:
+    import json
+
+    spec = json.dumps({"address": "0000:3b:00.1", tag: value})
+    assert nova(host, spec)[AUDIO][2] == {tag: want}
+
+
+@pytest.mark.parametrize("tag", ["managed", "live_migratable", "one_time_use"])
+def test_nova_boolean_tags_refuse_other_values(tag: str) -> None:
+    with pytest.raises(DeviceSpecError) as err:
+        load_specs(f'novaDeviceSpecs: [\'{{"{tag}": "maybe"}}\']')
+    assert f"novaDeviceSpecs[0]: tag {tag} ('maybe') is not a boolean" in str(err.value)
+
+
+def test_native_entries_have_the_same_marks(host: HostInventory) -> None:
+    got = offered(
+        host,
+        "devices: [{match: {address: '0000:af:00.0'}, managed: false, oneTimeUse: true,"
+        " liveMigratable: false}]",
+    )
+    assert got[NVME][2] == {"managed": "false", "one_time_use": "true", "live_migratable": "false"}
+
+
+def test_nova_remote_managed_needs_the_card_serial_number(host: HostInventory) -> None:
+    # Port 0's card has a serial number in its VPD, which its VFs share; port 1's has none,
+    # so its VFs are not offered as remote_managed (and fall through to later specs).
+    got = nova(
+        host,
+        '{"vendor_id": "8086", "product_id": "1889", "remote_managed": "true"}',
+        '{"vendor_id": "8086", "product_id": "1889"}',
+    )
+    assert {a for a, v in got.items() if v[0] == "novaDeviceSpecs[0]"} == set(VFS0)
+    assert {a for a, v in got.items() if v[0] == "novaDeviceSpecs[1]"} == set(VFS1)
+    assert host.by_address()[VFS0[2]].serial == "MT2048X12345"
+    assert host.by_address()[VFS1[0]].serial is None
+
+
+def test_vpd_serial_parsing() -> None:
+    from nodeplugin.discovery import parse_vpd_serial
+    from nodeplugin.simulate import vpd_image
+
+    assert parse_vpd_serial(vpd_image("SN-42")) == "SN-42"
+    assert parse_vpd_serial(vpd_image("  ")) is None
+    assert parse_vpd_serial(b"") is None
+    assert parse_vpd_serial(vpd_image("SN-42")[:9]) is None  # cut short: nothing, no error
+    assert parse_vpd_serial(b"\x78") is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        # A PF's address with the PF's own IDs (or none) is the PF: refused.
+        ('{"address": "0000:5e:00.0", "remote_managed": "true"}', "cannot apply to PF 0000:5e:00.0"),
+        ('{"address": "0000:5e:00.0", "vendor_id": "8086", "product_id": "1592", '
+         '"remote_managed": "yes"}', "cannot apply to PF 0000:5e:00.0"),
+        ('{"devname": "ens1f0", "remote_managed": "true"}', "cannot apply to PF 0000:5e:00.0"),
+        # IDs that are neither the PF's nor its VFs'.
+        ('{"address": "0000:5e:00.0", "product_id": "1234", "remote_managed": "true"}',
+         "are neither PF 0000:5e:00.0's (8086:1592) nor its VFs' (8086:1889)"),
+        ('{"address": "0000:5e:00.0", "vendor_id": "15b3", "product_id": "1889", '
+         '"remote_managed": "true"}', "nor its VFs'"),
+        ('{"devname": "eth9", "remote_managed": "true"}', "devname 'eth9' is not on this host"),
+    ],
+)  # fmt: skip
+def test_nova_remote_managed_refusals(host: HostInventory, spec: str, message: str) -> None:
+    with pytest.raises(DeviceSpecError) as err:
+        decide(load_specs(f"novaDeviceSpecs: [{spec!r}]"), host, HOSTNAME)
+    assert message in str(err.value)
+
+
+def test_nova_remote_managed_false_is_not_checked(host: HostInventory) -> None:
+    got = nova(host, '{"address": "0000:d8:00.0", "remote_managed": "false"}')
+    assert set(got) == {PF1, *VFS1}
+
+
 def test_native_entries_come_before_nova_ones(host: HostInventory) -> None:
     got = offered(
         host,

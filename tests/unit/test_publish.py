@@ -136,3 +136,24 @@ def test_no_iommu_group_is_unhealthy_with_advice(tmp_path: Path) -> None:
         "h.0000-01-00-0"
     ].status
     assert st["health"] == "Unhealthy" and "enable the IOMMU" in st["conditions"][0]["message"]
+
+
+def test_managed_false_is_healthy_only_on_vfio_pci_or_a_variant(tmp_path: Path) -> None:
+
+    tree = build_lab(tmp_path / "sys")
+    config = "devices: [{name: gpu, match: {vendorID: '10de', productID: '20b0'}, managed: false}]"
+
+    def status() -> dict[str, Any]:
+        inv = discover(tmp_path / "sys")
+        return desired_devices("node-a", inv, decide(load_specs(config), inv, {}), IDS)[
+            "node-a.0000-3b-00-0"
+        ].status
+
+    st = status()
+    assert st["health"] == "Unhealthy" and st["conditions"][0]["reason"] == "NotBoundToVfio"
+    assert "it is on nvidia" in st["conditions"][0]["message"]
+    assert st["attributes"] == {"managed": "false"}
+    for drv in ("vfio-pci", "nvgrace_gpu_vfio_pci"):
+        tree.unbind("0000:3b:00.0")
+        tree.bind("0000:3b:00.0", drv)
+        assert status()["health"] == "Healthy", drv

@@ -220,3 +220,22 @@ def test_vf_settings_are_ip_link_commands_on_the_pf_which_is_brought_up_first() 
         ["ip", "link", "set", "dev", "ens2f0", "up"],
         ["ip", "link", "set", "dev", "ens2f0", "vf", "0", "spoofchk", "on", "trust", "off"],
     ]
+
+
+def test_managed_false_is_never_rebound(root: Path, tmp_path: Path) -> None:
+    p, w = preparer(root, tmp_path / "state.json")
+    with pytest.raises(PrepareError) as err:
+        p.bind_vfio([AUDIO, GPU], unmanaged={GPU})
+    assert err.value.reason == "NotBoundToVfio" and err.value.address == GPU
+    assert "is on nvidia" in str(err.value) and "managed: false" in str(err.value)
+    assert w.writes == [] and driver(root, AUDIO) == "snd_hda_intel"  # nothing moved first
+    # Bound by the admin (here a vendor's variant driver): used as it is, never touched.
+    from nodeplugin.simulate import SysfsTree
+
+    tree = SysfsTree(root)
+    tree.unbind(GPU)
+    tree.bind(GPU, "nvgrace_gpu_vfio_pci")
+    assert p.bind_vfio([GPU, AUDIO], unmanaged={GPU}) == [AUDIO]
+    assert driver(root, GPU) == "nvgrace_gpu_vfio_pci" and GPU not in p.moved
+    p.restore([GPU, AUDIO])
+    assert driver(root, GPU) == "nvgrace_gpu_vfio_pci" and driver(root, AUDIO) == "snd_hda_intel"

@@ -33,6 +33,7 @@ from pcipt.api.v1alpha1.pcidevice import (
     PciDevice,
     PciDeviceSpec,
     PciDeviceStatus,
+    ReservedAfterUse,
     SriovInfo,
     pcidevice_name,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "PciFlavorSpec",
     "PciFlavorStatus",
     "Placement",
+    "ReservedAfterUse",
     "ResourceKind",
     "SchedulingStatus",
     "SelectorRequirement",

@@ -73,6 +73,19 @@ class ClaimRef(ApiModel):
     """When the claim was written; the audit gives half-done claims a grace period from here."""
 
 
+class ReservedAfterUse(ApiModel):
+    """Set by the controller when it releases a device marked one-time-use (the device spec's
+    `one_time_use` / `oneTimeUse`): the device is given to no VM until an admin, having done
+    what the device needs between tenants (erase, firmware, checks), removes this."""
+
+    vm: str = Field(min_length=1, max_length=317)
+    """namespace/name of the VM that last had it."""
+    uid: str = Field(min_length=1, max_length=64)
+    """That VM's UID."""
+    released_at: datetime | None = None
+    """When it was released."""
+
+
 class PciDeviceSpec(ApiModel):
     """What the device is (node and address) and who may use it."""
 
@@ -93,6 +106,9 @@ class PciDeviceSpec(ApiModel):
     """Admin maintenance switch: when true no new VM is given this device (existing claims stay)."""
     claim_ref: ClaimRef | None = None
     """The VM this device is bound to; absent when free. Set and cleared only by the controller."""
+    reserved: ReservedAfterUse | None = None
+    """A one-time-use device a VM has had: no new VM is given it until an admin removes this
+    (`kubectl pcipt uncordon DEVICE` does)."""
 
     @field_validator("address")
     @classmethod
