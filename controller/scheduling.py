@@ -24,7 +24,7 @@ Policy, in the order it is applied:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,6 +79,8 @@ class Device:
     unschedulable: bool = False
     claim: Claim | None = None
     resource_version: str = ""
+    phys_fn: str | None = None
+    """For a VF: its PF's address."""
     reserved_after_use: bool = False
     """A one-time-use device a VM has had, not yet freed by an admin."""
 
@@ -114,6 +116,7 @@ class Device:
             unschedulable=spec.unschedulable,
             claim=claim,
             resource_version=dev.metadata.resource_version or "",
+            phys_fn=st.sriov.phys_fn if st.sriov else None,
             reserved_after_use=spec.reserved is not None,
         )
 
@@ -382,6 +385,10 @@ def check_vm(inp: SchedulingInput) -> tuple[Refusal | None, dict[str, str]]:
 
 # --- per-node placement ---------------------------------------------------------------------
 
+SEARCH_BUDGET = 20_000
+"""Choices one node's search may try before it settles for the best placement found so far.
+Interchangeable devices are tried once per kind, so real inventories stay far below it."""
+
 
 @dataclass
 class _NodeView:
@@ -390,25 +397,54 @@ class _NodeView:
     by_address: dict[str, Device]
     own_uid: str
     reserved: frozenset[str] | Set[str]
+    vfs_of: dict[str, list[Device]] = field(init=False)
+    """PF address -> its published VFs on this node."""
+
+    def __post_init__(self) -> None:
+        self.vfs_of = defaultdict(list)
+        for d in self.by_address.values():
+            if d.phys_fn is not None:
+                self.vfs_of[d.phys_fn].append(d)
 
     def usable(self, d: Device) -> bool:
-        """Free for this VM: healthy, not cordoned, not claimed or reserved for another VM."""
+        """Free for this VM: healthy, not cordoned, not reserved after a one-time use, not
+        claimed or promised to another VM."""
         if not d.healthy or d.unschedulable:
-            return False
-        if d.reserved_after_use and d.claim is None:
             return False
         if d.claim is not None:
             return d.claim.uid == self.own_uid
+        if d.reserved_after_use:
+            return False
         return d.name not in self.reserved
 
+    def held_by_other(self, d: Device) -> bool:
+        if d.claim is not None:
+            return d.claim.uid != self.own_uid
+        return d.name in self.reserved
+
+    def family(self, d: Device) -> list[Device]:
+        """The published functions that cannot go to another VM than d's: its PF (for a VF)
+        and its VFs (for a PF). Passing a PF through removes its VFs."""
+        out = list(self.vfs_of.get(d.address, ()))
+        if d.phys_fn is not None and (pf := self.by_address.get(d.phys_fn)) is not None:
+            out.append(pf)
+        return out
+
+    def family_held(self, d: Device) -> Device | None:
+        """A PF or VF of d's held by another VM, if any."""
+        return next((m for m in self.family(d) if self.held_by_other(m)), None)
+
     def group(self, d: Device) -> list[Device] | None:
-        """The device and its IOMMU group peers, or None when the group cannot come along."""
+        """The device and its IOMMU group peers, or None when the group cannot come along
+        (a peer missing or not usable, or a member's PF or VF held by another VM)."""
         members = [d]
         for peer in d.peers:
             p = self.by_address.get(peer)
             if p is None or not self.usable(p):
                 return None
             members.append(p)
+        if any(self.family_held(m) is not None for m in members):
+            return None
         return members
 
     def blocked_by_group(self, d: Device) -> bool:
@@ -420,12 +456,22 @@ def _why_not(view: _NodeView, d: Device) -> str:
         return "unhealthy"
     if d.unschedulable:
         return "cordoned"
-    if d.reserved_after_use and d.claim is None:
+    if d.claim is None and d.reserved_after_use:
         return "reserved after one-time use"
     if d.claim is not None and d.claim.uid != view.own_uid:
         return "claimed by other VMs"
     if d.claim is None and d.name in view.reserved:
         return "being bound to other VMs"
+    if (held := view.family_held(d)) is not None:
+        return (
+            "whose VF is held by another VM"
+            if d.phys_fn is None
+            else (
+                "whose PF is held by another VM"
+                if held.address == d.phys_fn
+                else "whose PF's other functions are held by another VM"
+            )
+        )
     return "blocked by their IOMMU group"
 
 
@@ -439,55 +485,281 @@ class _NodeResult:
 def _matches_request(r: _Req, flavor: PciFlavor, d: Device, labels: Mapping[str, str]) -> bool:
     if not device_selector_matches(flavor.spec.selector, d.facts, labels):
         return False
-    return _matches_extra(r, d, labels)
+    return _mismatch(r, d, labels) is None
 
 
-def _matches_extra(r: _Req, d: Device, labels: Mapping[str, str]) -> bool:
+def _mismatch(r: _Req, d: Device, labels: Mapping[str, str]) -> str | None:
+    """Why a device of the request's flavor does not suit the request itself, or None."""
     if r.selector is not None and not device_selector_matches(r.selector, d.facts, labels):
-        return False
+        return "not matching the request's selector"
     if r.address is not None and d.address != r.address:
-        return False
+        return "at other addresses"
     if r.network is not None:
         if r.network.physical_network and physical_network(d.facts) != r.network.physical_network:
-            return False
+            return "on other physical networks"
         if r.network.mode == "macvtap" and not d.netdev:
-            return False
-    return True
+            return "without a netdev (macvtap needs one)"
+        if r.network.trusted and d.facts.attributes.get("trusted", "").lower() != "true":
+            return "not marked trusted by the admin"
+    return None
 
 
-def _pick(
-    view: _NodeView,
-    r: _Req,
-    cands: list[Device],
-    taken: set[str],
-    numa: int | None,
-) -> list[tuple[Device, bool]] | None:
-    """Choose devices (whole IOMMU groups) for r among cands, on NUMA node `numa` if given.
-    Returns every device taken with whether it counts toward r (False: an IOMMU companion),
-    or None if r cannot be satisfied."""
+Pick = list[tuple[Device, bool]]
+"""Devices taken for a request, each with whether it counts toward it (False: a companion)."""
 
-    def order(d: Device) -> tuple[int, int, str]:
-        own = 0 if d.claim is not None and d.claim.uid == view.own_uid else 1
+
+@dataclass(frozen=True)
+class _Unit:
+    """What taking one device means: it and its IOMMU group, all or nothing."""
+
+    members: tuple[Device, ...]
+    names: frozenset[str]
+    kin: frozenset[str]
+    """Names of the members' PFs and VFs outside the unit: taken by no one else in this VM."""
+
+
+@dataclass
+class _Best:
+    score: tuple[int, int, int]
+    """(optional requests skipped, -devices the VM holds already, NUMA-preferred misses)"""
+    picks: dict[str, Pick]
+    skipped: list[tuple[str, str]]
+
+
+class _Search:
+    """Every way to give each request its devices, most promising first, with interchangeable
+    devices tried once per kind: a depth-first search that backtracks over NUMA nodes and
+    device choices, so a fit is found whenever one exists (within SEARCH_BUDGET choices).
+
+    Requests are placed most constrained first (mandatory before optional; sameNUMA, then
+    pinned addresses, then NUMA required, preferred, none). A sameNUMA group shares one NUMA
+    node; a required request keeps its devices on one; a preferred one tries each node first
+    and counts a miss when it spreads. Among complete placements the best is the one with the
+    fewest optional requests skipped, then the most devices the VM already holds, then the
+    fewest NUMA misses; the search stops early once nothing better is possible."""
+
+    def __init__(
+        self,
+        view: _NodeView,
+        order: list[_Req],
+        cands: Mapping[str, list[Device]],
+        same_numa: Set[str],
+    ) -> None:
+        self.view = view
+        self.order = order
+        self.same_numa = same_numa
+        self.cand_names = {r.name: {d.name for d in cands[r.name]} for r in order}
+        self.cands = cands
+        self.units = {r.name: self._units_for(r) for r in order}
+        own_upper = {
+            m.name
+            for units in self.units.values()
+            for u in units
+            for m in u.members
+            if m.claim is not None
+        }
+        self.own_upper = len(own_upper)
+        self.steps = 0
+        self.picks: dict[str, Pick] = {}
+        self.skipped: list[tuple[str, str]] = []
+        self.best: _Best | None = None
+        self.done = False
+
+    def _preference(self, d: Device) -> tuple[int, int, str]:
+        own = 0 if d.claim is not None and d.claim.uid == self.view.own_uid else 1
         return (own, len(d.peers), d.address)
 
-    eligible = {d.name for d in cands if numa is None or d.numa == numa}
-    chosen: list[tuple[Device, bool]] = []
-    counted = 0
-    local_taken = set(taken)
-    for d in sorted(cands, key=order):
-        if counted >= r.count:
-            break
-        if d.name in local_taken or d.name not in eligible:
-            continue
-        members = view.group(d)
-        if members is None or any(m.name in local_taken for m in members):
-            continue
-        for m in members:
-            local_taken.add(m.name)
-            counts = m.name in eligible and counted < r.count
-            counted += counts
-            chosen.append((m, counts))
-    return chosen if counted >= r.count else None
+    def _units_for(self, r: _Req) -> list[_Unit]:
+        seen: set[frozenset[str]] = set()
+        units = []
+        for d in sorted(self.cands[r.name], key=self._preference):
+            members = self.view.group(d)
+            if members is None:
+                continue
+            names = frozenset(m.name for m in members)
+            if names in seen:
+                continue
+            seen.add(names)
+            kin = frozenset(k.name for m in members for k in self.view.family(m)) - names
+            units.append(_Unit(tuple(members), names, kin))
+        return units
+
+    # -- choices -------------------------------------------------------------------------
+
+    def _kind(self, u: _Unit, counted: int) -> tuple[object, ...]:
+        """Units of one kind are interchangeable for every request: one device, no IOMMU
+        peers, on the same NUMA node, wanted by the same requests, held or not alike, and
+        of the same PF (or of none)."""
+        if len(u.members) > 1 or (u.kin and u.members[0].phys_fn is None):
+            return ("unique", u.names)
+        d = u.members[0]
+        return (
+            d.numa,
+            counted,
+            d.claim is not None,
+            tuple(d.name in self.cand_names[r.name] for r in self.order),
+            u.kin,
+        )
+
+    def choices(self, r: _Req, numa: int | None, taken: frozenset[str]) -> Iterator[list[_Unit]]:
+        """Sets of units that give r its count (on NUMA node `numa` when given), best first:
+        the first one is what a greedy pick would take."""
+        eligible = self.cand_names[r.name]
+        kinds: dict[tuple[object, ...], list[tuple[_Unit, int]]] = {}
+        for u in self.units[r.name]:
+            if u.names & taken or u.kin & taken:
+                continue
+            if numa is not None and u.members[0].numa != numa:
+                continue
+            n = sum(1 for m in u.members if m.name in eligible and (numa is None or m.numa == numa))
+            if n:
+                kinds.setdefault(self._kind(u, n), []).append((u, n))
+        groups = list(kinds.values())
+
+        def gen(
+            i: int, need: int, chosen: list[_Unit], names: frozenset[str]
+        ) -> Iterator[list[_Unit]]:
+            if need <= 0:
+                yield chosen
+                return
+            if i == len(groups):
+                return
+            group = groups[i]
+            each = group[0][1]
+            most = min(len(group), -(-need // each))
+            for x in range(most, -1, -1):
+                picked = [u for u, _ in group[:x]]
+                if x and any(u.kin & names for u in picked):
+                    continue
+                got = names.union(*(u.names for u in picked)) if picked else names
+                yield from gen(i + 1, need - x * each, chosen + picked, got)
+
+        yield from gen(0, r.count, [], frozenset())
+
+    # -- the search ----------------------------------------------------------------------
+
+    def numa_options(
+        self, r: _Req, taken: frozenset[str], group_numa: int | None
+    ) -> list[int | None]:
+        if r.name in self.same_numa:
+            if group_numa is not None:
+                return [group_numa]
+            group = [q for q in self.order if q.name in self.same_numa]
+            room = Counter(
+                d.numa
+                for q in group
+                for d in self.cands[q.name]
+                if d.numa >= 0 and d.name not in taken
+            )
+            by_room: list[int] = sorted(room, key=lambda n: (room[n], n))
+            return [*by_room]
+        if r.numa_policy == "none":
+            return [None]
+        room = Counter(d.numa for d in self.cands[r.name] if d.numa >= 0 and d.name not in taken)
+        fits = [n for n in sorted(room, key=lambda n: (room[n], n)) if room[n] >= r.count]
+        local: list[int | None] = list(fits)
+        return [*local, None] if r.numa_policy == "preferred" else local
+
+    def run(self) -> _Best | None:
+        self._dfs(0, frozenset(), None, 0, 0)
+        return self.best
+
+    def _dfs(
+        self,
+        i: int,
+        taken: frozenset[str],
+        group_numa: int | None,
+        own: int,
+        misses: int,
+    ) -> None:
+        """Place order[i:], given what is taken; the picks and skips so far are in
+        self.picks and self.skipped."""
+        picks, skipped = self.picks, self.skipped
+        if self.done:
+            return
+        if self.best is not None and len(skipped) > self.best.score[0]:
+            return
+        if i == len(self.order):
+            score = (len(skipped), -own, misses)
+            if self.best is None or score < self.best.score:
+                self.best = _Best(score, dict(picks), list(skipped))
+                if score == (0, -self.own_upper, 0):
+                    self.done = True
+            return
+        r = self.order[i]
+        for numa in self.numa_options(r, taken, group_numa):
+            for units in self.choices(r, numa, taken):
+                self.steps += 1
+                if self.steps > SEARCH_BUDGET:
+                    self.done = True
+                    return
+                pick = self._pick(r, units, numa)
+                counted = {d.numa for d, counts in pick if counts}
+                miss = int(
+                    r.numa_policy == "preferred"
+                    and r.name not in self.same_numa
+                    and (len(counted) != 1 or min(counted) < 0)
+                )
+                picks[r.name] = pick
+                self._dfs(
+                    i + 1,
+                    taken.union(*(u.names for u in units)),
+                    numa if r.name in self.same_numa else group_numa,
+                    own + sum(1 for d, _ in pick if d.claim is not None),
+                    misses + miss,
+                )
+                del picks[r.name]
+                if self.done:
+                    return
+        if r.optional:
+            skipped.append((r.name, self.skip_reason(r, taken, group_numa)))
+            self._dfs(i + 1, taken, group_numa, own, misses)
+            skipped.pop()
+
+    def _pick(self, r: _Req, units: list[_Unit], numa: int | None) -> Pick:
+        eligible = self.cand_names[r.name]
+        out: Pick = []
+        counted = 0
+        for u in units:
+            for m in u.members:
+                counts = (
+                    counted < r.count and m.name in eligible and (numa is None or m.numa == numa)
+                )
+                counted += counts
+                out.append((m, counts))
+        return out
+
+    def skip_reason(self, r: _Req, taken: frozenset[str], group_numa: int | None) -> str:
+        if r.name in self.same_numa and group_numa is not None:
+            return f"no free {r.flavor} left on NUMA node {group_numa} with the rest of sameNUMA"
+        free = [d for d in self.cands[r.name] if d.name not in taken]
+        if len(free) >= r.count and r.numa_policy == "required":
+            return _numa_text(r, free)
+        if len(free) >= r.count:
+            return f"cannot take whole IOMMU groups for {r.count} {r.flavor}"
+        return _shortage_text(r, len(free), r.count)
+
+
+def _numa_text(r: _Req, free: Sequence[Device]) -> str:
+    """Why a NUMA-required request does not fit on one NUMA node."""
+    room = Counter(d.numa for d in free if d.numa >= 0)
+    unknown = sum(1 for d in free if d.numa < 0)
+    most = max(room.values(), default=0)
+    text = f"cannot place {r.name} on a single NUMA node (at most {most} free {r.flavor} on one"
+    if unknown:
+        text += f"; {unknown} report no NUMA node"
+    return text + ")"
+
+
+def _prio(r: _Req, same_numa: Set[str]) -> tuple[int, int, int, int, str]:
+    policy_rank = {"required": 0, "preferred": 1, "none": 2}[r.numa_policy]
+    return (
+        1 if r.optional else 0,
+        0 if r.name in same_numa else 1,
+        0 if r.address else 1,
+        policy_rank,
+        r.name,
+    )
 
 
 def _place_on_node(
@@ -508,7 +780,7 @@ def _place_on_node(
     # Candidates per request: qualifying and usable devices, with counts of why others are not.
     cands: dict[str, list[Device]] = {}
     free_by_flavor: dict[str, int] = {}
-    details: dict[str, str] = {}
+    excluded: dict[str, Counter[str]] = {}
     for r in reqs:
         flavor = inp.flavors[r.flavor]
         of_flavor = [
@@ -516,135 +788,51 @@ def _place_on_node(
             for d in node_devices
             if device_selector_matches(flavor.spec.selector, d.facts, labels)
         ]
-        ok, excluded = [], Counter[str]()
+        ok, why = [], Counter[str]()
         for d in of_flavor:
-            if not _matches_extra(r, d, labels):
-                excluded["not matching the request"] += 1
+            if (mismatch := _mismatch(r, d, labels)) is not None:
+                why[mismatch] += 1
             elif not view.usable(d) or view.blocked_by_group(d):
-                excluded[_why_not(view, d)] += 1
+                why[_why_not(view, d)] += 1
             else:
                 ok.append(d)
         cands[r.name] = ok
         free_by_flavor[r.flavor] = sum(
             1 for d in of_flavor if view.usable(d) and not view.blocked_by_group(d)
         )
-        if excluded:
-            details[r.name] = ", ".join(f"{n} {why}" for why, n in sorted(excluded.items()))
+        excluded[r.name] = why
 
     same_numa = set(inp.vm.spec.placement.same_numa or []) if inp.vm.spec.placement else set()
-    active = [r for r in reqs if r.name not in skipped_vm]
-    group = [r for r in active if r.name in same_numa]
-    rest = [r for r in active if r.name not in same_numa]
+    active = sorted(
+        (r for r in reqs if r.name not in skipped_vm), key=lambda r: _prio(r, same_numa)
+    )
+    mandatory = [r for r in active if not r.optional]
 
-    def prio(r: _Req) -> tuple[int, int, int, str]:
-        policy_rank = {"required": 0, "preferred": 1, "none": 2}[r.numa_policy]
-        return (1 if r.optional else 0, 0 if r.address else 1, policy_rank, r.name)
+    def details(r: _Req) -> str:
+        return ", ".join(f"{n} {why}" for why, n in sorted(excluded[r.name].items()))
 
-    taken: set[str] = set()
-    picked: dict[str, list[tuple[Device, bool]]] = {}
-    reasons: list[str] = []
-    notes: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    penalty = 0
-
-    def fail(r: _Req, reason: str) -> None:
-        if r.optional:
-            skipped.append((r.name, reason))
-        else:
-            reasons.append(reason)
-            if r.name in details:
-                notes.append(f"{r.label}: {details[r.name]}")
-
-    def shortage(r: _Req) -> str:
-        return _shortage_text(r, sum(1 for d in cands[r.name] if d.name not in taken), r.count)
-
-    # 1. sameNUMA group: every request of it inside one NUMA node.
-    if group:
-        numas = sorted({d.numa for r in group for d in cands[r.name] if d.numa >= 0})
-        best: tuple[int, int, dict[str, list[tuple[Device, bool]]]] | None = None
-        mandatory = [r for r in sorted(group, key=prio) if not r.optional]
-        for n in numas:
-            trial_taken = set(taken)
-            trial: dict[str, list[tuple[Device, bool]]] = {}
-            fits = True
-            for r in mandatory:
-                got = _pick(view, r, cands[r.name], trial_taken, n)
-                if got is None:
-                    fits = False
-                    break
-                trial[r.name] = got
-                trial_taken.update(d.name for d, _ in got)
-            if fits:
-                leftover = sum(
-                    1
-                    for r in group
-                    for d in cands[r.name]
-                    if d.numa == n and d.name not in trial_taken
+    # Too few candidates for a mandatory request: refused without searching.
+    short = [r for r in mandatory if len(cands[r.name]) < r.count]
+    if short:
+        return _NodeResult(
+            None,
+            list(
+                dict.fromkeys(
+                    _shortage_text(r, len(cands[r.name]), r.count, excluded[r.name]) for r in short
                 )
-                if best is None or (leftover, n) < (best[0], best[1]):
-                    best = (leftover, n, trial)
-        if best is None:
-            for r in mandatory:
-                if len(cands[r.name]) < r.count:
-                    fail(r, shortage(r))
-                    break
-            else:
-                names = ", ".join(r.name for r in group)
-                reasons.append(f"cannot place {names} on one NUMA node")
-        else:
-            _, n, trial = best
-            picked.update(trial)
-            for got in trial.values():
-                taken.update(d.name for d, _ in got)
-            for r in sorted(group, key=prio):
-                if r.optional:
-                    got = _pick(view, r, cands[r.name], taken, n)
-                    if got is None:
-                        fail(
-                            r, f"no free {r.flavor} left on NUMA node {n} with the rest of sameNUMA"
-                        )
-                    else:
-                        picked[r.name] = got
-                        taken.update(d.name for d, _ in got)
+            ),
+            [f"{r.label}: {details(r)}" for r in short if excluded[r.name]],
+        )
 
-    # 2. The other requests, most constrained first, mandatory before optional.
-    for r in sorted(rest, key=prio):
-        c = [d for d in cands[r.name] if d.name not in taken]
-        if len(c) < r.count:
-            fail(r, shortage(r))
-            continue
-        got = None
-        if r.numa_policy in ("required", "preferred"):
-            caps = Counter(d.numa for d in c if d.name not in taken and d.numa >= 0)
-            for n in sorted(caps, key=lambda n: (caps[n], n)):
-                if caps[n] >= r.count:
-                    got = _pick(view, r, c, taken, n)
-                    if got is not None:
-                        break
-            if got is None and r.numa_policy == "required":
-                most = max(caps.values(), default=0)
-                fail(
-                    r,
-                    f"cannot place {r.name} on a single NUMA node "
-                    f"(at most {most} free {r.flavor} on one)",
-                )
-                continue
-            if got is None:
-                penalty += 1
-        if got is None:
-            got = _pick(view, r, c, taken, None)
-        if got is None:
-            fail(r, f"cannot take whole IOMMU groups for {r.count} {r.flavor}")
-            continue
-        picked[r.name] = got
-        taken.update(d.name for d, _ in got)
-
-    if reasons:
+    found = _Search(view, active, cands, same_numa).run()
+    if found is None:
+        reasons = _why_no_fit(view, mandatory, cands, same_numa)
+        notes = [f"{r.label}: {details(r)}" for r in mandatory if excluded[r.name]]
         return _NodeResult(None, reasons, notes)
 
     assignments: list[Assignment] = []
     for r in reqs:
-        for d, counts in picked.get(r.name, []):
+        for d, counts in found.picks.get(r.name, []):
             assignments.append(
                 Assignment(
                     request=r.name,
@@ -659,21 +847,46 @@ def _place_on_node(
             )
     used_by_flavor = Counter(a.flavor for a in assignments if a.flavor)
     left = sum(free_by_flavor[f] - used_by_flavor.get(f, 0) for f in free_by_flavor)
-    all_skipped = tuple(sorted({**dict(skipped), **{k: v for k, v in skipped_vm.items()}}.items()))
+    all_skipped = tuple(sorted({**dict(found.skipped), **dict(skipped_vm)}.items()))
     stranded = left if inp.policy == "best-fit" else -left
     # Devices this VM already holds (a bind interrupted by a crash) are reused before anything
     # else counts, so a re-plan converges on the claims already made instead of churning.
-    own = sum(1 for got in picked.values() for d, _ in got if d.claim is not None)
-    score = (len(all_skipped), -own, penalty, stranded)
+    _, minus_own, misses = found.score
+    score = (len(all_skipped), minus_own, misses, stranded)
     local = {
         d.numa
         for r in reqs
         if r.numa_policy in ("required", "preferred") or r.name in same_numa
-        for d, counts in picked.get(r.name, [])
+        for d, counts in found.picks.get(r.name, [])
         if counts
     }
     pin = next(iter(local)) if len(local) == 1 and min(local) >= 0 else None
     return _NodeResult(Placement(node.name, tuple(assignments), all_skipped, score, pin), [], [])
+
+
+def _why_no_fit(
+    view: _NodeView, mandatory: list[_Req], cands: Mapping[str, list[Device]], same_numa: Set[str]
+) -> list[str]:
+    """Why the mandatory requests have no placement on a node, when each has enough candidate
+    devices: the first request (or sameNUMA group) that cannot be placed even alone, or else
+    that they cannot be placed together."""
+    group = [r for r in mandatory if r.name in same_numa]
+    if group and _Search(view, group, cands, same_numa).run() is None:
+        return [f"cannot place {', '.join(r.name for r in group)} on one NUMA node"]
+    reasons = []
+    for r in mandatory:
+        if r.name in same_numa or _Search(view, [r], cands, same_numa).run() is not None:
+            continue
+        if r.numa_policy == "required":
+            reasons.append(_numa_text(r, cands[r.name]))
+        else:
+            reasons.append(f"cannot take whole IOMMU groups for {r.count} {r.flavor}")
+    if reasons:
+        return reasons
+    return [
+        f"cannot fit {', '.join(r.name for r in mandatory)} together "
+        "(they compete for the same devices)"
+    ]
 
 
 # --- the whole decision ---------------------------------------------------------------------
@@ -799,15 +1012,48 @@ def _indexed_search(
     return best
 
 
-def _shortage_text(r: _Req, have: int, need: int) -> str:
+def _shortage_text(r: _Req, have: int, need: int, excluded: Mapping[str, int] | None = None) -> str:
+    """`have no free a100 (need 2): claimed by other VMs, blocked by their IOMMU group`: the
+    count, then why the node's other devices of the flavor are not free, most common first
+    (the per-node details carry the numbers)."""
     if r.address:
-        return f"have no free {r.flavor} at {r.address}"
-    what = r.flavor
-    if r.network is not None and r.network.physical_network:
-        what = f"{r.flavor} VF on {r.network.physical_network}"
-    if have == 0:
-        return f"have no free {what} (need {need})"
-    return f"have only {have} free {what} (need {need})"
+        text = f"have no free {r.flavor} at {r.address}"
+    else:
+        what = r.flavor
+        if r.network is not None and r.network.physical_network:
+            what = f"{r.flavor} VF on {r.network.physical_network}"
+        if have == 0:
+            text = f"have no free {what} (need {need})"
+        else:
+            text = f"have only {have} free {what} (need {need})"
+    if excluded:
+        # Categories only, in a fixed order, so the text changes when the cause does, not
+        # with every count (each change is a status write and an Event); a device promised to
+        # a bind in flight reads as claimed, which it is a moment later.
+        seen = {"claimed by other VMs" if w == "being bound to other VMs" else w for w in excluded}
+        seen -= IMPLIED_BY_SHORTAGE
+        why = [w for w in EXCLUSION_ORDER if w in seen] + sorted(seen - set(EXCLUSION_ORDER))
+        if why:
+            text += ": " + ", ".join(why)
+    return text
+
+
+EXCLUSION_ORDER = (
+    "claimed by other VMs",
+    "reserved after one-time use",
+    "whose PF is held by another VM",
+    "whose VF is held by another VM",
+    "whose PF's other functions are held by another VM",
+    "blocked by their IOMMU group",
+    "unhealthy",
+    "cordoned",
+    "not marked trusted by the admin",
+    "without a netdev (macvtap needs one)",
+    "not matching the request's selector",
+)
+"""Why a node's devices of a flavor are not free, in the order a refusal names them."""
+IMPLIED_BY_SHORTAGE = frozenset({"at other addresses", "on other physical networks"})
+"""Said already by the shortage text (`at 0000:3b:00.0`, `VF on physnet2`)."""
 
 
 def summarize(refusals: Iterable[NodeRefusal], total: int) -> str:

@@ -27,6 +27,7 @@ def dev(
     cordoned: bool = False,
     claim: Claim | None = None,
     attrs: dict[str, str] | None = None,
+    phys_fn: str | None = None,
 ) -> Device:
     return Device(
         name=pcidevice_name(node, address),
@@ -49,6 +50,7 @@ def dev(
         unschedulable=cordoned,
         claim=claim,
         resource_version="1",
+        phys_fn=phys_fn,
     )
 
 

@@ -632,7 +632,9 @@ def test_refusal_lists_per_node_reasons_with_details() -> None:
     )
     assert isinstance(got, Refusal)
     (node,) = got.nodes
-    assert node.node == A and node.reasons == ("have only 1 free a100 (need 2)",)
+    assert node.node == A and node.reasons == (
+        "have only 1 free a100 (need 2): claimed by other VMs, unhealthy",
+    )
     assert node.details == ("gpu (a100): 1 claimed by other VMs, 1 unhealthy",)
 
 
@@ -827,3 +829,303 @@ def test_indexed_search_visits_few_nodes_in_a_big_cluster() -> None:
     assert isinstance(got, Placement)
     assert got == schedule(replace(case, free=None))
     assert len(visited) <= 3, visited
+
+
+# --- the search: backtracking finds a fit whenever one exists -------------------------------
+
+
+def test_numa_required_requests_are_packed_across_nodes_by_backtracking() -> None:
+    # 2 free on NUMA 0, 3 on NUMA 1; requests of 1, 2 and 2 all NUMA-required: only
+    # 2 | 1 + 2 fits, which placing requests one by one in name order never finds.
+    devices = [dev(A, f"0000:{0x10 + i:02x}:00.0", numa=0 if i < 2 else 1) for i in range(5)]
+    reqs = [
+        {"name": "a", "flavor": "a100", "count": 1, "numaPolicy": "required"},
+        {"name": "b", "flavor": "a100", "count": 2, "numaPolicy": "required"},
+        {"name": "c", "flavor": "a100", "count": 2, "numaPolicy": "required"},
+    ]
+    got = schedule(inp(vm(reqs), devices))
+    assert isinstance(got, Placement), got
+    numa = {r: {a.numa for a in got.assignments if a.request == r} for r in "abc"}
+    assert all(len(n) == 1 for n in numa.values())
+    assert sorted(len([a for a in got.assignments if a.numa == n]) for n in (0, 1)) == [2, 3]
+
+
+def test_device_choice_is_backtracked_when_requests_overlap() -> None:
+    # "any" may take either GPU, "pinned" only 3b: the search gives "any" the other one.
+    devices = [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0")]
+    reqs = [
+        {"name": "any", "flavor": "a100"},
+        {"name": "pinned", "flavor": "a100", "address": "0000:3c:00.0"},
+        # "pinned" is placed first (pinned addresses are most constrained), so this also
+        # holds when the order would not.
+    ]
+    got = schedule(inp(vm(reqs), devices))
+    assert isinstance(got, Placement)
+    assert {a.request: a.address for a in got.assignments} == {
+        "any": "0000:3b:00.0",
+        "pinned": "0000:3c:00.0",
+    }
+
+
+def test_requests_that_fit_alone_but_not_together_say_so() -> None:
+    devices = [dev(A, "0000:3b:00.0", numa=0), dev(A, "0000:3c:00.0", numa=1)]
+    reqs = [
+        {"name": "a", "flavor": "a100", "numaPolicy": "required"},
+        {"name": "b", "flavor": "a100", "count": 2},
+        {"name": "c", "flavor": "a100", "numaPolicy": "required"},
+    ]
+    got = schedule(inp(vm(reqs), devices))
+    assert isinstance(got, Refusal)
+    assert got.nodes[0].reasons == ("have only 2 free a100 (need 4)",) or any(
+        "together" in r for r in got.nodes[0].reasons
+    )
+
+
+# --- PF and VF never go to different VMs ----------------------------------------------------
+
+PF = "0000:5e:00.0"
+VF0, VF1 = "0000:5e:02.0", "0000:5e:02.1"
+
+
+def sriov_devices(pf_claim: Claim | None = None, vf_claim: Claim | None = None) -> list:
+    return [
+        dev(A, PF, vendor="8086", product="1592", cls="020000", role="PF", group=1, claim=pf_claim),
+        vf(A, VF0, group=2, phys_fn=PF, claim=vf_claim),
+        vf(A, VF1, group=3, phys_fn=PF),
+    ]
+
+
+PF_FLAVOR = flavor("e810-pf", "nic", selector={"vendorIDs": ["8086"], "sriovRoles": ["PF"]})
+VF_FLAVOR = flavor("e810-vf", "gpu", selector={"vendorIDs": ["8086"], "sriovRoles": ["VF"]})
+
+
+def test_a_pf_is_not_given_while_another_vm_holds_one_of_its_vfs() -> None:
+    got = schedule(
+        inp(vm([{"name": "pf", "flavor": "e810-pf"}]), sriov_devices(vf_claim=other_claim()),
+            [PF_FLAVOR])
+    )  # fmt: skip
+    assert isinstance(got, Refusal)
+    assert got.nodes[0].reasons == (
+        "have no free e810-pf (need 1): whose VF is held by another VM",
+    )
+
+
+def test_a_vf_is_not_given_while_another_vm_holds_its_pf() -> None:
+    got = schedule(
+        inp(vm([{"name": "vf", "flavor": "e810-vf", "count": 1}]),
+            sriov_devices(pf_claim=other_claim()), [VF_FLAVOR])
+    )  # fmt: skip
+    assert isinstance(got, Refusal)
+    assert "whose PF is held by another VM" in got.nodes[0].reasons[0]
+    assert got.nodes[0].details == ("vf (e810-vf): 2 whose PF is held by another VM",)
+
+
+def test_the_free_counts_leave_out_a_pf_whose_vf_is_held() -> None:
+    counts = free_counts(
+        sriov_devices(vf_claim=other_claim()),
+        {"e810-pf": PF_FLAVOR, "e810-vf": VF_FLAVOR},
+        {},
+    )
+    assert counts == {"e810-pf": 0, "e810-vf": 1}
+
+
+def test_one_vm_never_gets_a_pf_and_its_vf() -> None:
+    reqs = [{"name": "pf", "flavor": "e810-pf"}, {"name": "vf", "flavor": "e810-vf"}]
+    got = schedule(inp(vm(reqs), sriov_devices(), [PF_FLAVOR, VF_FLAVOR]))
+    assert isinstance(got, Refusal)
+    assert "cannot fit pf, vf together" in got.nodes[0].reasons[0]
+
+
+# --- trusted VFs ----------------------------------------------------------------------------
+
+
+def test_a_trusted_network_lands_only_on_a_vf_the_admin_marked_trusted() -> None:
+    devices = [
+        vf(A, VF0, group=2),
+        vf(A, VF1, group=3, attrs={"trusted": "true"}),
+    ]
+    fl = nic_flavor(networking={"allowTrusted": True})
+    net = [{"name": "net", "flavor": "vf", "trusted": True}]
+    got = schedule(inp(vm(networks=net), devices, [fl]))
+    assert isinstance(got, Placement)
+    assert [a.address for a in got.assignments] == [VF1]
+    got = schedule(inp(vm(networks=net), devices[:1], [fl]))
+    assert isinstance(got, Refusal)
+    assert got.nodes[0].reasons == (
+        "have no free vf VF on physnet2 (need 1): not marked trusted by the admin",
+    ) or got.nodes[0].reasons == ("have no free vf (need 1): not marked trusted by the admin",)
+
+
+# --- refusal wording ------------------------------------------------------------------------
+
+
+def test_unknown_numa_is_named_in_a_numa_refusal() -> None:
+    devices = [dev(A, "0000:3b:00.0", numa=-1), dev(A, "0000:3c:00.0", numa=-1)]
+    got = schedule(inp(vm(gpus(2, numaPolicy="required")), devices))
+    assert isinstance(got, Refusal)
+    assert got.nodes[0].reasons == (
+        "cannot place gpu on a single NUMA node (at most 0 free a100 on one; 2 report no NUMA node)",
+    )
+
+
+def test_a_group_blocked_by_a_held_peer_says_so_at_the_top() -> None:
+    devices = [
+        dev(A, "0000:3b:00.0", group=7, peers=("0000:3b:00.1",)),
+        dev(A, "0000:3b:00.1", product="1aef", group=7, peers=("0000:3b:00.0",),
+            claim=other_claim()),
+    ]  # fmt: skip
+    got = schedule(inp(vm(GPU), devices))
+    assert isinstance(got, Refusal)
+    assert got.message == (
+        "0/1 nodes are available: 1 node(s) have no free a100 (need 1): "
+        "blocked by their IOMMU group."
+    )
+
+
+# --- brute force ----------------------------------------------------------------------------
+
+
+@st.composite
+def one_node(draw: st.DrawFn) -> SchedulingInput:
+    """A small node: up to 5 GPUs in IOMMU groups of 1-2 (one NUMA node per group, or
+    unknown), some PFs with VFs among them, some held by another VM; 1-3 requests."""
+    devices: list = []
+    addrs = [f"0000:{0x10 + i:02x}:00.0" for i in range(draw(st.integers(1, 5)))]
+    i = 0
+    while i < len(addrs):
+        size = min(draw(st.integers(1, 2)), len(addrs) - i)
+        group = addrs[i : i + size]
+        numa = draw(st.sampled_from([0, 0, 1, 1, -1]))
+        for a in group:
+            devices.append(
+                dev(
+                    A,
+                    a,
+                    numa=numa,
+                    group=i,
+                    peers=tuple(x for x in group if x != a),
+                    claim=other_claim() if draw(st.integers(0, 6)) == 0 else None,
+                )
+            )
+        i += size
+    # SR-IOV: some devices are VFs of another one.
+    pfs = draw(st.lists(st.sampled_from(addrs), max_size=1))
+    devices = [
+        replace(d, phys_fn=pfs[0]) if pfs and d.address != pfs[0] and draw(st.booleans()) else d
+        for d in devices
+    ]
+    reqs = []
+    for k in range(draw(st.integers(1, 3))):
+        reqs.append(
+            {
+                "name": f"r{k}",
+                "flavor": "a100",
+                "count": draw(st.integers(1, 2)),
+                "optional": draw(st.booleans()),
+                "numaPolicy": draw(st.sampled_from(["none", "preferred", "required"])),
+            }
+        )
+    same = draw(st.sampled_from([None, None, ["r0"], [r["name"] for r in reqs]]))
+    return inp(vm(reqs, same_numa=same), devices)
+
+
+def brute_force(case: SchedulingInput) -> tuple[int, int] | None:
+    """The best (optional requests skipped, NUMA-preferred misses) over every way to give
+    each request whole IOMMU groups, or None when nothing fits. Written from the rules, not
+    from the search: every subset of groups for every request, every NUMA node."""
+    import itertools
+
+    devs = {d.address: d for d in case.devices}
+    by_name = {d.name: d for d in case.devices}
+
+    def held(d) -> bool:  # type: ignore[no-untyped-def]
+        return d.claim is not None
+
+    def kin(d) -> set[str]:  # type: ignore[no-untyped-def]
+        out = {x.name for x in case.devices if x.phys_fn == d.address}
+        if d.phys_fn in devs:
+            out.add(devs[d.phys_fn].name)
+        return out
+
+    def group_ok(d) -> bool:  # type: ignore[no-untyped-def]
+        members = [d] + [devs[p] for p in d.peers]
+        return all(not held(m) for m in members) and not any(
+            held(by_name[k]) for m in members for k in kin(m)
+        )
+
+    units = sorted(
+        {
+            frozenset([d.name, *(devs[p].name for p in d.peers)])
+            for d in case.devices
+            if group_ok(d)
+        },
+        key=sorted,
+    )
+    reqs = list(case.vm.spec.devices)
+    same = set(case.vm.spec.placement.same_numa or []) if case.vm.spec.placement else set()
+    numas = [0, 1]
+    best: tuple[int, int] | None = None
+
+    def options(r):  # type: ignore[no-untyped-def]
+        opts: list = [None] if r.optional else []
+        for size in range(1, r.count + 1):
+            opts.extend(itertools.combinations(units, size))
+        return opts
+
+    for combo in itertools.product(*(options(r) for r in reqs)):
+        names = [n for s in combo if s for u in s for n in u]
+        if len(names) != len(set(names)):
+            continue
+        # A PF and its VF go to no VM together (the PF's driver takes its VFs with it),
+        # unless one IOMMU group holds both.
+        taken = [u for s in combo if s for u in s]
+        if any(
+            a in kin(by_name[b])
+            for x, u in enumerate(taken)
+            for v in taken[x + 1 :]
+            for a in u
+            for b in v
+        ):
+            continue
+        for group_numa in numas:
+            ok, misses = True, 0
+            for r, s in zip(reqs, combo, strict=True):
+                if s is None:
+                    continue
+                members = [by_name[n] for u in s for n in u]
+                if r.name in same or r.numa_policy == "required":
+                    want = group_numa if r.name in same else None
+                    placed = False
+                    for n in [want] if want is not None else numas:
+                        if (
+                            all(by_name[min(u)].numa == n for u in s)
+                            and sum(1 for m in members if m.numa == n) >= r.count
+                        ):
+                            placed = True
+                    ok &= placed
+                else:
+                    ok &= len(members) >= r.count
+                    if r.numa_policy == "preferred":
+                        here = {m.numa for m in members}
+                        local = any(
+                            all(by_name[min(u)].numa == n for u in s)
+                            and sum(1 for m in members if m.numa == n) >= r.count
+                            for n in numas
+                        )
+                        misses += 0 if local or (len(here) == 1 and min(here) >= 0) else 1
+            if ok:
+                score = (sum(1 for s in combo if s is None), misses)
+                best = score if best is None or score < best else best
+    return best
+
+
+@settings(max_examples=500, deadline=None)
+@given(one_node())
+def test_the_search_finds_a_fit_exactly_when_brute_force_does(case: SchedulingInput) -> None:
+    got = schedule(case)
+    want = brute_force(case)
+    if want is None:
+        assert isinstance(got, Refusal), got
+        return
+    assert isinstance(got, Placement), (got, want)
+    assert (got.score[0], got.score[2]) == want
