@@ -75,6 +75,12 @@ class Inventory:
     usage: Counter[tuple[str, str]] = field(default_factory=Counter)
     reserved: dict[str, str] = field(default_factory=dict)
     """device name -> uid of the VM whose bind is in flight"""
+    held: dict[str, dict[str, Counter[str]]] = field(default_factory=lambda: defaultdict(dict))
+    """namespace -> VM uid -> devices it has claimed, by flavor (companions not counted)"""
+    in_flight: dict[str, tuple[str, Counter[str]]] = field(default_factory=dict)
+    """VM uid -> (namespace, devices by flavor) of a bind in flight in this process"""
+    ledgers: dict[str, dict[str, Counter[str]]] = field(default_factory=dict)
+    """namespace -> VM uid -> devices by flavor, as the quota ledger last read said"""
     grown: set[str] = field(default_factory=set)
     """flavors whose free capacity may have grown since the scheduler last looked: VMs waiting
     on them are tried again"""
@@ -129,6 +135,13 @@ class Inventory:
                     del self.claims_by_uid[d.claim.uid]
         if d.claim.flavor and not d.claim.companion:
             self.usage[(d.claim.namespace, d.claim.flavor)] += sign
+            by_uid = self.held[d.claim.namespace]
+            counts = by_uid.setdefault(d.claim.uid, Counter())
+            counts[d.claim.flavor] += sign
+            if counts[d.claim.flavor] <= 0:
+                del counts[d.claim.flavor]
+            if not counts:
+                del by_uid[d.claim.uid]
 
     def _labels(self, node: str) -> dict[str, str]:
         return self.facts(node).effective_labels()
@@ -159,7 +172,16 @@ class Inventory:
 
     # --- reservations for binds in flight ------------------------------------------------
 
-    def reserve(self, names: Sequence[str], uid: str) -> None:
+    def reserve(
+        self,
+        names: Sequence[str],
+        uid: str,
+        usage: tuple[str, Mapping[str, int]] | None = None,
+    ) -> None:
+        """Promise devices to a bind in flight; `usage` (namespace, devices by flavor) counts
+        toward the namespace's quota until the bind ends, so the next decision sees it."""
+        if usage is not None:
+            self.in_flight[uid] = (usage[0], Counter(usage[1]))
         nodes = set()
         for n in names:
             d = self.devices.get(n)
@@ -170,6 +192,7 @@ class Inventory:
             self._refresh_node(node)
 
     def unreserve(self, uid: str) -> None:
+        self.in_flight.pop(uid, None)
         names = [n for n, u in self.reserved.items() if u == uid]
         nodes = {self.devices[n].node for n in names if n in self.devices}
         for n in names:
@@ -274,21 +297,51 @@ class Inventory:
     def known_nodes(self) -> list[str]:
         return sorted(set(self.by_node) | set(self.leases))
 
+    # --- quotas ---------------------------------------------------------------------------
+
+    def set_ledger(self, namespace: str, entries: Mapping[str, Counter[str]]) -> None:
+        self.ledgers[namespace] = dict(entries)
+
+    def namespace_usage(
+        self, namespace: str, *, exclude_uid: str = "", in_flight: bool = True
+    ) -> Counter[str]:
+        """Devices the namespace's VMs hold, by flavor: per VM the most of what it has
+        claimed, what its ledger entry says, and (with `in_flight`) what a bind of it in
+        flight in this process takes; `exclude_uid`'s own left out."""
+        uids = set(self.held.get(namespace, ())) | set(self.ledgers.get(namespace, ()))
+        if in_flight:
+            uids |= {u for u, (ns, _) in self.in_flight.items() if ns == namespace}
+        uids.discard(exclude_uid)
+        out: Counter[str] = Counter()
+        empty: Counter[str] = Counter()
+        for uid in uids:
+            sources = [
+                self.held.get(namespace, {}).get(uid, empty),
+                self.ledgers.get(namespace, {}).get(uid, empty),
+            ]
+            if in_flight and uid in self.in_flight:
+                sources.append(self.in_flight[uid][1])
+            for flavor in set().union(*sources):
+                out[flavor] += max(s.get(flavor, 0) for s in sources)
+        return out
+
     # --- scheduling snapshots --------------------------------------------------------------
 
     def scheduling_input(self, vm: PassthroughVM, policy: ScoringPolicy) -> SchedulingInput:
         uid = vm.metadata.uid or ""
         ns = vm.metadata.namespace or ""
         own = self.claims_by_uid.get(uid, set())
-        own_usage: Counter[str] = Counter()
-        for name in own:
-            d = self.devices.get(name)
-            if d is not None and d.claim is not None and d.claim.flavor and not d.claim.companion:
-                own_usage[d.claim.flavor] += 1
-        usage = {
-            f: self.usage.get((ns, f), 0) - own_usage.get(f, 0)
+        # Only flavors with a namespace limit need the namespace's usage; a limited namespace
+        # holds few VMs, so counting them per decision stays cheap.
+        limited = {
+            f
             for f in {r.flavor for r in vm.spec.devices} | {r.flavor for r in vm.spec.networks}
+            if (fl := self.flavors.get(f)) is not None
+            and fl.spec.limits is not None
+            and fl.spec.limits.max_per_namespace is not None
         }
+        held = self.namespace_usage(ns, exclude_uid=uid) if limited else Counter()
+        usage = {f: held.get(f, 0) for f in limited}
         return SchedulingInput(
             vm=vm,
             flavors=self.flavors,

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +26,7 @@ from controller.flavorstatus import compute_flavor_status
 from controller.inventory import Inventory, VmKey, vm_key
 from controller.metrics import ControllerMetrics
 from controller.peering import PeeringGate
+from controller.quota import QuotaExceeded, QuotaLedger, epoch, limited_counts
 from controller.scheduling import Placement, Refusal, ScoringPolicy, request_problems, schedule
 from controller.vmstatus import condition_status, pending_status
 from pcipt import constants as c
@@ -97,6 +100,7 @@ class Runtime:
         self.settings = settings
         self.inv = Inventory(node_dead_after=settings.node_dead_after)
         self.binder = Binder(api, self.inv)
+        self.quota = QuotaLedger(api, settings.namespace, self.inv)
         self.events = EventRecorder(api, settings.namespace)
         self.pending: dict[str, PendingVM] = {}
         """Every VM not placed yet, by UID."""
@@ -337,7 +341,11 @@ class Runtime:
             decisions += 1
             if isinstance(result, Placement):
                 self.inflight.add(entry.uid)
-                self.inv.reserve(result.devices(), entry.uid)
+                self.inv.reserve(
+                    result.devices(),
+                    entry.uid,
+                    usage=(entry.key[0], _counted(result)),
+                )
                 self._spawn(self._bind(entry, vm, result))
             else:
                 for flavor in {r.flavor for r in vm.spec.devices} | {
@@ -353,10 +361,24 @@ class Runtime:
 
     async def _bind(self, entry: PendingVM, vm: PassthroughVM, placement: Placement) -> None:
         started = time.monotonic()
+        limited = limited_counts(vm, self.inv, _counted(placement))
         try:
             async with self.bind_slots:
-                result = await self.binder.bind(vm, placement)
-        except LostRace as e:
+                # A namespace limit is claimed in the quota ledger before any device.
+                ledger_bind = uuid.uuid4().hex[:16]
+                await self.quota.acquire(vm, limited, ledger_bind, self.settings.claim_grace)
+                try:
+                    result = await self.binder.bind(vm, placement)
+                except BaseException:
+                    if limited:
+                        with contextlib.suppress(ApiError):
+                            await self.quota.release(entry.key[0], entry.uid, ledger_bind)
+                    raise
+        except QuotaExceeded as e:
+            self.stats.conflicts += 1
+            self.metrics.conflicts.inc()
+            log.info("bind refused by the quota ledger vm=%s/%s: %s; re-planning", *entry.key, e)
+        except (LostRace, Conflict) as e:
             self.stats.conflicts += 1
             self.metrics.conflicts.inc()
             log.info("bind lost a race vm=%s/%s: %s; re-planning", *entry.key, e)
@@ -454,6 +476,8 @@ class Runtime:
                 return  # the node plugin's DomainGone condition brings us back here
             names = sorted({d.name for d in self.inv.claimed_by(uid)} | _listed_devices(vm))
             released = await self.binder.release_all(uid, names)
+            if limited_counts(vm, self.inv, _requested(vm)):
+                await self.quota.release(key[0], uid)
             self.stats.releases += released
             self.metrics.releases.inc(by=released)
             finalizers = [f for f in vm.metadata.finalizers if f != c.FINALIZER_RELEASE]
@@ -747,12 +771,78 @@ class Runtime:
                 repaired["replanned"] += 1
                 await self._replan(vm, name, ref.namespace, ref.name)
                 break
+        repaired["sriov_conflicts"] = await self._split_sriov_families()
+        repaired["ledger_entries"] = await self._prune_ledgers()
         if any(repaired.values()):
             log.info("audit repaired %s", repaired)
             for kind, n in repaired.items():
                 if n:
                     self.metrics.repairs.inc(kind, by=n)
         return repaired
+
+    async def _prune_ledgers(self) -> int:
+        """Drop quota-ledger entries whose VM is gone, or holds nothing and has had no bind in
+        flight here for the claim grace period (a controller died between its ledger write
+        and its claims)."""
+        pruned = 0
+        grace = self.settings.claim_grace
+        for tenant, entries in (await self.quota.ledgers()).items():
+            for uid, entry in entries.items():
+                if uid in self.inflight:
+                    continue
+                ns, _, name = str(entry.get("vm", "")).partition("/")
+                at = epoch(entry.get("at"))
+                young = at is not None and time.time() - at < grace
+                vm = await self._fresh_vm(ns, name) if ns and name else None
+                if (
+                    vm is not None
+                    and vm.metadata.uid == uid
+                    and (young or vm.status.node_name or self.inv.claims_by_uid.get(uid))
+                ):
+                    continue
+                if await self.quota.release(tenant, uid):
+                    pruned += 1
+                    log.info("pruned quota ledger entry vm=%s uid=%s", entry.get("vm"), uid)
+        return pruned
+
+    async def _split_sriov_families(self) -> int:
+        """A PF and one of its VFs held by different VMs (claims made before the scheduler
+        kept them apart, or by a controller that did not): the later claim's VM is sent back
+        to scheduling, which will not give it that device again; its old claim is then an
+        orphan the next audit releases. Re-read from the API server before acting."""
+        by_addr = {(d.node, d.address): d for d in self.inv.devices.values()}
+        moved = 0
+        for vf in list(self.inv.devices.values()):
+            pf = by_addr.get((vf.node, vf.phys_fn)) if vf.phys_fn else None
+            if pf is None or vf.claim is None or pf.claim is None:
+                continue
+            if vf.claim.uid == pf.claim.uid or {vf.claim.uid, pf.claim.uid} & self.inflight:
+                continue
+            # The later claim loses; on a tie the VF's (its VM is the one whose device the
+            # PF's passthrough takes away).
+            later, earlier = sorted(
+                (vf, pf),
+                key=lambda d: (-(d.claim.claimed_at or 0.0) if d.claim else 0.0, d is pf),
+            )
+            fresh = [await self._fresh_device(d.name) for d in (later, earlier)]
+            refs = [f.spec.claim_ref if f else None for f in fresh]
+            if any(r is None for r in refs) or refs[0].uid == refs[1].uid:  # type: ignore[union-attr]
+                continue
+            loser = refs[0]
+            assert loser is not None and refs[1] is not None
+            vm = await self._fresh_vm(loser.namespace, loser.name)
+            if vm is None or vm.metadata.uid != loser.uid or _is_deleting(vm):
+                continue
+            if later.name not in _listed_devices(vm):
+                continue  # an orphaned claim: the orphan pass releases it
+            why = (
+                f"device {later.name} and {earlier.name} are a PF and its VF, held by different "
+                f"VMs (passing the PF through removes its VFs): {refs[1].namespace}/"
+                f"{refs[1].name} claimed first"
+            )
+            await self._replan(vm, later.name, refs[1].namespace, refs[1].name, why=why)
+            moved += 1
+        return moved
 
     @staticmethod
     def _vm_holds(vm: PassthroughVM | None, uid: str, device: str) -> bool:
@@ -801,8 +891,10 @@ class Runtime:
         )
         return True
 
-    async def _replan(self, vm: PassthroughVM, lost: str, other_ns: str, other: str) -> None:
-        msg = f"device {lost} is claimed by {other_ns}/{other}; scheduling again"
+    async def _replan(
+        self, vm: PassthroughVM, lost: str, other_ns: str, other: str, why: str | None = None
+    ) -> None:
+        msg = f"{why or f'device {lost} is claimed by {other_ns}/{other}'}; scheduling again"
         status: dict[str, Any] = {
             "phase": "Pending",
             "nodeName": None,
@@ -872,3 +964,17 @@ def _flavor_status_matches(flavor: PciFlavor, status: dict[str, Any]) -> bool:
 def _log_task_error(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task failed: %r", task.exception(), exc_info=task.exception())
+
+
+def _counted(placement: Placement) -> Counter[str]:
+    """Devices a placement gives the VM, by flavor (IOMMU companions not counted)."""
+    return Counter(a.flavor for a in placement.assignments if a.flavor)
+
+
+def _requested(vm: PassthroughVM) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for r in vm.spec.devices:
+        out[r.flavor] += r.count
+    for n in vm.spec.networks:
+        out[n.flavor] += 1
+    return out

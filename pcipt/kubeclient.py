@@ -225,6 +225,10 @@ class KubeClient:
         params = {"fieldManager": field_manager} if field_manager else None
         return dict(await self.request("POST", path, params=params, body=body))
 
+    async def replace(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT: conditional on body.metadata.resourceVersion when it carries one."""
+        return dict(await self.request("PUT", path, body=body))
+
     async def patch(
         self,
         path: str,

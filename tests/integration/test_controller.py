@@ -296,6 +296,124 @@ def test_namespace_permission_and_quota(
     check_invariants(world)
 
 
+class ClaimSampler:
+    """Counts, as often as it can, the devices claimed for the test's namespace: the highest
+    count seen is what a quota must bound at every moment, not only at the end."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.most = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            held = sum(
+                1
+                for d in self.world.devices()
+                if d.spec.claim_ref is not None and d.spec.claim_ref.flavor
+            )
+            self.most = max(self.most, held)
+            self.samples += 1
+            time.sleep(0.02)
+
+    def __enter__(self) -> ClaimSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _quota_settled(world: World, bound: int) -> Callable[[], bool]:
+    def check() -> bool:
+        vms = world.vms()
+        if any(v.metadata.deletion_timestamp for v in vms):
+            return False  # a deleted VM holds its devices until its finalizer is done
+        if sum(1 for v in vms if v.status.node_name) != bound:
+            return False
+        refused = [
+            v
+            for v in vms
+            if not v.status.node_name
+            and any(
+                x.type == c.COND_SCHEDULED and x.reason == "LimitExceeded"
+                for x in v.status.conditions
+            )
+        ]
+        return len(refused) == len(vms) - bound
+
+    return check
+
+
+def test_a_burst_never_takes_more_than_the_namespace_quota(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    for j in range(16):
+        world.device("a", f"0000:{j + 16:02x}:00.0", numa=j % 2)
+    gpu = world.flavor("a100", limits={"maxPerNamespace": 2})
+    with ClaimSampler(world) as sampler:
+        _create_burst(world, gpu, 12)
+        wait_for(_quota_settled(world, 2), timeout=60, interval=0.2, what="2 bound, 10 refused")
+    assert sampler.most == 2 and sampler.samples >= 2, (sampler.most, sampler.samples)
+    refused = next(v for v in world.vms() if not v.status.node_name)
+    cond = next(x for x in refused.status.conditions if x.type == c.COND_SCHEDULED)
+    assert f"holds 2 {gpu}" in cond.message and "allows 2 per namespace" in cond.message
+    check_invariants(world)
+
+
+def test_three_controllers_at_once_never_exceed_the_namespace_quota(
+    world: World, kube: KubeCluster, leases: Callable[..., LeaseKeeper], tmp_path: Path
+) -> None:
+    # The VMs wait before the controllers start, so all three see every one at once and
+    # decide together: without the ledger each would bind its own three.
+    leases(world.node("a"), world.node("b"))
+    for node in ("a", "b"):
+        for j in range(12):
+            world.device(node, f"0000:{j + 16:02x}:00.0", numa=j % 2)
+    gpu = world.flavor("a100", limits={"maxPerNamespace": 3})
+    _create_burst(world, gpu, 24)
+    grace = ["--claim-grace", "15"]
+    ctls = [ControllerProcess(kube.kubeconfig, tmp_path, *grace, name=f"c{i}") for i in range(3)]
+    try:
+        with ClaimSampler(world) as sampler:
+            for ctl in ctls:
+                ctl.start(wait=False)
+            wait_for(_quota_settled(world, 3), timeout=90, interval=0.3, what="3 bound")
+            first = {v.metadata.name for v in world.vms() if v.status.node_name}
+            for name in first:
+                world.delete_vm(name)
+            wait_for(_quota_settled(world, 3), timeout=90, interval=0.3, what="the next 3")
+        assert sampler.most <= 3, sampler.most
+        assert {v.metadata.name for v in world.vms() if v.status.node_name}.isdisjoint(first)
+        # The ledger names exactly the bound VMs.
+        ledger = client.CoreV1Api(kube.api).read_namespaced_config_map(
+            f"pcipt-quota.{world.namespace}", OPERATOR_NS
+        )
+        bound = {v.metadata.uid for v in world.vms() if v.status.node_name}
+        wait_for(
+            lambda: (
+                set(
+                    client.CoreV1Api(kube.api)
+                    .read_namespaced_config_map(f"pcipt-quota.{world.namespace}", OPERATOR_NS)
+                    .data
+                    or {}
+                )
+                == bound
+            ),
+            timeout=30,
+            what="the ledger holds the bound VMs only",
+        )
+        assert ledger.metadata.labels == {"pcipt.io/quota-ledger": "true"}
+        check_invariants(world)
+    finally:
+        for ctl in ctls:
+            ctl.stop()
+
+
 def test_pinned_address_and_nodeselector(
     world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
 ) -> None:
@@ -511,6 +629,46 @@ def test_audit_releases_orphaned_claims_and_reclaims_missing_ones(
         what="claim restored",
     )
     assert d0 in {held, d1}
+    check_invariants(world)
+
+
+def test_pf_and_vf_are_kept_apart_and_the_audit_splits_claims_made_before(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    pf, vf0 = "0000:5e:00.0", "0000:5e:02.0"
+    nic = {"vendor": "8086", "product": "1592", "cls": "020000"}
+    pf_dev = world.device("a", pf, role="PF", **nic)
+    # The VF as an old node plugin published it, without its PF: the scheduler cannot know.
+    vf_dev = world.device("a", vf0, vendor="8086", product="1889", cls="020000", role="VF")
+    pf_flavor = world.flavor("pf", "nic", selector={"vendorIDs": ["8086"], "sriovRoles": ["PF"]})
+    vf_flavor = world.flavor("vf", "nic", selector={"vendorIDs": ["8086"], "sriovRoles": ["VF"]})
+    world.vm("uses-pf", [{"name": "nic", "flavor": pf_flavor}])
+    wait_for(phase(world, "uses-pf", "Scheduled"), what="uses-pf Scheduled")
+    world.vm("uses-vf", [{"name": "nic", "flavor": vf_flavor}])
+    wait_for(phase(world, "uses-vf", "Scheduled"), what="uses-vf Scheduled")
+    # Now the VF says whose it is: the audit sends the later VM back to scheduling, which
+    # will not give it that VF while another VM holds the PF, and frees the VF.
+    world.custom.patch_cluster_custom_object_status(
+        c.GROUP,
+        c.VERSION,
+        c.PLURAL_PCIDEVICE,
+        vf_dev,
+        {"status": {"sriov": {"role": "VF", "physFn": pf}}},
+    )
+    vm = wait_for(
+        lambda: (v := world.get_vm("uses-vf")).status.phase == "Pending" and v,
+        timeout=20,
+        what="uses-vf re-planned",
+    )
+    lost = next(x for x in vm.status.conditions if x.type == c.COND_DEVICES_BOUND)
+    assert "a PF and its VF, held by different VMs" in lost.message
+    assert f"{world.namespace}/uses-pf claimed first" in lost.message
+    refusal = wait_for(lambda: world.get_vm("uses-vf").status.scheduling, what="refusal")
+    assert "whose PF is held by another VM" in refusal.message
+    wait_for(lambda: world.get_device(vf_dev).spec.claim_ref is None, timeout=20, what="VF freed")
+    assert world.get_device(pf_dev).spec.claim_ref is not None
+    assert world.get_vm("uses-pf").status.phase == "Scheduled"
     check_invariants(world)
 
 
