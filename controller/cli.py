@@ -63,6 +63,12 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("--scoring", "best-fit", "node scoring policy", choices=("best-fit", "spread")),
     Setting("--bind-concurrency", 16, "binds in flight at once", int),
     Setting(
+        "--cpu-allocation-ratio",
+        1.0,
+        "shared vCPUs per host CPU a node takes (dedicated vCPUs always take a CPU each)",
+        float,
+    ),
+    Setting(
         "--webhook",
         "none",
         "validating webhook: none; dev (self-signed on 127.0.0.1, configuration managed "
@@ -121,7 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--flavors", type=Path, required=True, help="PciFlavor manifests")
     plan.add_argument("--vm", type=Path, required=True, help="one PassthroughVM manifest")
     plan.add_argument(
-        "--nodes", type=Path, help="Node manifests (labels; Ready=False means not alive)"
+        "--nodes",
+        type=Path,
+        help="Node manifests (labels; Ready=False means not alive) and the node plugins' "
+        "Leases (pcipt-node-<node>: their pcipt.io/compute annotation is the host's CPUs and "
+        "memory)",
+    )
+    plan.add_argument(
+        "--placed",
+        type=Path,
+        help="PassthroughVMs already placed (kubectl get ptvm -A -o yaml): the CPUs and memory "
+        "they hold are counted",
     )
     plan.add_argument(
         "--namespace",
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.flavors,
                 args.vm,
                 nodes=args.nodes,
+                placed=args.placed,
                 namespace_labels=args.namespace_labels,
                 namespace=args.namespace,
                 output=args.output,
@@ -169,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         audit_interval=args.audit_interval,
         scoring=args.scoring,
         bind_concurrency=args.bind_concurrency,
+        cpu_allocation_ratio=args.cpu_allocation_ratio,
         peering=args.peering or None,
         identity=identity,
         priority=args.priority,

@@ -18,11 +18,13 @@ from typing import Any
 from controller.scheduling import (
     Device,
     NodeFacts,
+    NodeRefusal,
     SchedulingInput,
     ScoringPolicy,
     free_counts,
 )
-from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
+from pcipt.api.v1alpha1 import ComputeStatus, PassthroughVM, PciDevice, PciFlavor
+from pcipt.compute import NodeCompute
 from pcipt.selectors import device_selector_matches
 
 VmKey = tuple[str, str]
@@ -57,6 +59,23 @@ class _NodeDevices(Mapping[str, Sequence[Device]]):
         return len(self._index)
 
 
+class _NodeCompute(Mapping[str, Sequence[ComputeStatus]]):
+    """compute_taken view for SchedulingInput: computed for the nodes the search visits."""
+
+    def __init__(self, inv: Inventory, exclude_uid: str) -> None:
+        self._inv = inv
+        self._uid = exclude_uid
+
+    def __getitem__(self, node: str) -> Sequence[ComputeStatus]:
+        return self._inv.compute_taken(node, self._uid)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._inv.compute)
+
+    def __len__(self) -> int:
+        return len(self._inv.compute)
+
+
 @dataclass
 class Inventory:
     node_dead_after: float = 40.0
@@ -79,6 +98,20 @@ class Inventory:
     """namespace -> VM uid -> devices it has claimed, by flavor (companions not counted)"""
     in_flight: dict[str, tuple[str, Counter[str]]] = field(default_factory=dict)
     """VM uid -> (namespace, devices by flavor) of a bind in flight in this process"""
+    node_versions: dict[str, int] = field(default_factory=dict)
+    """node -> a number bumped by every change its scheduling answer may depend on"""
+    refusal_memo: dict[tuple[object, ...], NodeRefusal] = field(default_factory=dict)
+    """Refused nodes' reasons by (node, its version, the VM's requests); emptied whenever
+    something every node depends on changes (flavors, namespaces, node facts)."""
+    compute: dict[str, NodeCompute] = field(default_factory=dict)
+    """node -> its CPUs and memory, from its Lease"""
+    vms_on: dict[str, dict[str, VmKey]] = field(default_factory=lambda: defaultdict(dict))
+    """node -> VM uid -> key, for every VM placed there"""
+    in_flight_compute: dict[str, tuple[str, ComputeStatus]] = field(default_factory=dict)
+    """VM uid -> (node, CPUs and memory) of a bind in flight in this process"""
+    compute_ledgers: dict[str, dict[str, ComputeStatus]] = field(default_factory=dict)
+    """node -> VM uid -> its take, as the node's compute ledger last read said"""
+
     ledgers: dict[str, dict[str, Counter[str]]] = field(default_factory=dict)
     """namespace -> VM uid -> devices by flavor, as the quota ledger last read said"""
     grown: set[str] = field(default_factory=set)
@@ -154,8 +187,12 @@ class Inventory:
             else:
                 self.members[fname].discard(d.name)
 
+    def _bump(self, node: str) -> None:
+        self.node_versions[node] = self.node_versions.get(node, 0) + 1
+
     def _refresh_node(self, node: str) -> None:
         """Recompute a node's free counts; note every flavor whose count grew."""
+        self._bump(node)
         devs = self.by_node.get(node, {})
         if not devs:
             self.by_node.pop(node, None)
@@ -177,11 +214,14 @@ class Inventory:
         names: Sequence[str],
         uid: str,
         usage: tuple[str, Mapping[str, int]] | None = None,
+        compute: tuple[str, ComputeStatus] | None = None,
     ) -> None:
         """Promise devices to a bind in flight; `usage` (namespace, devices by flavor) counts
         toward the namespace's quota until the bind ends, so the next decision sees it."""
         if usage is not None:
             self.in_flight[uid] = (usage[0], Counter(usage[1]))
+        if compute is not None:
+            self.in_flight_compute[uid] = compute
         nodes = set()
         for n in names:
             d = self.devices.get(n)
@@ -193,6 +233,7 @@ class Inventory:
 
     def unreserve(self, uid: str) -> None:
         self.in_flight.pop(uid, None)
+        self.in_flight_compute.pop(uid, None)
         names = [n for n, u in self.reserved.items() if u == uid]
         nodes = {self.devices[n].node for n in names if n in self.devices}
         for n in names:
@@ -231,11 +272,63 @@ class Inventory:
             and rv_int(vm.metadata.resource_version) < rv_int(old.metadata.resource_version)
         ):
             return False
+        self._place(old, None)
         self.vms[key] = vm
+        self._place(vm, key)
+        if old is not None and _gave_back_compute(old, vm):
+            self.changed = True  # what a waiting VM needs may be free now: try them all
         return True
 
     def delete_vm(self, key: VmKey) -> None:
-        self.vms.pop(key, None)
+        old = self.vms.pop(key, None)
+        self._place(old, None)
+        if old is not None and old.status.compute is not None and old.status.node_name:
+            self.changed = True
+
+    def _place(self, vm: PassthroughVM | None, key: VmKey | None) -> None:
+        """Index the VM by the node it is placed on (key None: take it out)."""
+        if vm is None or not vm.status.node_name:
+            return
+        on = self.vms_on[vm.status.node_name]
+        self._bump(vm.status.node_name)
+        if key is None:
+            on.pop(vm.metadata.uid or "", None)
+        else:
+            on[vm.metadata.uid or ""] = key
+
+    def set_compute(self, node: str, compute: NodeCompute | None) -> None:
+        if compute is None:
+            if self.compute.pop(node, None) is not None:
+                self._facts.pop(node, None)
+            return
+        if self.compute.get(node) != compute:
+            self.compute[node] = compute
+            self._facts.pop(node, None)
+            self._bump(node)
+            self.changed = True
+
+    def compute_taken(self, node: str, exclude_uid: str = "") -> list[ComputeStatus]:
+        """What the VMs placed on a node, and binds in flight to it, have taken of its CPUs
+        and memory."""
+        out = []
+        for uid, key in self.vms_on.get(node, {}).items():
+            vm = self.vms.get(key)
+            if uid != exclude_uid and vm is not None and vm.status.compute is not None:
+                out.append(vm.status.compute)
+        seen = set(self.vms_on.get(node, {}))
+        for uid, (n, c) in self.in_flight_compute.items():
+            if n == node and uid != exclude_uid and uid not in seen:
+                out.append(c)
+                seen.add(uid)
+        for uid, c in self.compute_ledgers.get(node, {}).items():
+            if uid != exclude_uid and uid not in seen:
+                out.append(c)  # another controller's bind in flight (or a VM not seen yet)
+        return out
+
+    def set_compute_ledger(self, node: str, entries: Mapping[str, ComputeStatus]) -> None:
+        if self.compute_ledgers.get(node) != entries:
+            self.compute_ledgers[node] = dict(entries)
+            self._bump(node)
 
     def set_namespace(self, name: str, labels: Mapping[str, str] | None) -> None:
         if labels is None:
@@ -290,12 +383,23 @@ class Inventory:
     def facts(self, node: str) -> NodeFacts:
         f = self._facts.get(node)
         if f is None:
-            f = NodeFacts(node, dict(self.node_labels.get(node, {})), self.is_alive(node))
+            f = NodeFacts(
+                node,
+                dict(self.node_labels.get(node, {})),
+                self.is_alive(node),
+                self.compute.get(node),
+            )
             self._facts[node] = f
         return f
 
     def known_nodes(self) -> list[str]:
         return sorted(set(self.by_node) | set(self.leases))
+
+    def _memo(self) -> dict[tuple[object, ...], NodeRefusal]:
+        """The refusal memo; the controller empties it whenever `changed` is noticed."""
+        if self.changed or len(self.refusal_memo) > 20000:
+            self.refusal_memo.clear()
+        return self.refusal_memo
 
     # --- quotas ---------------------------------------------------------------------------
 
@@ -327,7 +431,9 @@ class Inventory:
 
     # --- scheduling snapshots --------------------------------------------------------------
 
-    def scheduling_input(self, vm: PassthroughVM, policy: ScoringPolicy) -> SchedulingInput:
+    def scheduling_input(
+        self, vm: PassthroughVM, policy: ScoringPolicy, cpu_allocation_ratio: float = 1.0
+    ) -> SchedulingInput:
         uid = vm.metadata.uid or ""
         ns = vm.metadata.namespace or ""
         own = self.claims_by_uid.get(uid, set())
@@ -351,6 +457,10 @@ class Inventory:
             reserved=frozenset(n for n, u in self.reserved.items() if u != uid),
             policy=policy,
             by_node=_NodeDevices(self.by_node),
+            compute_taken=_NodeCompute(self, uid),
+            cpu_allocation_ratio=cpu_allocation_ratio,
+            node_versions=self.node_versions,
+            refusal_memo=self._memo(),
             # The free counts describe a VM holding nothing; one that holds claims already
             # (an interrupted bind) gets the full search, which counts its own devices as free.
             free=self.free if not own else None,
@@ -372,3 +482,14 @@ class Inventory:
             "vms": len(self.vms),
             "nodes": len(self.known_nodes()),
         }
+
+
+def _gave_back_compute(old: PassthroughVM, new: PassthroughVM) -> bool:
+    """The VM held CPUs and memory on a node and holds other ones (or none) now."""
+    if old.status.compute is None or not old.status.node_name:
+        return False
+    return (
+        old.metadata.uid != new.metadata.uid
+        or new.status.node_name != old.status.node_name
+        or new.status.compute != old.status.compute
+    )

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from controller.computefit import describe
 from controller.scheduling import (
     Device,
     NodeFacts,
@@ -22,7 +23,9 @@ from controller.scheduling import (
     ScoringPolicy,
     schedule,
 )
-from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import ComputeStatus, PassthroughVM, PciDevice, PciFlavor
+from pcipt.compute import ANNOTATION, NodeCompute
 
 
 class PlanError(ValueError):
@@ -75,6 +78,7 @@ def build_input(
     vm: Path,
     *,
     nodes: Path | None = None,
+    placed: Path | None = None,
     namespace_labels: Path | None = None,
     namespace: str | None = None,
     policy: ScoringPolicy = "best-fit",
@@ -91,15 +95,31 @@ def build_input(
     if not the_vm.metadata.uid:
         the_vm.metadata.uid = f"plan-{the_vm.metadata.namespace}-{the_vm.metadata.name}"
     node_facts: dict[str, NodeFacts] = {}
+    computes: dict[str, NodeCompute] = {}
     if nodes is not None:
         for n in load_objects(nodes):
             meta = n.get("metadata", {})
+            if n.get("kind") == "Lease":
+                name = str(meta.get("name", ""))
+                topo = NodeCompute.from_json((meta.get("annotations") or {}).get(ANNOTATION))
+                if name.startswith(c.NODE_LEASE_PREFIX) and topo is not None:
+                    computes[name[len(c.NODE_LEASE_PREFIX) :]] = topo
+                continue
             conds = {
-                c.get("type"): c.get("status")
-                for c in (n.get("status") or {}).get("conditions", [])
+                x.get("type"): x.get("status")
+                for x in (n.get("status") or {}).get("conditions", [])
             }
             alive = conds.get("Ready", "True") != "False"
             node_facts[meta["name"]] = NodeFacts(meta["name"], meta.get("labels") or {}, alive)
+    for name, topo in computes.items():
+        f = node_facts.get(name) or NodeFacts(name)
+        node_facts[name] = NodeFacts(f.name, f.labels, f.alive, topo)
+    taken: dict[str, list[ComputeStatus]] = {}
+    if placed is not None:
+        for other in _parse(PassthroughVM, load_objects(placed), placed, "PassthroughVM"):
+            st = other.status
+            if st.node_name and st.compute is not None:
+                taken.setdefault(st.node_name, []).append(st.compute)
     ns_labels: dict[str, str] = {}
     if namespace_labels is not None:
         for o in load_objects(namespace_labels):
@@ -127,6 +147,7 @@ def build_input(
         namespace_labels=ns_labels,
         namespace_usage=dict(usage),
         policy=policy,
+        compute_taken=taken,
     )
 
 
@@ -153,7 +174,11 @@ def render(result: Placement | Refusal, vm: PassthroughVM, fmt: str) -> str:
                 if a.network and not a.companion
             ],
             "skipped": [{"request": r, "reason": why} for r, why in result.skipped],
+            "numaNode": result.numa_node,
+            "cpusAndMemory": describe(result.compute),
         }
+        if result.compute is not None:
+            doc["compute"] = result.compute.to_dict()
     else:
         doc = {
             "vm": f"{vm.metadata.namespace}/{vm.metadata.name}",
@@ -175,6 +200,7 @@ def run_plan(
     vm: Path,
     *,
     nodes: Path | None,
+    placed: Path | None = None,
     namespace_labels: Path | None,
     namespace: str | None = None,
     output: str,
@@ -186,6 +212,7 @@ def run_plan(
         flavors,
         vm,
         nodes=nodes,
+        placed=placed,
         namespace_labels=namespace_labels,
         namespace=namespace,
         policy=policy,

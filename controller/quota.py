@@ -27,8 +27,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from controller.computefit import NodeUse, conflict
 from controller.inventory import Inventory
-from pcipt.api.v1alpha1 import PassthroughVM
+from pcipt.api.v1alpha1 import ComputeStatus, PassthroughVM
 from pcipt.kubeclient import Conflict, KubeClient, NotFound
 
 log = logging.getLogger("pcipt.controller")
@@ -56,49 +57,58 @@ def limited_counts(vm: PassthroughVM, inv: Inventory, counted: Mapping[str, int]
     return out
 
 
-def _parse(data: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
-    out = {}
-    for uid, text in (data or {}).items():
-        try:
-            entry = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("flavors"), dict):
-            out[uid] = entry
-    return out
+class Ledger:
+    """Entries per key (a tenant namespace, a node) in one ConfigMap each, in the operator's
+    namespace, every write conditioned on the ConfigMap's resourceVersion. Subclasses say
+    what an entry holds and keep the inventory's copy."""
 
+    prefix = LEDGER_PREFIX
+    label = LEDGER_LABEL
+    required = "flavors"
+    """The field every well-formed entry has."""
 
-class QuotaLedger:
     def __init__(self, api: KubeClient, namespace: str, inventory: Inventory) -> None:
         self.api = api
         self.namespace = namespace
         self.inv = inventory
 
-    def _path(self, tenant: str | None = None) -> str:
+    def _path(self, key: str | None = None) -> str:
         base = f"/api/v1/namespaces/{self.namespace}/configmaps"
-        return base if tenant is None else f"{base}/{ledger_name(tenant)}"
+        return base if key is None else f"{base}/{self.prefix}{key}"
 
-    async def _read(self, tenant: str) -> tuple[dict[str, dict[str, Any]], str | None]:
+    def _parse(self, data: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
+        out = {}
+        for uid, text in (data or {}).items():
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get(self.required), dict):
+                out[uid] = entry
+        return out
+
+    def _seen(self, key: str, entries: Mapping[str, dict[str, Any]]) -> None:
+        """Keep the inventory's copy of a ledger just read or written."""
+
+    async def _read(self, key: str) -> tuple[dict[str, dict[str, Any]], str | None]:
         """The ledger's entries and resourceVersion; None when it does not exist yet."""
         try:
-            got = await self.api.get(self._path(tenant))
+            got = await self.api.get(self._path(key))
         except NotFound:
-            self.inv.set_ledger(tenant, {})
+            self._seen(key, {})
             return {}, None
-        entries = _parse(got.get("data"))
-        self.inv.set_ledger(tenant, {u: Counter(e["flavors"]) for u, e in entries.items()})
+        entries = self._parse(got.get("data"))
+        self._seen(key, entries)
         return entries, got["metadata"]["resourceVersion"]
 
-    async def _write(
-        self, tenant: str, entries: Mapping[str, dict[str, Any]], rv: str | None
-    ) -> None:
+    async def _write(self, key: str, entries: Mapping[str, dict[str, Any]], rv: str | None) -> None:
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": {
-                "name": ledger_name(tenant),
+                "name": f"{self.prefix}{key}",
                 "namespace": self.namespace,
-                "labels": {LEDGER_LABEL: "true"},
+                "labels": {self.label: "true"},
             },
             "data": {u: json.dumps(e, sort_keys=True) for u, e in sorted(entries.items())},
         }
@@ -106,8 +116,54 @@ class QuotaLedger:
             await self.api.create(self._path(), body)  # Conflict when another writer made it
         else:
             body["metadata"]["resourceVersion"] = rv
-            await self.api.replace(self._path(tenant), body)
-        self.inv.set_ledger(tenant, {u: Counter(e["flavors"]) for u, e in entries.items()})
+            await self.api.replace(self._path(key), body)
+        self._seen(key, entries)
+
+    async def _own_entry_busy(
+        self, entries: Mapping[str, dict[str, Any]], uid: str, bind_id: str, grace: float, what: str
+    ) -> None:
+        """A recent entry of the same VM by another bind: another controller is binding it."""
+        mine = entries.get(uid)
+        if mine is not None and mine.get("bind") not in (None, bind_id):
+            at = epoch(mine.get("at"))
+            if at is None or time.time() - at < grace:
+                raise Conflict(409, "Conflict", f"{what} is being bound by another controller")
+
+    async def release(self, key: str, uid: str, bind_id: str | None = None) -> bool:
+        """Drop the VM's entry (given bind_id, only while it is still that bind's: a failed
+        bind never drops the entry of the bind that won); True when it had one."""
+        for _ in range(ATTEMPTS):
+            entries, rv = await self._read(key)
+            if uid not in entries or rv is None:
+                return False
+            if bind_id is not None and entries[uid].get("bind") != bind_id:
+                return False
+            del entries[uid]
+            try:
+                await self._write(key, entries, rv)
+                return True
+            except (Conflict, NotFound):
+                continue
+        return False
+
+    async def ledgers(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every ledger of this kind: key -> entries."""
+        got = await self.api.list(self._path(), label_selector=f"{self.label}=true")
+        out = {}
+        for item in got.get("items", []):
+            name = item["metadata"]["name"]
+            if name.startswith(self.prefix):
+                key = name[len(self.prefix) :]
+                out[key] = self._parse(item.get("data"))
+                self._seen(key, out[key])
+        return out
+
+
+class QuotaLedger(Ledger):
+    """Per tenant namespace: each VM's devices of flavors with maxPerNamespace."""
+
+    def _seen(self, key: str, entries: Mapping[str, dict[str, Any]]) -> None:
+        self.inv.set_ledger(key, {u: Counter(e["flavors"]) for u, e in entries.items()})
 
     async def acquire(
         self, vm: PassthroughVM, counts: Mapping[str, int], bind_id: str, grace: float = 30.0
@@ -121,15 +177,9 @@ class QuotaLedger:
         tenant, uid = vm.metadata.namespace or "", vm.metadata.uid or ""
         for _ in range(ATTEMPTS):
             entries, rv = await self._read(tenant)
-            mine = entries.get(uid)
-            if mine is not None and mine.get("bind") not in (None, bind_id):
-                at = epoch(mine.get("at"))
-                if at is None or time.time() - at < grace:
-                    raise Conflict(
-                        409,
-                        "Conflict",
-                        f"VM {tenant}/{vm.metadata.name} is being bound by another controller",
-                    )
+            await self._own_entry_busy(
+                entries, uid, bind_id, grace, f"VM {tenant}/{vm.metadata.name}"
+            )
             held = self.inv.namespace_usage(tenant, exclude_uid=uid, in_flight=False)
             for flavor, n in sorted(counts.items()):
                 f = self.inv.flavors.get(flavor)
@@ -152,37 +202,6 @@ class QuotaLedger:
                 continue  # another bind wrote first: read again, check again
         raise Conflict(409, "Conflict", f"quota ledger of {tenant} kept changing")
 
-    async def release(self, tenant: str, uid: str, bind_id: str | None = None) -> bool:
-        """Drop the VM's entry (given bind_id, only while it is still that bind's: a failed
-        bind never drops the entry of the bind that won); True when it had one."""
-        for _ in range(ATTEMPTS):
-            entries, rv = await self._read(tenant)
-            if uid not in entries or rv is None:
-                return False
-            if bind_id is not None and entries[uid].get("bind") != bind_id:
-                return False
-            del entries[uid]
-            try:
-                await self._write(tenant, entries, rv)
-                return True
-            except (Conflict, NotFound):
-                continue
-        return False
-
-    async def ledgers(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """Every ledger: tenant namespace -> entries."""
-        got = await self.api.list(self._path(), label_selector=f"{LEDGER_LABEL}=true")
-        out = {}
-        for item in got.get("items", []):
-            name = item["metadata"]["name"]
-            if name.startswith(LEDGER_PREFIX):
-                tenant = name[len(LEDGER_PREFIX) :]
-                out[tenant] = _parse(item.get("data"))
-                self.inv.set_ledger(
-                    tenant, {u: Counter(e["flavors"]) for u, e in out[tenant].items()}
-                )
-        return out
-
 
 def epoch(text: object) -> float | None:
     if not isinstance(text, str):
@@ -191,3 +210,55 @@ def epoch(text: object) -> float | None:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
+
+
+class ComputeLedger(Ledger):
+    """Per node: each VM's CPUs and memory there. Dedicated CPUs are given to one VM only, and
+    memory and hugepages are never overcommitted, whichever controller binds."""
+
+    prefix = "pcipt-compute."
+    label = "pcipt.io/compute-ledger"
+    required = "compute"
+
+    def _seen(self, key: str, entries: Mapping[str, dict[str, Any]]) -> None:
+        self.inv.set_compute_ledger(
+            key, {u: ComputeStatus.model_validate(e["compute"]) for u, e in entries.items()}
+        )
+
+    async def acquire(
+        self,
+        vm: PassthroughVM,
+        node: str,
+        compute: ComputeStatus,
+        bind_id: str,
+        *,
+        grace: float = 30.0,
+        ratio: float = 1.0,
+    ) -> None:
+        """Write the VM's take down, or raise Conflict when another VM's entry (or a VM placed
+        there) took those CPUs or that memory first. Conditional on the resourceVersion."""
+        uid = vm.metadata.uid or ""
+        topo = self.inv.compute.get(node)
+        if topo is None:
+            return
+        for _ in range(ATTEMPTS):
+            entries, rv = await self._read(node)
+            await self._own_entry_busy(
+                entries, uid, bind_id, grace, f"VM {vm.metadata.namespace}/{vm.metadata.name}"
+            )
+            use = NodeUse.of(self.inv.compute_taken(node, exclude_uid=uid))
+            problem = conflict(topo, use, compute, ratio)
+            if problem is not None:
+                raise Conflict(409, "Conflict", f"node {node}: {problem}")
+            entries[uid] = {
+                "vm": f"{vm.metadata.namespace}/{vm.metadata.name}",
+                "bind": bind_id,
+                "compute": compute.to_dict(),
+                "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+            try:
+                await self._write(node, entries, rv)
+                return
+            except Conflict:
+                continue
+        raise Conflict(409, "Conflict", f"compute ledger of {node} kept changing")

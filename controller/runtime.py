@@ -26,12 +26,21 @@ from controller.flavorstatus import compute_flavor_status
 from controller.inventory import Inventory, VmKey, vm_key
 from controller.metrics import ControllerMetrics
 from controller.peering import PeeringGate
-from controller.quota import QuotaExceeded, QuotaLedger, epoch, limited_counts
+from controller.quota import (
+    ComputeLedger,
+    Ledger,
+    QuotaExceeded,
+    QuotaLedger,
+    epoch,
+    limited_counts,
+)
 from controller.scheduling import Placement, Refusal, ScoringPolicy, request_problems, schedule
 from controller.vmstatus import condition_status, pending_status
 from pcipt import constants as c
 from pcipt import metrics as pm
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
+from pcipt.compute import ANNOTATION as COMPUTE_ANNOTATION
+from pcipt.compute import NodeCompute
 from pcipt.conditions import get_condition, is_true
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path, retry_transient
 
@@ -50,6 +59,8 @@ class ControllerSettings:
     scoring: ScoringPolicy = "best-fit"
     bind_concurrency: int = 16
     """Binds in flight at once (each is a few sequential writes)."""
+    cpu_allocation_ratio: float = 1.0
+    """Shared vCPUs per host CPU."""
     flavor_status_interval: float = 1.0
     tick_interval: float = 1.0
     peering: str | None = None
@@ -101,6 +112,7 @@ class Runtime:
         self.inv = Inventory(node_dead_after=settings.node_dead_after)
         self.binder = Binder(api, self.inv)
         self.quota = QuotaLedger(api, settings.namespace, self.inv)
+        self.compute_ledger = ComputeLedger(api, settings.namespace, self.inv)
         self.events = EventRecorder(api, settings.namespace)
         self.pending: dict[str, PendingVM] = {}
         """Every VM not placed yet, by UID."""
@@ -303,6 +315,7 @@ class Runtime:
         """Move refused VMs whose wait is over into the ready set."""
         if self.inv.changed:
             self.inv.changed = False
+            self.inv.refusal_memo.clear()
             self.inv.grown.clear()
             self.waiting.clear()
             self.to_try.update(self.pending)
@@ -336,7 +349,11 @@ class Runtime:
                 continue
             entry.generation = vm.metadata.generation
             started = time.perf_counter()
-            result = schedule(self.inv.scheduling_input(vm, self.settings.scoring))
+            result = schedule(
+                self.inv.scheduling_input(
+                    vm, self.settings.scoring, self.settings.cpu_allocation_ratio
+                )
+            )
             self.metrics.decision.observe(time.perf_counter() - started)
             decisions += 1
             if isinstance(result, Placement):
@@ -345,6 +362,7 @@ class Runtime:
                     result.devices(),
                     entry.uid,
                     usage=(entry.key[0], _counted(result)),
+                    compute=(result.node, result.compute) if result.compute else None,
                 )
                 self._spawn(self._bind(entry, vm, result))
             else:
@@ -368,11 +386,25 @@ class Runtime:
                 ledger_bind = uuid.uuid4().hex[:16]
                 await self.quota.acquire(vm, limited, ledger_bind, self.settings.claim_grace)
                 try:
+                    # Dedicated CPUs and memory too, on the node's compute ledger.
+                    if placement.compute is not None:
+                        await self.compute_ledger.acquire(
+                            vm,
+                            placement.node,
+                            placement.compute,
+                            ledger_bind,
+                            grace=self.settings.claim_grace,
+                            ratio=self.settings.cpu_allocation_ratio,
+                        )
                     result = await self.binder.bind(vm, placement)
                 except BaseException:
-                    if limited:
-                        with contextlib.suppress(ApiError):
+                    with contextlib.suppress(ApiError):
+                        if limited:
                             await self.quota.release(entry.key[0], entry.uid, ledger_bind)
+                        if placement.compute is not None:
+                            await self.compute_ledger.release(
+                                placement.node, entry.uid, ledger_bind
+                            )
                     raise
         except QuotaExceeded as e:
             self.stats.conflicts += 1
@@ -478,6 +510,8 @@ class Runtime:
             released = await self.binder.release_all(uid, names)
             if limited_counts(vm, self.inv, _requested(vm)):
                 await self.quota.release(key[0], uid)
+            if vm.status.compute is not None and node:
+                await self.compute_ledger.release(node, uid)
             self.stats.releases += released
             self.metrics.releases.inc(by=released)
             finalizers = [f for f in vm.metadata.finalizers if f != c.FINALIZER_RELEASE]
@@ -612,6 +646,8 @@ class Runtime:
         if not name.startswith(c.NODE_LEASE_PREFIX):
             return
         node = name[len(c.NODE_LEASE_PREFIX) :]
+        annotations = lease["metadata"].get("annotations") or {}
+        self.inv.set_compute(node, NodeCompute.from_json(annotations.get(COMPUTE_ANNOTATION)))
         renew = (lease.get("spec") or {}).get("renewTime")
         if renew:
             ts = datetime.fromisoformat(renew.replace("Z", "+00:00")).timestamp()
@@ -781,12 +817,22 @@ class Runtime:
         return repaired
 
     async def _prune_ledgers(self) -> int:
-        """Drop quota-ledger entries whose VM is gone, or holds nothing and has had no bind in
-        flight here for the claim grace period (a controller died between its ledger write
-        and its claims)."""
+        """Drop quota- and compute-ledger entries whose VM is gone, or holds nothing and has
+        had no bind in flight here for the claim grace period (a controller died between its
+        ledger write and its claims)."""
+        return await self._prune(self.quota) + await self._prune(self.compute_ledger)
+
+    def _still_holds(self, ledger: Ledger, key: str, vm: PassthroughVM) -> bool:
+        """A quota entry holds while its VM is placed or has claims; a compute entry while its
+        VM is placed on that very node."""
+        if isinstance(ledger, ComputeLedger):
+            return vm.status.node_name == key
+        return bool(vm.status.node_name or self.inv.claims_by_uid.get(vm.metadata.uid or ""))
+
+    async def _prune(self, ledger: Ledger) -> int:
         pruned = 0
         grace = self.settings.claim_grace
-        for tenant, entries in (await self.quota.ledgers()).items():
+        for tenant, entries in (await ledger.ledgers()).items():
             for uid, entry in entries.items():
                 if uid in self.inflight:
                     continue
@@ -797,12 +843,18 @@ class Runtime:
                 if (
                     vm is not None
                     and vm.metadata.uid == uid
-                    and (young or vm.status.node_name or self.inv.claims_by_uid.get(uid))
+                    and (young or self._still_holds(ledger, tenant, vm))
                 ):
                     continue
-                if await self.quota.release(tenant, uid):
+                if await ledger.release(tenant, uid):
                     pruned += 1
-                    log.info("pruned quota ledger entry vm=%s uid=%s", entry.get("vm"), uid)
+                    log.info(
+                        "pruned ledger entry %s%s vm=%s uid=%s",
+                        ledger.prefix,
+                        tenant,
+                        entry.get("vm"),
+                        uid,
+                    )
         return pruned
 
     async def _split_sriov_families(self) -> int:
@@ -901,6 +953,7 @@ class Runtime:
             "devices": [],
             "networks": [],
             "deviceSummary": None,
+            "compute": None,
         }
         fresh = await self._patch_status(
             vm, status, cond=(c.COND_DEVICES_BOUND, False, c.REASON_DEVICE_LOST, msg)

@@ -24,11 +24,13 @@ Policy, in the order it is applied:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Literal
 
+from controller.computefit import Demand, NodeUse, fit
 from pcipt.api.v1alpha1 import (
+    ComputeStatus,
     DeviceSelector,
     NetworkRequest,
     PassthroughVM,
@@ -36,6 +38,7 @@ from pcipt.api.v1alpha1 import (
     PciFlavor,
     parse_vlan_range,
 )
+from pcipt.compute import NodeCompute
 from pcipt.selectors import (
     DeviceFacts,
     describe_label_selector,
@@ -126,6 +129,8 @@ class NodeFacts:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
     alive: bool = True
+    compute: NodeCompute | None = None
+    """The host's CPUs and memory as its node plugin publishes them; None: not counted."""
 
     def effective_labels(self) -> dict[str, str]:
         """Node labels plus the hostname label, which every node has even without a Node object."""
@@ -150,6 +155,16 @@ class SchedulingInput:
     policy: ScoringPolicy = "best-fit"
     by_node: Mapping[str, Sequence[Device]] | None = None
     """Indexed form of `devices` (the controller keeps it): every device, by node."""
+    compute_taken: Mapping[str, Sequence[ComputeStatus]] = field(default_factory=dict)
+    """node -> what the VMs on it (and binds in flight to it) have taken of its CPUs and
+    memory, this VM's own left out."""
+    cpu_allocation_ratio: float = 1.0
+    """Shared vCPUs per host CPU (Nova's cpu_allocation_ratio)."""
+    node_versions: Mapping[str, int] | None = None
+    """A number per node that changes whenever anything the node's answer depends on does
+    (its devices, claims, promises, placed VMs, compute topology); with `refusal_memo`, a
+    refused node's reasons are reused while its number stays."""
+    refusal_memo: MutableMapping[tuple[object, ...], NodeRefusal] | None = None
     free: Mapping[str, Mapping[str, int]] | None = None
     """flavor -> node -> `free_counts` of the node, as an index keeps them current. With it the
     search visits nodes in order of the best score they could reach and stops when no node
@@ -198,7 +213,10 @@ class Placement:
     skipped: tuple[tuple[str, str], ...] = ()
     score: tuple[int, ...] = ()
     numa_node: int | None = None
-    """The NUMA node to pin the VM to: the one node every locality-asking request ended on."""
+    """The NUMA node to pin the VM to: the one node every locality-asking request ended on
+    (or, for a VM bound to one NUMA node for its CPUs and memory, that node)."""
+    compute: ComputeStatus | None = None
+    """The CPUs and memory counted for the VM; None when the node publishes no topology."""
 
     def devices(self) -> list[str]:
         return [a.device for a in self.assignments]
@@ -524,6 +542,12 @@ class _Best:
     """(optional requests skipped, -devices the VM holds already, NUMA-preferred misses)"""
     picks: dict[str, Pick]
     skipped: list[tuple[str, str]]
+    compute: ComputeStatus | None = None
+
+
+LeafCheck = Callable[[Mapping[str, Pick]], "ComputeStatus | str | None"]
+"""Given a complete device placement: the CPUs and memory it gets, why none fit (a refusal
+reason), or None when they are not counted."""
 
 
 class _Search:
@@ -544,8 +568,12 @@ class _Search:
         order: list[_Req],
         cands: Mapping[str, list[Device]],
         same_numa: Set[str],
+        check: LeafCheck | None = None,
     ) -> None:
         self.view = view
+        self.check = check
+        self.compute_problem: str | None = None
+        """Why CPUs or memory did not fit the first device placement they were tried on."""
         self.order = order
         self.same_numa = same_numa
         self.cand_names = {r.name: {d.name for d in cands[r.name]} for r in order}
@@ -682,7 +710,11 @@ class _Search:
         if i == len(self.order):
             score = (len(skipped), -own, misses)
             if self.best is None or score < self.best.score:
-                self.best = _Best(score, dict(picks), list(skipped))
+                compute = self.check(picks) if self.check is not None else None
+                if isinstance(compute, str):
+                    self.compute_problem = self.compute_problem or compute
+                    return  # the devices fit, the CPUs or memory do not: search on
+                self.best = _Best(score, dict(picks), list(skipped), compute)
                 if score == (0, -self.own_upper, 0):
                     self.done = True
             return
@@ -824,7 +856,22 @@ def _place_on_node(
             [f"{r.label}: {details(r)}" for r in short if excluded[r.name]],
         )
 
-    found = _Search(view, active, cands, same_numa).run()
+    demand = Demand.of(inp.vm)
+    use = NodeUse.of(inp.compute_taken.get(node.name, ()))
+    fitted: dict[int | None, ComputeStatus | str] = {}
+
+    def check(picks: Mapping[str, Pick]) -> ComputeStatus | str | None:
+        if node.compute is None:
+            return None
+        pin = _pin(reqs, same_numa, picks)
+        if pin not in fitted:
+            fitted[pin] = fit(demand, node.compute, use, pin, inp.cpu_allocation_ratio)
+        return fitted[pin]
+
+    search = _Search(view, active, cands, same_numa, check)
+    found = search.run()
+    if found is None and search.compute_problem is not None:
+        return _NodeResult(None, [search.compute_problem], [])
     if found is None:
         reasons = _why_no_fit(view, mandatory, cands, same_numa)
         notes = [f"{r.label}: {details(r)}" for r in mandatory if excluded[r.name]]
@@ -853,15 +900,24 @@ def _place_on_node(
     # else counts, so a re-plan converges on the claims already made instead of churning.
     _, minus_own, misses = found.score
     score = (len(all_skipped), minus_own, misses, stranded)
+    pin = _pin(reqs, same_numa, found.picks)
+    if pin is None and found.compute is not None and len(found.compute.numa) == 1:
+        pin = found.compute.numa[0].node
+    return _NodeResult(
+        Placement(node.name, tuple(assignments), all_skipped, score, pin, found.compute), [], []
+    )
+
+
+def _pin(reqs: Iterable[_Req], same_numa: Set[str], picks: Mapping[str, Pick]) -> int | None:
+    """The one NUMA node every locality-asking request's devices are on, if there is one."""
     local = {
         d.numa
         for r in reqs
         if r.numa_policy in ("required", "preferred") or r.name in same_numa
-        for d, counts in found.picks.get(r.name, [])
+        for d, counts in picks.get(r.name, [])
         if counts
     }
-    pin = next(iter(local)) if len(local) == 1 and min(local) >= 0 else None
-    return _NodeResult(Placement(node.name, tuple(assignments), all_skipped, score, pin), [], [])
+    return next(iter(local)) if len(local) == 1 and min(local) >= 0 else None
 
 
 def _why_no_fit(
@@ -1006,10 +1062,47 @@ def _indexed_search(
     if best is None:
         # A refusal: the nodes the counts ruled out are looked at device by device after all,
         # so each says why (claimed, reserved, blocked by its IOMMU group, ...), not only how
-        # many are free. Only refusals pay for this; a placement never does.
+        # many are free. Only refusals pay for this; a placement never does, and a node whose
+        # state has not changed since it refused the same requests answers from the memo.
+        memo, versions = inp.refusal_memo, inp.node_versions
+        shape = _request_shape(inp, reqs, skipped_vm) if memo is not None else None
         for name in short:
+            key = (name, versions.get(name), shape) if memo is not None and versions else None
+            if key is not None and memo is not None and key in memo:
+                refusals[name] = memo[key]
+                continue
             evaluate(name)
+            if key is not None and memo is not None and name in refusals:
+                memo[key] = refusals[name]
     return best
+
+
+def _request_shape(
+    inp: SchedulingInput, reqs: list[_Req], skipped_vm: Mapping[str, str]
+) -> tuple[object, ...]:
+    """Everything of the VM a node's refusal depends on (not its name or namespace)."""
+    spec = inp.vm.spec
+    return (
+        tuple(
+            (
+                r.name,
+                r.flavor,
+                r.count,
+                r.optional,
+                r.numa_policy,
+                r.selector.model_dump_json() if r.selector else None,
+                r.address,
+                r.network.model_dump_json() if r.network else None,
+            )
+            for r in reqs
+        ),
+        tuple(sorted(skipped_vm)),
+        spec.placement.model_dump_json() if spec.placement else None,
+        spec.cpu.model_dump_json(),
+        spec.memory,
+        spec.hugepages.model_dump_json() if spec.hugepages else None,
+        inp.cpu_allocation_ratio,
+    )
 
 
 def _shortage_text(r: _Req, have: int, need: int, excluded: Mapping[str, int] | None = None) -> str:
@@ -1037,6 +1130,39 @@ def _shortage_text(r: _Req, have: int, need: int, excluded: Mapping[str, int] | 
             text += ": " + ", ".join(why)
     return text
 
+
+REFUSAL_FORMS: dict[str, str] = {
+    "have no free <flavor> (need N): <why>": r"have no free .+ \(need \d+\)(: .+)?",
+    "have only K free <flavor> (need N): <why>": r"have only \d+ free .+ \(need \d+\)(: .+)?",
+    "have no free <flavor> at <address>": r"have no free \S+ at [0-9a-f:.]+(: .+)?",
+    "cannot place <request> on a single NUMA node (at most K free <flavor> on one)": (
+        r"cannot place \S+ on a single NUMA node \(at most \d+ free \S+ on one"
+        r"(; \d+ report no NUMA node)?\)"
+    ),
+    "cannot place <requests> on one NUMA node": r"cannot place .+ on one NUMA node",
+    "cannot take whole IOMMU groups for N <flavor>": r"cannot take whole IOMMU groups for \d+ \S+",
+    "cannot fit <requests> together (they compete for the same devices)": (
+        r"cannot fit .+ together \(they compete for the same devices\)"
+    ),
+    "have only K MiB free memory for M MiB": r"have only \d+ MiB free memory for \d+ MiB",
+    "have only K free CPUs for N vCPUs": r"have only \d+ free CPUs for \d+ vCPUs",
+    "have only K free CPUs on NUMA node X for N dedicated vCPUs": (
+        r"have only \d+ free CPUs on NUMA node \d+ for \d+ dedicated vCPUs"
+    ),
+    "have room for only K shared vCPUs on NUMA node X (need N)": (
+        r"have room for only \d+ shared vCPUs on NUMA node \d+ \(need \d+\)"
+    ),
+    "have only K MiB free memory on NUMA node X (need M MiB)": (
+        r"have only \d+ MiB free memory on NUMA node \d+ \(need \d+ MiB\)"
+    ),
+    "have only K free <size> hugepages on NUMA node X (need P)": (
+        r"have only \d+ free \S+ hugepages on NUMA node \d+ \(need \d+\)"
+    ),
+    "not alive": r"not alive",
+    "didn't match the VM's nodeSelector": r"didn't match the VM's nodeSelector",
+}
+"""Every form a node's refusal reason takes (as the tenant guide lists them) -> its pattern.
+tests/unit/test_refusal_docs.py holds the guide, these forms and the code to each other."""
 
 EXCLUSION_ORDER = (
     "claimed by other VMs",

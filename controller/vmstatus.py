@@ -90,6 +90,7 @@ def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> 
         ],
         "deviceSummary": device_summary(vm, placement),
         "numaNode": placement.numa_node if vm.spec.cpu.pinning == "auto" else None,
+        "compute": placement.compute.to_dict() if placement.compute is not None else None,
         "scheduling": None,
         "conditions": [x.to_dict() for x in conds],
         "observedGeneration": gen,

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from nodeplugin import pciids
 from nodeplugin.devicespec import DeviceSpecError, DeviceSpecs, decide, load_specs
-from nodeplugin.discovery import HostInventory, discover
+from nodeplugin.discovery import HostInventory, discover, read_compute
 from nodeplugin.domain.build import BuildError, HostFacts, build_domain, domain_name
 from nodeplugin.domain.render import passthrough_addresses, render
 from nodeplugin.metrics import NodeMetrics
@@ -33,6 +33,8 @@ from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
 from pcipt import constants as c
 from pcipt import metrics as pm
 from pcipt.api.v1alpha1 import PassthroughVM, pcidevice_name
+from pcipt.compute import ANNOTATION as COMPUTE_ANNOTATION
+from pcipt.compute import NodeCompute
 from pcipt.conditions import ready_condition, same_conditions, set_condition
 from pcipt.informer import Informer
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
@@ -59,6 +61,10 @@ class AgentSettings:
     domain_type: str = "kvm"
     machine: str | None = "q35"
     console_log_dir: str | None = None
+    reserved_cpus: tuple[int, ...] = ()
+    """Host CPUs no VM runs on (dedicated VMs' emulator threads do)."""
+    reserved_memory_mib: int = 0
+    """Memory kept for the host on each NUMA node."""
     stop_grace: float = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
@@ -112,6 +118,7 @@ class NodeAgent:
         self._vf_said: dict[str, tuple[str, str]] = {}
         self.failures: dict[str, tuple[str, str]] = {}
         self.unmanaged: set[str] = set()
+        self.compute: NodeCompute | None = None
         """Addresses the device spec marks `managed: false`: never rebound by this plugin."""
         """address -> (reason, message): what the kernel said when preparing or restoring it
         failed; the device is published Unhealthy until it is cleared (see _retry_failures)."""
@@ -245,6 +252,9 @@ class NodeAgent:
         self._load_config()
         started = time.monotonic()
         self.host = await asyncio.to_thread(discover, self.s.sysfs_root)
+        self.compute = await asyncio.to_thread(
+            read_compute, self.s.sysfs_root, self.s.reserved_cpus, self.s.reserved_memory_mib
+        )
         self.stats.last_discovery_s = time.monotonic() - started
         self.metrics.discovery.observe(self.stats.last_discovery_s)
         await self._refresh_node_labels()
@@ -456,7 +466,14 @@ class NodeAgent:
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
-                "metadata": {"name": name, "namespace": self.s.namespace},
+                "metadata": {
+                    "name": name,
+                    "namespace": self.s.namespace,
+                    # The host's CPUs and memory, for the controller to count VMs against.
+                    "annotations": (
+                        {COMPUTE_ANNOTATION: self.compute.to_json()} if self.compute else {}
+                    ),
+                },
                 "spec": {
                     "holderIdentity": self.s.node,
                     "leaseDurationSeconds": self.s.lease_duration,
@@ -721,9 +738,29 @@ class NodeAgent:
                 macvtap=req.mode == "macvtap",
             )
 
+    def _dedicated_elsewhere(self, uid: str) -> frozenset[int]:
+        """Host CPUs dedicated to the other VMs of this node: shared vCPUs keep off them."""
+        out: set[int] = set()
+        for obj in self.vms.items.values():
+            other = PassthroughVM.model_validate(obj)
+            c = other.status.compute
+            if (
+                other.metadata.uid != uid
+                and other.status.node_name == self.s.node
+                and c is not None
+                and c.policy == "dedicated"
+            ):
+                out.update(x for share in c.numa for x in share.cpus or ())
+        return frozenset(out)
+
     async def _ensure_domain(self, vm: PassthroughVM, dom: DomainInfo | None) -> DomainInfo:
         facts = HostFacts(
-            self.host.numa_cpus, self.s.domain_type, self.s.machine, self.s.console_log_dir
+            self.host.numa_cpus,
+            reserved_cpus=self.s.reserved_cpus,
+            dedicated_elsewhere=self._dedicated_elsewhere(vm.metadata.uid or ""),
+            domain_type=self.s.domain_type,
+            machine=self.s.machine,
+            console_log_dir=self.s.console_log_dir,
         )
         want = build_domain(vm, facts)
         wanted_addresses = sorted(_vm_addresses(vm))

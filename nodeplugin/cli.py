@@ -25,6 +25,7 @@ from nodeplugin.publish import desired_devices
 from nodeplugin.simulate import build_host, load_profile
 from pcipt import constants as c
 from pcipt import logs, metrics
+from pcipt.cpulist import parse_cpulist
 from pcipt.kubeclient import KubeClient, load_credentials
 from pcipt.logs import setup_logging
 from pcipt.settings import KUBECONFIG, Setting, add_settings, optional_path, parse_args
@@ -81,6 +82,18 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         "--console-log-dir",
         "",
         "copy each guest's serial console to <dir>/<domain>.log on the host ('' for none)",
+    ),
+    Setting(
+        "--reserved-cpus",
+        "",
+        "host CPUs kept for the host (cpulist, e.g. 0-1,32-33): no VM runs on them; dedicated "
+        "VMs' emulator threads do",
+    ),
+    Setting(
+        "--reserved-memory-mib",
+        0,
+        "memory kept for the host on each NUMA node, MiB",
+        int,
     ),
     Setting(
         "--simulate",
@@ -243,6 +256,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         domain_type=args.domain_type,
         machine=args.machine or None,
         console_log_dir=args.console_log_dir or None,
+        reserved_cpus=parse_cpulist(args.reserved_cpus),
+        reserved_memory_mib=args.reserved_memory_mib,
         simulate=args.simulate,
         stop_grace=args.stop_grace,
         metrics_host=args.metrics_host,

@@ -11,7 +11,11 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pcipt.compute import NodeCompute, NumaCompute
+from pcipt.cpulist import format_cpulist, parse_cpulist
 from pcipt.pci import PciAddress
+
+__all__ = ["format_cpulist", "parse_cpulist"]
 
 BRIDGE_CLASS_PREFIX = "0604"  # PCI-to-PCI bridges share IOMMU groups but are never passed through
 
@@ -100,31 +104,6 @@ def _link_name(path: Path) -> str | None:
         return None
 
 
-def parse_cpulist(text: str) -> tuple[int, ...]:
-    """`0-3,8,10-11` -> (0, 1, 2, 3, 8, 10, 11)."""
-    cpus: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return tuple(cpus)
-
-
-def format_cpulist(cpus: tuple[int, ...] | list[int]) -> str:
-    """(0, 1, 2, 3, 8) -> `0-3,8`."""
-    out: list[str] = []
-    ordered = sorted(set(cpus))
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
 def _netdevs(dev: Path) -> tuple[str, ...]:
     names: list[str] = []
     for net in [dev / "net", *sorted(dev.glob("virtio*/net"))]:
@@ -165,13 +144,14 @@ def read_function(
     role = "VF" if phys_fn is not None else ("PF" if total_vfs else "None")
     numa = _int(dev / "numa_node")
     override = _read(dev / "driver_override")
+    class_code = _hex(dev / "class", 6)
     return PciFunction(
         address=address,
         vendor_id=_hex(dev / "vendor", 4),
         product_id=_hex(dev / "device", 4),
         subsystem_vendor_id=_hex(dev / "subsystem_vendor", 4),
         subsystem_id=_hex(dev / "subsystem_device", 4),
-        class_code=_hex(dev / "class", 6),
+        class_code=class_code,
         revision=_hex(dev / "revision", 2),
         driver=_link_name(dev / "driver"),
         driver_override=None if override in (None, "", "(null)") else override,
@@ -185,11 +165,14 @@ def read_function(
         virtfns=tuple(n for p in virtfns if (n := _link_name(p)) is not None),
         netdevs=_netdevs(dev),
         vf_product_id=(_hex(dev / "sriov_vf_device", 4) or None) if total_vfs else None,
-        serial=vpd_serial(dev / "vpd"),
+        serial=vpd_serial(dev / "vpd") if class_code.startswith(VPD_CLASSES) else None,
     )
 
 
-VPD_ID_STRING, VPD_READ_ONLY, VPD_END = 0x02, 0x10, 0x0F
+VPD_READ_ONLY, VPD_END = 0x10, 0x0F
+VPD_CLASSES = ("02",)
+"""Functions whose VPD is read: network controllers, the cards `remote_managed` is about (a
+read of some devices' VPD is slow, so not every function's at every rescan)."""
 
 
 def parse_vpd_serial(data: bytes) -> str | None:
@@ -248,6 +231,57 @@ def read_numa(root: Path) -> dict[int, tuple[int, ...]]:
         if text is not None and d.name[4:].isdigit():
             nodes[int(d.name[4:])] = parse_cpulist(text)
     return nodes
+
+
+def _meminfo_kib(path: Path, key: str) -> int | None:
+    """`Node 0 MemTotal:  65843252 kB` -> 65843252."""
+    for line in (_read(path) or "").splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] == f"{key}:":
+            try:
+                return int(parts[3])
+            except ValueError:
+                return None
+    return None
+
+
+def read_compute(
+    root: Path,
+    reserved_cpus: tuple[int, ...] = (),
+    reserved_memory_mib: int = 0,
+) -> NodeCompute | None:
+    """CPUs (with thread siblings), memory and hugepages per NUMA node, less what is kept
+    for the host: `reserved_cpus`, and `reserved_memory_mib` on every NUMA node. Memory in
+    hugepages is the hugepages' alone. None when sysfs shows no NUMA nodes."""
+    numa = read_numa(root)
+    if not numa:
+        return None
+    cpu_dir = root / "devices" / "system" / "cpu"
+    reserved = set(reserved_cpus)
+    out: dict[int, NumaCompute] = {}
+    for n, cpus in numa.items():
+        node = root / "devices" / "system" / "node" / f"node{n}"
+        usable = tuple(c for c in cpus if c not in reserved)
+        cores: dict[tuple[int, ...], None] = {}
+        for cpu in usable:
+            text = _read(cpu_dir / f"cpu{cpu}" / "topology" / "thread_siblings_list")
+            siblings = parse_cpulist(text) if text else (cpu,)
+            cores[tuple(x for x in siblings if x in usable) or (cpu,)] = None
+        hugepages: dict[int, int] = {}
+        for d in sorted((node / "hugepages").glob("hugepages-*kB")):
+            size = d.name.removeprefix("hugepages-").removesuffix("kB")
+            pages = _int(d / "nr_hugepages")
+            if size.isdigit() and pages is not None:
+                hugepages[int(size)] = pages
+        total_kib = _meminfo_kib(node / "meminfo", "MemTotal") or 0
+        in_pages_kib = sum(size * pages for size, pages in hugepages.items())
+        memory_mib = max(0, (total_kib - in_pages_kib) // 1024 - reserved_memory_mib)
+        out[n] = NumaCompute(usable, tuple(cores), memory_mib, hugepages)
+    return NodeCompute(
+        out,
+        tuple(sorted(reserved)),
+        {n: reserved_memory_mib for n in numa} if reserved_memory_mib else {},
+    )
 
 
 def discover(root: Path) -> HostInventory:

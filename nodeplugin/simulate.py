@@ -61,6 +61,13 @@ class HostProfile:
     numa: dict[int, str] = field(default_factory=lambda: {0: "0-7"})
     """NUMA node -> cpulist"""
     devices: list[DeviceSpec] = field(default_factory=list)
+    memory_mib: int = 65536
+    """Memory of each NUMA node."""
+    smt_offset: int | None = None
+    """CPU c and c + smt_offset are one core's two threads (the usual x86 numbering); None:
+    one thread per core."""
+    hugepages: dict[int, dict[int, int]] = field(default_factory=dict)
+    """NUMA node -> page size KiB -> pages."""
 
 
 def _dev(d: Mapping[str, Any]) -> DeviceSpec:
@@ -99,6 +106,12 @@ def load_profile(text: str) -> list[HostProfile]:
                 name=name,
                 numa={int(k): str(v) for k, v in (h.get("numa") or {0: "0-7"}).items()},
                 devices=[_dev(d) for d in h.get("devices") or []],
+                memory_mib=int(h.get("memoryMiB", 65536)),
+                smt_offset=h.get("smtOffset"),
+                hugepages={
+                    int(n): {int(k): int(v) for k, v in sizes.items()}
+                    for n, sizes in (h.get("hugepages") or {}).items()
+                },
             )
         )
     return hosts
@@ -203,12 +216,38 @@ class SysfsTree:
         link = self.devices / address / "driver"
         return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
-    def set_numa(self, numa: Mapping[int, str]) -> None:
+    def set_numa(
+        self,
+        numa: Mapping[int, str],
+        memory_mib: int = 65536,
+        smt_offset: int | None = None,
+        hugepages: Mapping[int, Mapping[int, int]] | None = None,
+    ) -> None:
+        """NUMA nodes as sysfs shows them: cpulist, meminfo, hugepages; and each CPU's
+        thread siblings."""
         base = self.root / "devices" / "system" / "node"
         base.mkdir(parents=True, exist_ok=True)
+        every = {c for cpus in numa.values() for c in parse_cpulist(cpus)}
         for n, cpus in numa.items():
-            (base / f"node{n}").mkdir(exist_ok=True)
-            (base / f"node{n}" / "cpulist").write_text(format_cpulist(parse_cpulist(cpus)) + "\n")
+            node = base / f"node{n}"
+            node.mkdir(exist_ok=True)
+            (node / "cpulist").write_text(format_cpulist(parse_cpulist(cpus)) + "\n")
+            (node / "meminfo").write_text(
+                f"Node {n} MemTotal:       {memory_mib * 1024} kB\n"
+                f"Node {n} MemFree:        {memory_mib * 1024 // 2} kB\n"
+            )
+            for size, pages in (hugepages or {}).get(n, {}).items():
+                d = node / "hugepages" / f"hugepages-{size}kB"
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "nr_hugepages").write_text(f"{pages}\n")
+                (d / "free_hugepages").write_text(f"{pages}\n")
+            for c in parse_cpulist(cpus):
+                siblings = [c]
+                if smt_offset:
+                    siblings += [x for x in (c - smt_offset, c + smt_offset) if x in every]
+                topo = self.root / "devices" / "system" / "cpu" / f"cpu{c}" / "topology"
+                topo.mkdir(parents=True, exist_ok=True)
+                (topo / "thread_siblings_list").write_text(format_cpulist(siblings) + "\n")
         (base / "online").write_text(format_cpulist(list(numa)) + "\n")
         (base / "possible").write_text(format_cpulist(list(numa)) + "\n")
 
@@ -288,7 +327,7 @@ def build_host(root: Path, host: HostProfile) -> SysfsTree:
         (tree.bus / f).write_text("")
     for name in KNOWN_DRIVERS:
         tree.ensure_driver(name)
-    tree.set_numa(host.numa)
+    tree.set_numa(host.numa, host.memory_mib, host.smt_offset, host.hugepages)
     used = {d.iommu_group for d in host.devices if d.iommu_group is not None}
     next_group = max(used, default=0) + 1
     native: dict[str, str | None] = {}
@@ -425,6 +464,13 @@ def write_profile(hosts: Sequence[HostProfile]) -> str:
     for h in hosts:
         doc["hosts"][h.name] = {
             "numa": {k: v for k, v in h.numa.items()},
+            "memoryMiB": h.memory_mib,
+            **({"smtOffset": h.smt_offset} if h.smt_offset else {}),
+            **(
+                {"hugepages": {n: dict(sizes) for n, sizes in h.hugepages.items()}}
+                if h.hugepages
+                else {}
+            ),
             "devices": [
                 {
                     k: v

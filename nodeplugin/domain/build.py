@@ -14,6 +14,7 @@ from nodeplugin.domain.model import (
     DirectInterface,
     Disk,
     Domain,
+    GuestCell,
     HostdevInterface,
     HostdevPci,
     KernelBoot,
@@ -32,6 +33,10 @@ class BuildError(ValueError):
 @dataclass(frozen=True)
 class HostFacts:
     numa_cpus: Mapping[int, tuple[int, ...]]
+    reserved_cpus: tuple[int, ...] = ()
+    """The host's own CPUs: no vCPU runs there; dedicated VMs' emulator threads do."""
+    dedicated_elsewhere: frozenset[int] = frozenset()
+    """Host CPUs dedicated to other VMs on this host: shared vCPUs keep off them."""
     domain_type: str = "kvm"
     machine: str | None = "q35"
     console_log_dir: str | None = None
@@ -88,12 +93,7 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
             interfaces.append(DirectInterface(nb.netdev, alias, mac))
         else:
             interfaces.append(HostdevInterface(PciAddress.parse(nb.address), alias, mac, req.vlan))
-    placement = None
-    if status.numa_node is not None and spec.cpu.pinning == "auto":
-        cpus = host.numa_cpus.get(status.numa_node)
-        if not cpus:
-            raise BuildError(f"NUMA node {status.numa_node} has no CPUs on this host")
-        placement = Placement(status.numa_node, tuple(cpus))
+    placement = _placement(vm, host)
     kernel_boot = None
     if spec.kernel_boot is not None:
         kb = spec.kernel_boot
@@ -117,4 +117,58 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
         console_log=f"{host.console_log_dir.rstrip('/')}/{name}.log"
         if host.console_log_dir
         else None,
+    )
+
+
+def _shared_cpus(host: HostFacts, node: int) -> tuple[int, ...]:
+    cpus = host.numa_cpus.get(node)
+    if not cpus:
+        raise BuildError(f"NUMA node {node} has no CPUs on this host")
+    keep_off = set(host.reserved_cpus) | host.dedicated_elsewhere
+    return tuple(c for c in cpus if c not in keep_off) or tuple(cpus)
+
+
+def _placement(vm: PassthroughVM, host: HostFacts) -> Placement | None:
+    """What the controller counted decides: dedicated vCPUs one-to-one on their host CPUs
+    (emulator threads on the host's reserved CPUs, else on the VM's own), shared vCPUs over
+    their NUMA node's shared CPUs, memory strictly on the node(s) it was counted on, a guest
+    NUMA node per host node when the VM spans several. A VM the controller did not count
+    (the node published no topology) keeps the older rule: vCPUs on the NUMA node of its
+    devices, memory not bound."""
+    spec, status = vm.spec, vm.status
+    c = status.compute
+    if c is None or not c.numa:
+        if c is None and status.numa_node is not None and spec.cpu.pinning == "auto":
+            cpus = _shared_cpus(host, status.numa_node)
+            return Placement(tuple(cpus for _ in range(spec.cpu.cores)), cpus)
+        return None
+    vcpu_cpus: dict[int, tuple[int, ...]] = {}
+    for share in c.numa:
+        if c.policy == "dedicated":
+            if share.cpus is None or len(share.cpus) != len(share.vcpus):
+                raise BuildError(f"status.compute gives NUMA node {share.node} no host CPUs")
+            for v, cpu in zip(share.vcpus, share.cpus, strict=True):
+                vcpu_cpus[v] = (cpu,)
+        else:
+            pool = _shared_cpus(host, share.node)
+            for v in share.vcpus:
+                vcpu_cpus[v] = pool
+    if sorted(vcpu_cpus) != list(range(spec.cpu.cores)):
+        raise BuildError(
+            f"status.compute places vCPUs {sorted(vcpu_cpus)}, not the {spec.cpu.cores} asked for"
+        )
+    ordered = tuple(vcpu_cpus[v] for v in range(spec.cpu.cores))
+    own = tuple(sorted({x for cpus in ordered for x in cpus}))
+    emulator = tuple(host.reserved_cpus) if c.policy == "dedicated" and host.reserved_cpus else own
+    cells: tuple[GuestCell, ...] = ()
+    if len(c.numa) > 1:
+        cells = tuple(
+            GuestCell(i, tuple(s.vcpus), s.memory_mib * 1024, s.node) for i, s in enumerate(c.numa)
+        )
+    return Placement(
+        ordered,
+        emulator,
+        tuple(s.node for s in c.numa),
+        cells,
+        c.page_size_kib,
     )

@@ -52,11 +52,32 @@ class DirectInterface:
 
 
 @dataclass(frozen=True)
-class Placement:
-    """vCPU and memory pinning to one NUMA node of the host."""
+class GuestCell:
+    """A guest NUMA node, backed by one host NUMA node."""
 
-    numa_node: int
-    cpus: tuple[int, ...]
+    id: int
+    vcpus: tuple[int, ...]
+    memory_kib: int
+    host_node: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the vCPUs run and where the memory lives."""
+
+    vcpu_cpus: tuple[tuple[int, ...], ...]
+    """Per vCPU, the host CPUs it may run on (one each for dedicated vCPUs)."""
+    emulator_cpus: tuple[int, ...]
+    memory_nodes: tuple[int, ...] = ()
+    """Host NUMA nodes the memory is bound to (strict); empty: not bound, because the
+    controller did not count it there."""
+    cells: tuple[GuestCell, ...] = ()
+    """A guest NUMA topology, when the VM spans host NUMA nodes."""
+    hugepage_kib: int | None = None
+
+    @property
+    def numa_node(self) -> int | None:
+        return self.memory_nodes[0] if len(self.memory_nodes) == 1 else None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from urllib.parse import urlparse
 
-from nodeplugin.discovery import format_cpulist
 from nodeplugin.domain.model import (
     XMLNS,
     DirectInterface,
@@ -16,6 +15,7 @@ from nodeplugin.domain.model import (
     HostdevPci,
     VmRef,
 )
+from pcipt.cpulist import format_cpulist
 from pcipt.pci import PciAddress
 
 ET.register_namespace("pcipt", XMLNS)
@@ -101,14 +101,27 @@ def render(d: Domain) -> str:
     _metadata(root, d.vm)
     _sub(root, "memory", str(d.memory_kib), unit="KiB")
     _sub(root, "vcpu", str(d.vcpus), placement="static")
-    if d.placement is not None:
+    p = d.placement
+    if p is not None and p.hugepage_kib:
+        backing = _sub(_sub(root, "memoryBacking"), "hugepages")
+        _sub(backing, "page", size=str(p.hugepage_kib), unit="KiB")
+    if p is not None:
         cputune = _sub(root, "cputune")
-        cpuset = format_cpulist(list(d.placement.cpus))
-        for v in range(d.vcpus):
-            _sub(cputune, "vcpupin", vcpu=str(v), cpuset=cpuset)
-        _sub(cputune, "emulatorpin", cpuset=cpuset)
-        numatune = _sub(root, "numatune")
-        _sub(numatune, "memory", mode="strict", nodeset=str(d.placement.numa_node))
+        for v, cpus in enumerate(p.vcpu_cpus):
+            _sub(cputune, "vcpupin", vcpu=str(v), cpuset=format_cpulist(list(cpus)))
+        _sub(cputune, "emulatorpin", cpuset=format_cpulist(list(p.emulator_cpus)))
+        if p.memory_nodes:
+            numatune = _sub(root, "numatune")
+            nodeset = format_cpulist(list(p.memory_nodes))
+            _sub(numatune, "memory", mode="strict", nodeset=nodeset)
+            for cell in p.cells:
+                _sub(
+                    numatune,
+                    "memnode",
+                    cellid=str(cell.id),
+                    mode="strict",
+                    nodeset=str(cell.host_node),
+                )
     os_el = _sub(root, "os")
     type_attrs = {"arch": "x86_64"}
     if d.machine:
@@ -126,7 +139,18 @@ def render(d: Domain) -> str:
     _sub(features, "acpi")
     _sub(features, "apic")
     # host-passthrough needs KVM; under TCG (type qemu) the emulator's most capable model.
-    _sub(root, "cpu", mode="host-passthrough" if d.domain_type == "kvm" else "maximum")
+    cpu = _sub(root, "cpu", mode="host-passthrough" if d.domain_type == "kvm" else "maximum")
+    if p is not None and p.cells:
+        numa = _sub(cpu, "numa")
+        for cell in p.cells:
+            _sub(
+                numa,
+                "cell",
+                id=str(cell.id),
+                cpus=format_cpulist(list(cell.vcpus)),
+                memory=str(cell.memory_kib),
+                unit="KiB",
+            )
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_reboot", "restart")
     _sub(root, "on_crash", "destroy")

@@ -123,9 +123,13 @@ class ControllerProcess:
 class LeaseKeeper:
     """Renews `pcipt-node-<node>` Leases every second, as each node plugin would."""
 
-    def __init__(self, api: client.ApiClient, nodes: Iterable[str]) -> None:
+    def __init__(
+        self, api: client.ApiClient, nodes: Iterable[str], compute: str | None = None
+    ) -> None:
         self.coord = client.CoordinationV1Api(api)
         self.nodes = set(nodes)
+        self.compute = compute
+        """The pcipt.io/compute annotation each Lease carries, as a node plugin writes it."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -139,7 +143,11 @@ class LeaseKeeper:
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": f"{c.NODE_LEASE_PREFIX}{node}", "namespace": OPERATOR_NS},
+            "metadata": {
+                "name": f"{c.NODE_LEASE_PREFIX}{node}",
+                "namespace": OPERATOR_NS,
+                "annotations": {"pcipt.io/compute": self.compute} if self.compute else {},
+            },
             "spec": {"holderIdentity": node, "leaseDurationSeconds": 6, "renewTime": iso_now()},
         }
         self.coord.patch_namespaced_lease(

@@ -47,8 +47,8 @@ def world(kube: KubeCluster, namespace: str) -> Iterator[World]:
 def leases(kube: KubeCluster) -> Iterator[Callable[..., LeaseKeeper]]:
     keepers: list[LeaseKeeper] = []
 
-    def start(*nodes: str) -> LeaseKeeper:
-        k = LeaseKeeper(kube.api, nodes).start()
+    def start(*nodes: str, compute: str | None = None) -> LeaseKeeper:
+        k = LeaseKeeper(kube.api, nodes, compute).start()
         keepers.append(k)
         return k
 
@@ -412,6 +412,48 @@ def test_three_controllers_at_once_never_exceed_the_namespace_quota(
     finally:
         for ctl in ctls:
             ctl.stop()
+
+
+def test_dedicated_cpus_are_counted_recorded_and_never_shared(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    from pcipt.compute import NodeCompute, NumaCompute
+
+    # One NUMA node of 8 CPUs in 4 cores (c and c + 8 are siblings), 16 GiB.
+    topo = NodeCompute(
+        {0: NumaCompute(tuple(range(8)), tuple((c, c + 4) for c in range(4)), 16384)}
+    )
+    a = world.node("a")
+    leases(a, compute=topo.to_json())
+    world.device("a", "0000:3b:00.0")
+    world.device("a", "0000:3c:00.0")
+    world.device("a", "0000:3d:00.0")
+    gpu = world.flavor("a100", numaPolicy="required")
+    spec = {"cpu": {"cores": 4, "policy": "dedicated"}, "memory": "4Gi"}
+    world.vm("one", [{"name": "gpu", "flavor": gpu}], **spec)
+    world.vm("two", [{"name": "gpu", "flavor": gpu}], **spec)
+    for name in ("one", "two"):
+        wait_for(phase(world, name, "Scheduled"), what=f"{name} Scheduled")
+    cpus = []
+    for name in ("one", "two"):
+        compute = world.get_vm(name).status.compute
+        assert compute is not None and compute.policy == "dedicated" and compute.vcpus == 4
+        (share,) = compute.numa
+        assert share.node == 0 and share.memory_mib == 4096 and len(share.cpus or []) == 4
+        cpus.append(set(share.cpus or []))
+    assert not cpus[0] & cpus[1] and cpus[0] | cpus[1] == set(range(8))
+    # The third GPU is free, its CPUs are not: refused, naming them.
+    world.vm("three", [{"name": "gpu", "flavor": gpu}], **spec)
+    vm = wait_for(lambda: (v := world.get_vm("three")).status.scheduling and v, what="refusal")
+    assert "have only 0 free CPUs on NUMA node 0 for 4 dedicated vCPUs" in (
+        vm.status.scheduling.message
+    )
+    # One goes: its CPUs come back, and the third is placed on them.
+    world.delete_vm("one")
+    wait_for(phase(world, "three", "Scheduled"), what="three placed on one's CPUs")
+    got = world.get_vm("three").status.compute
+    assert got is not None and set(got.numa[0].cpus or []) == cpus[0]
+    check_invariants(world)
 
 
 def test_pinned_address_and_nodeselector(

@@ -14,7 +14,7 @@ from kubernetes import client
 from controller.inventory import Inventory
 from controller.quota import QuotaExceeded, QuotaLedger, ledger_name
 from pcipt.api.v1alpha1 import PassthroughVM, PciFlavor
-from pcipt.kubeclient import KubeClient, load_credentials
+from pcipt.kubeclient import Conflict, KubeClient, load_credentials
 from tests.integration.conftest import KubeCluster
 
 LIMIT = 3
@@ -101,3 +101,48 @@ def test_claims_without_entries_count_too(kube: KubeCluster, namespace: str, hel
             await api.close()
 
     assert asyncio.run(run()) is (held == 0)
+
+
+async def _cpu_race(kube: KubeCluster, operator_ns: str, node: str) -> list[bool]:
+    """Three controllers' compute ledgers, each sure the same two host CPUs are free, write
+    them down for three different VMs at once."""
+    from controller.quota import ComputeLedger
+    from pcipt.api.v1alpha1 import ComputeStatus
+    from pcipt.compute import NodeCompute, NumaCompute
+
+    topo = NodeCompute({0: NumaCompute((0, 1, 2, 3), ((0, 2), (1, 3)), 8192)})
+    take = ComputeStatus.model_validate(
+        {
+            "policy": "dedicated",
+            "vcpus": 2,
+            "memoryMiB": 1024,
+            "numa": [{"node": 0, "vcpus": [0, 1], "cpus": [0, 2], "memoryMiB": 1024}],
+        }
+    )
+    apis = [KubeClient(load_credentials(str(kube.kubeconfig))) for _ in range(3)]
+    ledgers = []
+    for api in apis:
+        inv = Inventory()
+        inv.set_compute(node, topo)
+        ledgers.append(ComputeLedger(api, operator_ns, inv))
+
+    async def one(i: int) -> bool:
+        try:
+            await ledgers[i].acquire(_vm("t", i), node, take, f"bind-{i}")
+            return True
+        except Conflict:  # another controller took the CPUs first
+            return False
+
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(3))))
+    finally:
+        for api in apis:
+            await api.close()
+
+
+def test_three_compute_ledgers_give_a_host_cpu_to_one_vm(kube: KubeCluster, namespace: str) -> None:
+    node = f"node-{uuid.uuid4().hex[:6]}"
+    got = asyncio.run(_cpu_race(kube, namespace, node))
+    assert sorted(got) == [False, False, True]
+    cm = client.CoreV1Api(kube.api).read_namespaced_config_map(f"pcipt-compute.{node}", namespace)
+    assert len(cm.data) == 1

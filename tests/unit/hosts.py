@@ -15,6 +15,8 @@ def lab_host() -> HostProfile:
     return HostProfile(
         name="node-a",
         numa={0: "0-7,16-23", 1: "8-15,24-31"},
+        smt_offset=16,
+        hugepages={0: {1048576: 4}, 1: {2048: 1024}},
         devices=[
             DeviceSpec(
                 "0000:3a:00.0", "8086", "2030", "060400", numa=0, driver="pcieport", iommu_group=7

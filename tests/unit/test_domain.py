@@ -17,7 +17,10 @@ from nodeplugin.domain.render import passthrough_addresses, render, vm_ref_of
 from pcipt.api.v1alpha1 import PassthroughVM
 
 GOLDEN = Path(__file__).resolve().parent.parent / "data" / "domains"
-HOST = HostFacts(numa_cpus={0: (0, 1, 2, 3, 8, 9, 10, 11), 1: (4, 5, 6, 7, 12, 13, 14, 15)})
+HOST = HostFacts(
+    numa_cpus={0: (0, 1, 2, 3, 8, 9, 10, 11), 1: (4, 5, 6, 7, 12, 13, 14, 15)},
+    reserved_cpus=(0, 8),
+)
 UID = "3f9a1c2e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"
 
 
@@ -127,6 +130,39 @@ CASES: dict[str, PassthroughVM] = {
             ]
         },
     ),
+    "dedicated-on-hugepages": vm(
+        {
+            "cpu": {"cores": 4, "policy": "dedicated"},
+            "memory": "4Gi",
+            "hugepages": {"pageSize": "1Gi"},
+            "disks": [{"name": "root", "image": "file:///images/dpdk.qcow2"}],
+        },
+        {
+            "numaNode": 0,
+            "compute": {
+                "policy": "dedicated",
+                "vcpus": 4,
+                "memoryMiB": 4096,
+                "pageSizeKiB": 1048576,
+                "numa": [
+                    {"node": 0, "vcpus": [0, 1, 2, 3], "cpus": [2, 10, 3, 11], "memoryMiB": 4096}
+                ],
+            },
+        },
+    ),
+    "spans-two-numa-nodes": vm(
+        {"cpu": {"cores": 4, "numaNodes": 2}, "memory": "8Gi"},
+        {
+            "compute": {
+                "vcpus": 4,
+                "memoryMiB": 8192,
+                "numa": [
+                    {"node": 0, "vcpus": [0, 1], "memoryMiB": 4096},
+                    {"node": 1, "vcpus": [2, 3], "memoryMiB": 4096},
+                ],
+            },
+        },
+    ),
 }
 TCG = HostFacts(numa_cpus={0: (0,), 1: (1,)}, domain_type="qemu", console_log_dir="/var/log/c")
 
@@ -158,14 +194,41 @@ def test_every_golden_file_is_valid_libvirt_xml(golden: Path, tmp_path: Path) ->
 
 
 def test_pinning_follows_the_numa_node_the_controller_chose() -> None:
+    # Not counted (the node published no topology): vCPUs on the devices' NUMA node, memory
+    # not bound, since nobody counted it there.
     d = build_domain(CASES["two-gpus-numa-pinned"], HOST)
-    assert (
-        d.placement is not None
-        and d.placement.numa_node == 1
-        and d.placement.cpus == HOST.numa_cpus[1]
-    )
+    assert d.placement is not None and d.placement.vcpu_cpus[0] == HOST.numa_cpus[1]
+    assert d.placement.memory_nodes == ()
     xml = render(d)
-    assert '<vcpupin vcpu="3" cpuset="4-7,12-15" />' in xml and 'nodeset="1"' in xml
+    assert '<vcpupin vcpu="3" cpuset="4-7,12-15" />' in xml and "numatune" not in xml
+
+
+def test_dedicated_vcpus_are_pinned_one_to_one_and_emulators_on_reserved_cpus() -> None:
+    d = build_domain(CASES["dedicated-on-hugepages"], HOST)
+    assert d.placement is not None
+    assert d.placement.vcpu_cpus == ((2,), (10,), (3,), (11,))
+    assert d.placement.emulator_cpus == (0, 8) and d.placement.memory_nodes == (0,)
+    xml = render(d)
+    assert '<vcpupin vcpu="1" cpuset="10" />' in xml
+    assert '<emulatorpin cpuset="0,8" />' in xml
+    assert '<memory mode="strict" nodeset="0" />' in xml
+    assert '<page size="1048576" unit="KiB" />' in xml
+
+
+def test_shared_vcpus_keep_off_reserved_and_dedicated_cpus() -> None:
+    v = CASES["spans-two-numa-nodes"]
+    host = HostFacts(HOST.numa_cpus, reserved_cpus=(0, 8), dedicated_elsewhere=frozenset({1, 9}))
+    d = build_domain(v, host)
+    assert d.placement is not None and d.placement.vcpu_cpus[0] == (2, 3, 10, 11)
+    assert d.placement.vcpu_cpus[2] == HOST.numa_cpus[1]
+
+
+def test_a_vm_spanning_numa_nodes_gets_a_guest_numa_topology() -> None:
+    xml = render(build_domain(CASES["spans-two-numa-nodes"], HOST))
+    assert '<cell id="0" cpus="0-1" memory="4194304" unit="KiB" />' in xml
+    assert '<cell id="1" cpus="2-3" memory="4194304" unit="KiB" />' in xml
+    assert '<memnode cellid="1" mode="strict" nodeset="1" />' in xml
+    assert '<memory mode="strict" nodeset="0-1" />' in xml
 
 
 def test_no_pinning_when_asked_not_to() -> None:
@@ -205,6 +268,14 @@ def test_names_sizes_and_generated_mac() -> None:
 def test_rendering_is_deterministic() -> None:
     for v in CASES.values():
         assert render(build_domain(v, HOST)) == render(build_domain(v, HOST))
+
+
+def test_status_compute_must_place_every_vcpu() -> None:
+    v = CASES["dedicated-on-hugepages"].model_copy(deep=True)
+    assert v.status.compute is not None
+    v.status.compute.numa[0].vcpus = [0, 1, 2, 5]
+    with pytest.raises(BuildError, match="places vCPUs"):
+        build_domain(v, HOST)
 
 
 def test_a_numa_node_the_host_lacks_is_refused() -> None:

@@ -217,3 +217,53 @@ def test_the_readme_plan_example(capsys: pytest.CaptureFixture[str], tmp_path: P
         out["message"]
         == "0/2 nodes are available: 1 node(s) have only 1 free a100 (need 2); 1 node(s) not alive."
     )
+
+
+def test_plan_shows_the_cpus_and_numa_node_chosen(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pcipt.compute import ANNOTATION, NodeCompute, NumaCompute
+
+    topo = NodeCompute(
+        {
+            0: NumaCompute(
+                tuple(range(2, 16)) + tuple(range(18, 32)),
+                tuple((c, c + 16) for c in range(2, 16)),
+                131072,
+            )
+        },
+        reserved_cpus=(0, 1, 16, 17),
+    )
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "pcipt-node-node-a", "annotations": {ANNOTATION: topo.to_json()}},
+    }
+    nodes = tmp_path / "leases.yaml"
+    nodes.write_text(yaml.safe_dump(lease))
+    vm = yaml.safe_load(files["vm"].read_text())
+    vm["spec"]["cpu"]["policy"] = "dedicated"
+    vm_file = tmp_path / "vm.yaml"
+    vm_file.write_text(yaml.safe_dump(vm))
+    args = ["plan", "--devices", str(files["devices"]), "--flavors", str(files["flavors"])]
+    args += ["--namespace-labels", str(files["ns"]), "--nodes", str(nodes), "-o", "json"]
+    code = main([*args, "--vm", str(vm_file)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["node"] == "node-a" and out["numaNode"] == 0
+    assert out["cpusAndMemory"] == ("NUMA 0: 16 dedicated vCPUs on host CPUs 2-9,18-25, 65536 MiB")
+    assert out["compute"]["numa"][0]["cpus"][:4] == [2, 18, 3, 19]
+    # With a placed VM holding most of node-a's CPUs, node-b (no topology published: not
+    # counted) gets it... but its GPUs are on two NUMA nodes, so it is refused, naming CPUs.
+    placed = {
+        "apiVersion": "pcipt.io/v1alpha1",
+        "kind": "PassthroughVM",
+        "metadata": {"name": "big", "namespace": "default"},
+        "spec": {"memory": "1Gi"},
+        "status": {"nodeName": "node-a", "compute": out["compute"]},
+    }
+    placed_file = tmp_path / "placed.yaml"
+    placed_file.write_text(yaml.safe_dump(placed))
+    code = main([*args, "--vm", str(vm_file), "--placed", str(placed_file)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2
+    assert "have only 12 free CPUs on NUMA node 0 for 16 dedicated vCPUs" in out["message"]

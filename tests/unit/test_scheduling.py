@@ -3,8 +3,9 @@ placement never uses a device twice and always keeps every hard constraint."""
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -767,6 +768,25 @@ def test_placements_keep_every_hard_constraint(case: SchedulingInput) -> None:
         assert len(numas) <= 1 and all(n >= 0 for n in numas)
 
 
+@contextlib.contextmanager
+def nodes_visited() -> Iterator[list[str]]:
+    """The names of the nodes the scheduler looks at device by device, in order."""
+    import controller.scheduling as sched
+
+    visited: list[str] = []
+    real = sched._place_on_node
+
+    def spy(inp_, facts, *a, **kw):  # type: ignore[no-untyped-def]
+        visited.append(facts.name)
+        return real(inp_, facts, *a, **kw)
+
+    sched._place_on_node = spy  # type: ignore[assignment]
+    try:
+        yield visited
+    finally:
+        sched._place_on_node = real  # type: ignore[assignment]
+
+
 def _indexed(case: SchedulingInput) -> SchedulingInput:
     """The same input in the controller's indexed form, with exact free counts."""
     by_node: dict[str, list] = {}
@@ -812,20 +832,8 @@ def test_indexed_search_visits_few_nodes_in_a_big_cluster() -> None:
         for i in range(10)
     ]
     case = _indexed(inp(vm(GPU), devices))
-    visited: list[str] = []
-    import controller.scheduling as sched
-
-    real = sched._place_on_node
-
-    def spy(inp_, facts, *a, **kw):  # type: ignore[no-untyped-def]
-        visited.append(facts.name)
-        return real(inp_, facts, *a, **kw)
-
-    sched._place_on_node = spy  # type: ignore[assignment]
-    try:
+    with nodes_visited() as visited:
         got = schedule(case)
-    finally:
-        sched._place_on_node = real  # type: ignore[assignment]
     assert isinstance(got, Placement)
     assert got == schedule(replace(case, free=None))
     assert len(visited) <= 3, visited
@@ -1129,3 +1137,23 @@ def test_the_search_finds_a_fit_exactly_when_brute_force_does(case: SchedulingIn
         return
     assert isinstance(got, Placement), (got, want)
     assert (got.score[0], got.score[2]) == want
+
+
+def test_a_refused_node_answers_from_the_memo_until_it_changes() -> None:
+    devices = [dev(f"n{i}", "0000:3b:00.0", claim=other_claim()) for i in range(3)]
+    memo: dict = {}
+    versions = {f"n{i}": 1 for i in range(3)}
+    case = replace(_indexed(inp(vm(GPU), devices)), refusal_memo=memo, node_versions=versions)
+    with nodes_visited() as visited:
+        first = schedule(case)
+        assert sorted(visited) == ["n0", "n1", "n2"] and len(memo) == 3
+        visited.clear()
+        again = schedule(case)
+        assert visited == [] and again == first
+        versions["n1"] = 2  # n1 changed: only it is looked at again
+        schedule(case)
+        assert visited == ["n1"]
+    assert isinstance(first, Refusal)
+    assert first.message == (
+        "0/3 nodes are available: 3 node(s) have no free a100 (need 1): claimed by other VMs."
+    )

@@ -30,6 +30,7 @@ from pcipt.api.v1alpha1.meta import (
 from pcipt.api.v1alpha1.pcidevice import PciAddressStr, check_address
 from pcipt.api.v1alpha1.pciflavor import NumaPolicy
 from pcipt.api.v1alpha1.selector import DeviceSelector
+from pcipt.quantity import quantity_bytes
 
 MAC_PATTERN = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"
 IMAGE_SCHEMES = ("file:///", "http://", "https://")
@@ -52,6 +53,21 @@ class CpuSpec(ApiModel):
     pinning: Literal["auto", "none"] = "auto"
     """auto: pin vCPUs and memory to the NUMA node of the VM's devices when a request's NUMA
     policy asks for locality; none: let the host scheduler place them."""
+    policy: Literal["shared", "dedicated"] = "shared"
+    """shared: vCPUs float over the host's shared CPUs (counted with the controller's CPU
+    allocation ratio); dedicated: each vCPU gets a host CPU of its own, chosen at bind and
+    recorded in status.compute, thread siblings kept together (Nova's hw:cpu_policy)."""
+    numa_nodes: int = Field(default=1, alias="numaNodes", ge=1, le=8)
+    """Host NUMA nodes the VM may span (Nova's hw:numa_nodes). 1: vCPUs and memory on one
+    NUMA node when they are bound to one; more: a VM too big for one node is split evenly
+    over that many, with a guest NUMA topology to match."""
+
+
+class HugepagesSpec(ApiModel):
+    """Back guest memory with the host's hugepages (counted per NUMA node)."""
+
+    page_size: Literal["2Mi", "1Gi"] = "2Mi"
+    """The page size; guest memory must be a multiple of it."""
 
 
 class Disk(ApiModel):
@@ -242,6 +258,8 @@ class PassthroughVMSpec(ApiModel):
     """vCPUs and their placement."""
     memory: Quantity
     """Guest memory, e.g. 8Gi."""
+    hugepages: HugepagesSpec | None = None
+    """Back memory with hugepages of this size, from the NUMA node(s) the VM is bound to."""
     disks: list[Disk] = Field(
         default_factory=list, max_length=16, json_schema_extra=k8s(list_map_keys=["name"])
     )
@@ -277,6 +295,13 @@ class PassthroughVMSpec(ApiModel):
         network_names = {n.name for n in self.networks}
         if device_names & network_names:
             raise ValueError("request names must be unique across devices and networks")
+        if self.hugepages is not None:
+            page = quantity_bytes(self.hugepages.page_size)
+            if quantity_bytes(self.memory) % page:
+                raise ValueError(
+                    f"memory ({self.memory}) is not a multiple of hugepages.pageSize "
+                    f"({self.hugepages.page_size})"
+                )
         for name in (self.placement.same_numa or []) if self.placement else []:
             if name not in device_names | network_names:
                 raise ValueError(
@@ -371,6 +396,34 @@ class DomainStatus(ApiModel):
     got, to compare with status.devices and status.networks."""
 
 
+class NumaShare(ApiModel):
+    """What the VM takes of one host NUMA node."""
+
+    node: int
+    """The host NUMA node."""
+    vcpus: list[int] = Field(default_factory=list)
+    """The VM's vCPU indexes placed on it (the guest NUMA node's CPUs when it spans)."""
+    cpus: list[int] | None = None
+    """Dedicated policy: the host CPUs, one per vCPU, in the same order (vcpupin)."""
+    memory_mib: int = Field(default=0, alias="memoryMiB")
+    """Guest memory bound to this node, MiB."""
+
+
+class ComputeStatus(ApiModel):
+    """The host CPUs and memory the controller counted for the VM when it placed it."""
+
+    policy: Literal["shared", "dedicated"] = "shared"
+    """As spec.cpu.policy."""
+    vcpus: int = 0
+    """vCPUs counted."""
+    memory_mib: int = Field(default=0, alias="memoryMiB")
+    """Memory counted, MiB."""
+    page_size_kib: int | None = Field(default=None, alias="pageSizeKiB")
+    """Hugepage size backing the memory, KiB."""
+    numa: list[NumaShare] = Field(default_factory=list)
+    """Host NUMA nodes the vCPUs and memory are bound to; empty: they float over the host."""
+
+
 class PassthroughVMStatus(ApiModel):
     """Where the VM is, what it was given, and why it is not running yet."""
 
@@ -390,6 +443,9 @@ class PassthroughVMStatus(ApiModel):
     """The host NUMA node the VM's vCPUs and memory are pinned to: set when a request's NUMA
     policy (or placement.sameNUMA) asks for locality, all those devices share one node, and
     cpu.pinning is auto."""
+    compute: ComputeStatus | None = None
+    """The CPUs and memory counted for the VM on its node (absent when the node publishes no
+    compute topology)."""
     scheduling: SchedulingStatus | None = None
     """Why the VM is not placed yet, when it is Pending."""
     domain: DomainStatus | None = None
