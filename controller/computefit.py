@@ -24,12 +24,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pcipt.api.v1alpha1 import ComputeStatus, NumaShare, PassthroughVM
-from pcipt.compute import NodeCompute, NumaCompute
+from pcipt.compute import PAGE_NAMES, NodeCompute, NumaCompute
 from pcipt.cpulist import format_cpulist
 from pcipt.quantity import quantity_bytes
 
 MIB = 1024 * 1024
-PAGE_NAMES = {2048: "2Mi", 1048576: "1Gi"}
 
 
 @dataclass(frozen=True)
@@ -249,20 +248,6 @@ def fit(
 
 def _free_mem(topo: NodeCompute, use: NodeUse, n: int) -> int:
     return topo.numa[n].memory_mib - use.numa.get(n, NumaUse()).memory_mib
-
-
-def describe(c: ComputeStatus | None) -> str:
-    """`4 dedicated vCPUs on host CPUs 2-5 (NUMA 0), 8192 MiB on NUMA 0` for plan and explain."""
-    if c is None:
-        return "CPUs and memory not counted (the node publishes no compute topology)"
-    if not c.numa:
-        return f"{c.vcpus} shared vCPUs and {c.memory_mib} MiB, floating over the host"
-    parts = []
-    for s in c.numa:
-        cpus = f" on host CPUs {format_cpulist(s.cpus)}" if s.cpus else ""
-        parts.append(f"NUMA {s.node}: {len(s.vcpus)} {c.policy} vCPUs{cpus}, {s.memory_mib} MiB")
-    page = f" in {PAGE_NAMES.get(c.page_size_kib, '?')} hugepages" if c.page_size_kib else ""
-    return "; ".join(parts) + page
 
 
 def node_use(statuses: Mapping[str, ComputeStatus]) -> NodeUse:

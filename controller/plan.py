@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-from controller.computefit import describe
 from controller.scheduling import (
     Device,
     NodeFacts,
@@ -25,7 +24,7 @@ from controller.scheduling import (
 )
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import ComputeStatus, PassthroughVM, PciDevice, PciFlavor
-from pcipt.compute import ANNOTATION, NodeCompute
+from pcipt.compute import ANNOTATION, NodeCompute, describe
 
 
 class PlanError(ValueError):

@@ -18,9 +18,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pcipt.api.v1alpha1 import ComputeStatus
 from pcipt.cpulist import format_cpulist, parse_cpulist
 
 ANNOTATION = "pcipt.io/compute"
+PAGE_NAMES = {2048: "2Mi", 1048576: "1Gi"}
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,17 @@ class NodeCompute:
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+def describe(c: ComputeStatus | None) -> str:
+    """`4 dedicated vCPUs on host CPUs 2-5 (NUMA 0), 8192 MiB on NUMA 0` for plan and explain."""
+    if c is None:
+        return "CPUs and memory not counted (the node publishes no compute topology)"
+    if not c.numa:
+        return f"{c.vcpus} shared vCPUs and {c.memory_mib} MiB, floating over the host"
+    parts = []
+    for s in c.numa:
+        cpus = f" on host CPUs {format_cpulist(s.cpus)}" if s.cpus else ""
+        parts.append(f"NUMA {s.node}: {len(s.vcpus)} {c.policy} vCPUs{cpus}, {s.memory_mib} MiB")
+    page = f" in {PAGE_NAMES.get(c.page_size_kib, '?')} hugepages" if c.page_size_kib else ""
+    return "; ".join(parts) + page

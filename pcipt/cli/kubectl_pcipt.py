@@ -23,6 +23,7 @@ from kubernetes import client, config
 
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
+from pcipt.compute import describe
 from pcipt.selectors import DeviceFacts, device_selector_matches
 
 NOT_INSTALLED = (
@@ -200,8 +201,10 @@ def explain(args: argparse.Namespace) -> int:
     if ready is not None:
         out.append(f"  ready: {ready.status} ({ready.reason}): {ready.message}")
     if st.node_name:
-        if st.numa_node is not None:
-            out.append(f"  vCPUs and memory pinned to NUMA node {st.numa_node}")
+        if st.compute is not None:
+            out.append(f"  CPUs and memory: {describe(st.compute)}")
+        elif st.numa_node is not None:
+            out.append(f"  vCPUs pinned to NUMA node {st.numa_node}")
         for b in st.devices:
             out.append(
                 f"  device  {b.request:<12} {b.address}  NUMA {b.numa_node}  {b.pci_device}"

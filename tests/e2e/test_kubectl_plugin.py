@@ -98,7 +98,7 @@ def test_explain_a_running_vm(lab: Lab) -> None:
     out = plugin(lab.kubectl_path, lab.kubeconfig, "explain", "trainer", "-n", NS)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"VM {NS}/trainer: Running on node-a")
-    assert "vCPUs and memory pinned to NUMA node 0" in out.stdout
+    assert "CPUs and memory: NUMA 0: 16 shared vCPUs, 65536 MiB" in out.stdout
     assert "device  gpus         0000:3b:00.0  NUMA 0  node-a.0000-3b-00-0" in out.stdout
     assert (
         f"domain  {NS}_trainer (running), passing through 0000:3b:00.0, 0000:3c:00.0" in out.stdout
@@ -124,7 +124,7 @@ def test_cordon_and_uncordon(lab: Lab) -> None:
     inv = plugin(
         lab.kubectl_path, lab.kubeconfig, "inventory", "--node", "node-b", "--flavor", "a100"
     ).stdout
-    assert inv.splitlines()[1].split()[2:] == ["1", "0", "0", "0", "1", "yes"]
+    assert inv.splitlines()[1].split()[2:] == ["1", "0", "0", "0", "1", "0", "yes"]
     assert (
         plugin(lab.kubectl_path, lab.kubeconfig, "uncordon", "node-b.0000-3b-00-0").returncode == 0
     )
