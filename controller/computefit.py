@@ -62,6 +62,10 @@ class NumaUse:
     pages: Counter[int] = field(default_factory=Counter)
 
 
+_NO_USE = NumaUse()
+"""What an untouched NUMA node has taken (read only)."""
+
+
 @dataclass
 class NodeUse:
     """What the VMs on a node (and binds in flight to it) have taken."""
@@ -127,7 +131,7 @@ def _fits_on(
     ratio: float,
 ) -> tuple[list[int] | None, str | None]:
     """(dedicated CPUs or None, problem or None) for one NUMA node's share."""
-    u = use.numa.get(n, NumaUse())
+    u = use.numa.get(n) or _NO_USE
     shared_pool = len([c for c in numa.cpus if c not in u.dedicated])
     cpus = None
     if d.policy == "dedicated":
@@ -191,7 +195,7 @@ def fit(
         base["pageSizeKiB"] = d.page_kib
     if not bound:
         pool = sum(
-            len([c for c in n.cpus if c not in use.numa.get(i, NumaUse()).dedicated])
+            len(n.cpus) - len(use.numa[i].dedicated & set(n.cpus)) if i in use.numa else len(n.cpus)
             for i, n in topo.numa.items()
         )
         taken = use.floating_vcpus + sum(u.shared_vcpus for u in use.numa.values())
@@ -247,7 +251,8 @@ def fit(
 
 
 def _free_mem(topo: NodeCompute, use: NodeUse, n: int) -> int:
-    return topo.numa[n].memory_mib - use.numa.get(n, NumaUse()).memory_mib
+    u = use.numa.get(n)
+    return topo.numa[n].memory_mib - (u.memory_mib if u is not None else 0)
 
 
 def node_use(statuses: Mapping[str, ComputeStatus]) -> NodeUse:
@@ -266,7 +271,7 @@ def conflict(topo: NodeCompute, use: NodeUse, c: ComputeStatus, ratio: float = 1
         if numa is None:
             return f"NUMA node {share.node} is not on the node"
         d = Demand(len(share.vcpus), share.memory_mib, c.policy, c.page_size_kib)
-        u = use.numa.get(share.node, NumaUse())
+        u = use.numa.get(share.node) or _NO_USE
         if c.policy == "dedicated":
             mine = set(share.cpus or ())
             if mine & u.dedicated or not mine <= set(numa.cpus):

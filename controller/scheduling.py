@@ -417,6 +417,7 @@ class _NodeView:
     reserved: frozenset[str] | Set[str]
     vfs_of: dict[str, list[Device]] = field(init=False)
     """PF address -> its published VFs on this node."""
+    _groups: dict[str, list[Device] | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.vfs_of = defaultdict(list)
@@ -455,6 +456,13 @@ class _NodeView:
     def group(self, d: Device) -> list[Device] | None:
         """The device and its IOMMU group peers, or None when the group cannot come along
         (a peer missing or not usable, or a member's PF or VF held by another VM)."""
+        if d.name in self._groups:
+            return self._groups[d.name]
+        got = self._group(d)
+        self._groups[d.name] = got
+        return got
+
+    def _group(self, d: Device) -> list[Device] | None:
         members = [d]
         for peer in d.peers:
             p = self.by_address.get(peer)

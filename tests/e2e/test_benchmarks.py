@@ -80,3 +80,11 @@ def test_node_benchmark_starts_and_tears_down_a_node(tmp_path: Path) -> None:
     f = run_bench(tmp_path, "node.py", "--runs", "1", "--no-chart")
     assert f["runs"] == 1
     assert positive(f["node_ready_s_median"], f["teardown_s_median"], f["rss_mib_node_only_median"])
+
+
+def test_schedule_benchmark_times_every_kind_of_decision(tmp_path: Path) -> None:
+    f = run_bench(tmp_path, "schedule.py", "--nodes", "20", "--runs", "3")
+    assert f["packing_placed"] is True
+    for key in ("one_gpu_indexed", "one_gpu_every_node", "packing", "dedicated"):
+        assert 0 < f[key]["p50_ms"] <= f[key]["p99_ms"], (key, f[key])
+    assert f["refusal_from_memo"]["p50_ms"] > 0 and f["refusal_every_node"]["p50_ms"] > 0

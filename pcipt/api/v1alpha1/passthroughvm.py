@@ -247,10 +247,20 @@ class KernelBoot(ApiModel):
         return v
 
 
+_HUGEPAGES_FIT = cel(
+    "!has(self.hugepages) || quantity(string(self.memory)).asInteger() % "
+    "quantity(self.hugepages.pageSize).asInteger() == 0",
+    "memory must be a multiple of hugepages.pageSize",
+    field_path=".memory",
+)
+
+
 class PassthroughVMSpec(ApiModel):
     """The VM the tenant wants: size, disks, devices, networks and placement."""
 
-    model_config = ConfigDict(json_schema_extra=k8s(_UNIQUE_NAMES, _SAME_NUMA_KNOWN))
+    model_config = ConfigDict(
+        json_schema_extra=k8s(_UNIQUE_NAMES, _SAME_NUMA_KNOWN, _HUGEPAGES_FIT)
+    )
 
     running: bool = True
     """Whether the VM should run. false stops it but keeps its devices bound."""
