@@ -4,6 +4,7 @@ Pure: the caller passes the time and writes the result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -123,8 +124,11 @@ def pending_status(vm: PassthroughVM, refusal: Refusal, now: datetime) -> dict[s
         and same_conditions(vm.status.conditions, conds)
         and current is not None
         and current.message == sched.message
-        and current.nodes == sched.nodes
+        and _same_reasons(current.nodes, refusal.nodes[:MAX_NODES_IN_STATUS])
     ):
+        # The details (how many devices are claimed, being bound, ...) move with every bind
+        # elsewhere; rewriting every waiting VM for them would be a write storm that also
+        # races the binds. They are refreshed whenever a reason changes.
         return None
     return {
         "phase": "Pending",
@@ -132,6 +136,15 @@ def pending_status(vm: PassthroughVM, refusal: Refusal, now: datetime) -> dict[s
         "conditions": [x.to_dict() for x in conds],
         "observedGeneration": gen,
     }
+
+
+def _same_reasons(current: Sequence[NodeRefusal], refused: Sequence[Any]) -> bool:
+    if [n.node_name for n in current] != [r.node for r in refused]:
+        return False
+    return all(
+        cur.reasons[: len(r.reasons)] == list(r.reasons)
+        for cur, r in zip(current, refused, strict=True)
+    )
 
 
 def _with_ready(conds: list[Any], vm: PassthroughVM, gen: int | None, now: datetime) -> list[Any]:
