@@ -7,7 +7,7 @@ caller); spec says how the guest sees them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from nodeplugin.domain.model import (
@@ -18,6 +18,7 @@ from nodeplugin.domain.model import (
     HostdevInterface,
     HostdevPci,
     KernelBoot,
+    NumaBus,
     Placement,
     VmRef,
 )
@@ -94,6 +95,8 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
         else:
             interfaces.append(HostdevInterface(PciAddress.parse(nb.address), alias, mac, req.vlan))
     placement = _placement(vm, host)
+    if placement is not None and placement.cells:
+        placement, hostdevs, interfaces = _devices_on_cells(placement, vm, hostdevs, interfaces)
     kernel_boot = None
     if spec.kernel_boot is not None:
         kb = spec.kernel_boot
@@ -172,3 +175,37 @@ def _placement(vm: PassthroughVM, host: HostFacts) -> Placement | None:
         cells,
         c.page_size_kib,
     )
+
+
+def _devices_on_cells(
+    placement: Placement,
+    vm: PassthroughVM,
+    hostdevs: list[HostdevPci],
+    interfaces: list[HostdevInterface | DirectInterface],
+) -> tuple[Placement, list[HostdevPci], list[HostdevInterface | DirectInterface]]:
+    """Each passed-through device behind an expander bus on the guest NUMA node that backs
+    its host NUMA node, so the guest sees where it is (Nova's guest NUMA + PCI affinity)."""
+    cell_of = {c.host_node: c.id for c in placement.cells}
+    numa_of = {b.address: b.numa_node for b in vm.status.devices}
+    numa_of.update({n.address: n.numa_node for n in vm.status.networks})
+    by_cell: dict[int, list[str]] = {}
+    for h in [*hostdevs, *interfaces]:
+        if isinstance(h, DirectInterface):
+            continue
+        cell = cell_of.get(numa_of.get(str(h.address), -1))
+        if cell is not None:
+            by_cell.setdefault(cell, []).append(str(h.address))
+    buses = []
+    bus_of: dict[str, int] = {}
+    index = 1  # 0 is pcie-root
+    for cell in sorted(by_cell):
+        ports = tuple(range(index + 1, index + 1 + len(by_cell[cell])))
+        buses.append(NumaBus(index, cell, ports))
+        bus_of.update(zip(by_cell[cell], ports, strict=True))
+        index += 1 + len(ports)
+    hostdevs = [replace(h, guest_bus=bus_of.get(str(h.address))) for h in hostdevs]
+    interfaces = [
+        replace(i, guest_bus=bus_of.get(str(i.address))) if isinstance(i, HostdevInterface) else i
+        for i in interfaces
+    ]
+    return replace(placement, buses=tuple(buses)), hostdevs, interfaces

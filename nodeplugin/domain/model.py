@@ -30,6 +30,9 @@ class HostdevPci:
     address: PciAddress
     alias: str
     """ua-<request>-<n>: user aliases let `virsh` and humans tell devices apart."""
+    guest_bus: int | None = None
+    """The guest PCI bus (a root port behind its guest NUMA node's expander bus), when the
+    VM has a guest NUMA topology; None: wherever libvirt puts it."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class HostdevInterface:
     alias: str
     mac: str | None = None
     vlan: int | None = None
+    guest_bus: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,19 @@ class GuestCell:
 
 
 @dataclass(frozen=True)
+class NumaBus:
+    """A PCIe expander bus on one guest NUMA node, with a root port per device behind it:
+    how a passed-through device shows the guest the NUMA node it has on the host."""
+
+    index: int
+    """Controller index of the expander bus."""
+    cell: int
+    """The guest NUMA node."""
+    ports: tuple[int, ...]
+    """Controller indexes of its root ports; a device's guest bus is its port's index."""
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where the vCPUs run and where the memory lives."""
 
@@ -74,6 +91,8 @@ class Placement:
     cells: tuple[GuestCell, ...] = ()
     """A guest NUMA topology, when the VM spans host NUMA nodes."""
     hugepage_kib: int | None = None
+    buses: tuple[NumaBus, ...] = ()
+    """Expander buses putting devices on the guest NUMA node of their host node."""
 
     @property
     def numa_node(self) -> int | None:

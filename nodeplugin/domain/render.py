@@ -13,6 +13,7 @@ from nodeplugin.domain.model import (
     Domain,
     HostdevInterface,
     HostdevPci,
+    NumaBus,
     VmRef,
 )
 from pcipt.cpulist import format_cpulist
@@ -55,11 +56,44 @@ def _disk(devices: ET.Element, d: Disk) -> None:
         _sub(el, "readonly")
 
 
+def _guest_address(el: ET.Element, bus: int | None) -> None:
+    if bus is not None:
+        _sub(
+            el,
+            "address",
+            type_="pci",
+            domain="0x0000",
+            bus=f"0x{bus:02x}",
+            slot="0x00",
+            function="0x0",
+        )
+
+
+def _numa_buses(devices: ET.Element, buses: tuple[NumaBus, ...]) -> None:
+    for b in buses:
+        pxb = _sub(
+            devices, "controller", type_="pci", index=str(b.index), model="pcie-expander-bus"
+        )
+        _sub(_sub(pxb, "target"), "node", str(b.cell))
+        for slot, port in enumerate(b.ports):
+            rp = _sub(devices, "controller", type_="pci", index=str(port), model="pcie-root-port")
+            _sub(
+                rp,
+                "address",
+                type_="pci",
+                domain="0x0000",
+                bus=f"0x{b.index:02x}",
+                slot=f"0x{slot:02x}",
+                function="0x0",
+            )
+
+
 def _hostdev(devices: ET.Element, h: HostdevPci) -> None:
     el = _sub(devices, "hostdev", mode="subsystem", type_="pci", managed="no")
     src = _sub(el, "source")
     _sub(src, "address", **_pci_attrs(h.address))
     _sub(el, "alias", name=h.alias)
+    _guest_address(el, h.guest_bus)
 
 
 def _interface(devices: ET.Element, i: HostdevInterface | DirectInterface) -> None:
@@ -72,6 +106,7 @@ def _interface(devices: ET.Element, i: HostdevInterface | DirectInterface) -> No
         if i.vlan is not None:
             vlan = _sub(el, "vlan")
             _sub(vlan, "tag", id=str(i.vlan))
+        _guest_address(el, i.guest_bus)
     else:
         el = _sub(devices, "interface", type_="direct")
         if i.mac:
@@ -157,6 +192,8 @@ def render(d: Domain) -> str:
     devices = _sub(root, "devices")
     for disk in d.disks:
         _disk(devices, disk)
+    if d.placement is not None:
+        _numa_buses(devices, d.placement.buses)
     for h in d.hostdevs:
         _hostdev(devices, h)
     for i in d.interfaces:

@@ -151,8 +151,30 @@ CASES: dict[str, PassthroughVM] = {
         },
     ),
     "spans-two-numa-nodes": vm(
-        {"cpu": {"cores": 4, "numaNodes": 2}, "memory": "8Gi"},
         {
+            "cpu": {"cores": 4, "numaNodes": 2},
+            "memory": "8Gi",
+            "devices": [{"name": "gpu", "flavor": "a100", "numaPolicy": "required"}],
+            "networks": [{"name": "uplink", "flavor": "vf", "mac": "52:54:00:6e:10:02"}],
+        },
+        {
+            "numaNode": 1,
+            "devices": [
+                {
+                    "request": "gpu",
+                    "pciDevice": "node-a.0000-af-00-0",
+                    "address": "0000:af:00.0",
+                    "numaNode": 1,
+                }
+            ],
+            "networks": [
+                {
+                    "name": "uplink",
+                    "pciDevice": "node-a.0000-5e-02-1",
+                    "address": "0000:5e:02.1",
+                    "numaNode": 0,
+                }
+            ],
             "compute": {
                 "vcpus": 4,
                 "memoryMiB": 8192,
@@ -229,6 +251,14 @@ def test_a_vm_spanning_numa_nodes_gets_a_guest_numa_topology() -> None:
     assert '<cell id="1" cpus="2-3" memory="4194304" unit="KiB" />' in xml
     assert '<memnode cellid="1" mode="strict" nodeset="1" />' in xml
     assert '<memory mode="strict" nodeset="0-1" />' in xml
+    # Each device behind an expander bus on the guest NUMA node of its host node: the VF
+    # (host node 0) on guest node 0, the GPU (host node 1) on guest node 1.
+    d = build_domain(CASES["spans-two-numa-nodes"], HOST)
+    assert d.placement is not None
+    assert [(b.cell, b.ports) for b in d.placement.buses] == [(0, (2,)), (1, (4,))]
+    assert d.hostdevs[0].guest_bus == 4 and d.interfaces[0].guest_bus == 2  # type: ignore[union-attr]
+    assert '<controller type="pci" index="3" model="pcie-expander-bus">' in xml
+    assert '<address type="pci" domain="0x0000" bus="0x04" slot="0x00" function="0x0" />' in xml
 
 
 def test_no_pinning_when_asked_not_to() -> None:
