@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pcipt.api.v1alpha1 import ComputeStatus, NumaShare, PassthroughVM
@@ -253,10 +253,6 @@ def fit(
 def _free_mem(topo: NodeCompute, use: NodeUse, n: int) -> int:
     u = use.numa.get(n)
     return topo.numa[n].memory_mib - (u.memory_mib if u is not None else 0)
-
-
-def node_use(statuses: Mapping[str, ComputeStatus]) -> NodeUse:
-    return NodeUse.of(statuses.values())
 
 
 def conflict(topo: NodeCompute, use: NodeUse, c: ComputeStatus, ratio: float = 1.0) -> str | None:

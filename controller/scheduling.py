@@ -808,7 +808,10 @@ def _place_on_node(
     node_devices: list[Device],
     reqs: list[_Req],
     skipped_vm: Mapping[str, str],
+    *,
+    demand: Demand | None = None,
 ) -> _NodeResult:
+    """`demand`: the VM's CPUs and memory, read once per decision by the caller."""
     labels = node.effective_labels()
     view = _NodeView(
         node.name,
@@ -864,17 +867,18 @@ def _place_on_node(
             [f"{r.label}: {details(r)}" for r in short if excluded[r.name]],
         )
 
-    demand = Demand.of(inp.vm)
-    use = NodeUse.of(inp.compute_taken.get(node.name, ()))
-    fitted: dict[int | None, ComputeStatus | str] = {}
+    check: LeafCheck | None = None
+    if node.compute is not None:
+        topo = node.compute
+        want = demand or Demand.of(inp.vm)
+        use = NodeUse.of(inp.compute_taken.get(node.name, ()))
+        fitted: dict[int | None, ComputeStatus | str] = {}
 
-    def check(picks: Mapping[str, Pick]) -> ComputeStatus | str | None:
-        if node.compute is None:
-            return None
-        pin = _pin(reqs, same_numa, picks)
-        if pin not in fitted:
-            fitted[pin] = fit(demand, node.compute, use, pin, inp.cpu_allocation_ratio)
-        return fitted[pin]
+        def check(picks: Mapping[str, Pick]) -> ComputeStatus | str | None:
+            pin = _pin(reqs, same_numa, picks)
+            if pin not in fitted:
+                fitted[pin] = fit(want, topo, use, pin, inp.cpu_allocation_ratio)
+            return fitted[pin]
 
     search = _Search(view, active, cands, same_numa, check)
     found = search.run()
@@ -985,9 +989,13 @@ def schedule(inp: SchedulingInput) -> Result:
         else:
             eligible.append(name)
 
+    demand = Demand.of(inp.vm)
+
     def evaluate(name: str) -> Placement | None:
         facts = inp.nodes.get(name) or NodeFacts(name)
-        res = _place_on_node(inp, facts, list(by_node.get(name, ())), reqs, skipped_vm)
+        res = _place_on_node(
+            inp, facts, list(by_node.get(name, ())), reqs, skipped_vm, demand=demand
+        )
         if res.placement is None:
             refusals[name] = NodeRefusal(name, tuple(res.reasons), tuple(res.details))
         return res.placement
