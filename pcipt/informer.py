@@ -26,6 +26,17 @@ def object_key(obj: dict[str, Any]) -> str:
     return f"{ns}/{meta['name']}" if ns else str(meta["name"])
 
 
+def _older(obj: dict[str, Any], than: dict[str, Any] | None) -> bool:
+    """Whether obj is an older version than the one held. resourceVersions are opaque in
+    general; kube-apiserver's are etcd revisions, so decimal ones are compared, any other
+    pair counts as not older."""
+    if than is None:
+        return False
+    a = obj.get("metadata", {}).get("resourceVersion", "")
+    b = than.get("metadata", {}).get("resourceVersion", "")
+    return a.isdecimal() and b.isdecimal() and int(a) < int(b)
+
+
 class Informer:
     def __init__(
         self,
@@ -67,18 +78,26 @@ class Informer:
         return str(got.get("metadata", {}).get("resourceVersion", ""))
 
     def apply(self, kind: str, obj: dict[str, Any]) -> None:
-        """Record an object we wrote ourselves, before the watch brings it back."""
+        """Record an object we wrote ourselves, before the watch brings it back.
+
+        The answer to our write can arrive after the watch delivered a later change by someone
+        else (the controller's claim on a device we had just published): the older copy is
+        dropped then, or the later change would be lost until the next relist."""
         key = object_key(obj)
         if kind == "DELETED":
             if self.items.pop(key, None) is not None:
                 self._emit("DELETED", obj)
             return
+        if _older(obj, self.items.get(key)):
+            return
         self.items[key] = obj
         self._emit(kind, obj)
 
-    async def run(self) -> None:
+    async def run(self, resume_from: str = "") -> None:
+        """Keep the copy current until cancelled; from resume_from (a resourceVersion seen
+        before) when given, else from a fresh list."""
         delay = 0.5
-        rv = ""
+        rv = resume_from
         while True:
             try:
                 if not rv:

@@ -533,6 +533,15 @@ def check_e2e(out: Path, seen: dict[str, list[str]], phases: str) -> list[str]:
     agent_log = _text(out / "agent.log")
     if "plain=Running" not in phases or "vf=Running" not in phases:
         problems.append(f"VM phases: {phases!r}")
+        # Say why, so a failure far away (CI) can be read without the lab's files.
+        vms = json.loads(_text(out / "vms.json") or '{"items": []}')
+        for v in vms["items"]:
+            for cond in (v.get("status") or {}).get("conditions") or []:
+                problems.append(
+                    f"  {v['metadata']['name']} {cond.get('type')}={cond.get('status')} "
+                    f"{cond.get('reason')}: {cond.get('message')}"
+                )
+        problems += [f"  agent: {line}" for line in agent_log.splitlines()[-25:]]
     plain = seen.get("plain", [])
     if not any("[8086:10d3]" in line for line in plain):
         problems.append(f"the plain guest's lspci shows no e1000e: {plain}")
