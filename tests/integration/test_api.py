@@ -189,6 +189,40 @@ def test_status_is_written_only_through_the_status_subresource(
     custom.delete_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, name)
 
 
+@pytest.mark.parametrize(
+    ("status", "field"),
+    [
+        ({"driver": "x" * 1_600_000}, "status.driver"),
+        ({"productID": "10\u00e9d"}, "status.productID"),
+        ({"vendorID": "0x8086"}, "status.vendorID"),
+        ({"classCode": "0300"}, "status.classCode"),
+        ({"netdev": "a-very-long-interface-name"}, "status.netdev"),
+        ({"iommuGroupPeers": ["3b:00.1"]}, "status.iommuGroupPeers[0]"),
+        ({"attributes": {f"k{i}": "v" for i in range(65)}}, "status.attributes"),
+        ({"numaNode": -2}, "status.numaNode"),
+    ],
+)
+def test_pcidevice_status_is_bounded_like_the_spec(
+    custom: client.CustomObjectsApi,
+    unique: Callable[[str], str],
+    status: dict[str, object],
+    field: str,
+) -> None:
+    """What a node plugin (or anyone with its rights) writes is checked as strictly as a spec:
+    a 1.6 MB driver name used to pass validation and make etcd answer 500."""
+    dev = _device(custom, unique("bounds"), "0000:3b:00.0")
+    name = dev["metadata"]["name"]  # type: ignore[index]
+    try:
+        with pytest.raises(client.ApiException) as err:
+            custom.patch_cluster_custom_object_status(
+                c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, name, {"status": status}
+            )
+        assert err.value.status == 422, err.value.body[:500]
+        assert field in err.value.body, err.value.body[:500]
+    finally:
+        custom.delete_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, name)
+
+
 def test_kubectl_get_shows_printer_columns_and_label_selection(
     kube: KubeCluster, custom: client.CustomObjectsApi, unique: Callable[[str], str]
 ) -> None:

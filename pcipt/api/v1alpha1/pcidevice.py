@@ -40,6 +40,13 @@ PciAddressStr = Annotated[
 """A PCI address in the kernel's canonical form: 0000:3b:00.0."""
 
 
+HexID = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{4}$")]
+"""A PCI vendor, device or subsystem ID: 4 hex digits, as sysfs shows them without 0x."""
+
+Name = Annotated[str, Field(max_length=256)]
+"""A name from the pci.ids database or a host's configuration."""
+
+
 def check_address(v: str) -> str:
     if not is_canonical_address(v):
         raise ValueError(f"'{v}' is not a PCI address: use {ADDRESS_HINT}")
@@ -121,13 +128,13 @@ class SriovInfo(ApiModel):
 
     role: SriovRole = "None"
     """PF for a physical function with SR-IOV capability, VF for a virtual function, else None."""
-    phys_fn: str | None = None
+    phys_fn: PciAddressStr | None = None
     """For a VF: the address of its PF."""
-    vf_index: int | None = None
+    vf_index: int | None = Field(default=None, ge=0, le=65535)
     """For a VF: its index under the PF (virtfnN)."""
-    total_vfs: int | None = Field(default=None, alias="totalVFs")
+    total_vfs: int | None = Field(default=None, alias="totalVFs", ge=0, le=65535)
     """For a PF: how many VFs the hardware supports (sriov_totalvfs)."""
-    num_vfs: int | None = Field(default=None, alias="numVFs")
+    num_vfs: int | None = Field(default=None, alias="numVFs", ge=0, le=65535)
     """For a PF: how many VFs are enabled now (sriov_numvfs)."""
 
 
@@ -137,37 +144,37 @@ Health = Literal["Healthy", "Unhealthy", "Missing"]
 class PciDeviceStatus(ApiModel):
     """What the node plugin discovered about the device, and its health."""
 
-    vendor_id: str | None = Field(default=None, alias="vendorID")
+    vendor_id: HexID | None = Field(default=None, alias="vendorID")
     """PCI vendor ID, 4 hex digits."""
-    product_id: str | None = Field(default=None, alias="productID")
+    product_id: HexID | None = Field(default=None, alias="productID")
     """PCI device ID, 4 hex digits."""
-    subsystem_vendor_id: str | None = Field(default=None, alias="subsystemVendorID")
+    subsystem_vendor_id: HexID | None = Field(default=None, alias="subsystemVendorID")
     """PCI subsystem vendor ID, 4 hex digits."""
-    subsystem_id: str | None = Field(default=None, alias="subsystemID")
+    subsystem_id: HexID | None = Field(default=None, alias="subsystemID")
     """PCI subsystem device ID, 4 hex digits."""
-    vendor_name: str | None = None
+    vendor_name: Name | None = None
     """Vendor name from the pci.ids database, when the host has it."""
-    product_name: str | None = None
+    product_name: Name | None = None
     """Device name from the pci.ids database, when the host has it."""
-    class_code: str | None = None
+    class_code: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{6}$")
     """PCI class code, 6 hex digits (class, subclass, programming interface)."""
-    class_name: str | None = None
+    class_name: Name | None = None
     """Name of the class from the pci.ids database, e.g. 3D controller."""
-    driver: str | None = None
+    driver: str | None = Field(default=None, max_length=64)
     """Kernel driver bound to the device now; absent when none is."""
-    numa_node: int = -1
+    numa_node: int = Field(default=-1, ge=-1, le=1023)
     """NUMA node of the device; -1 when the platform does not say."""
-    iommu_group: int | None = None
+    iommu_group: int | None = Field(default=None, ge=0)
     """IOMMU group number; absent when the host has no IOMMU enabled."""
-    iommu_group_peers: list[str] = Field(default_factory=list)
+    iommu_group_peers: list[PciAddressStr] = Field(default_factory=list, max_length=256)
     """Addresses of the other functions in the same IOMMU group (passed through together)."""
     sriov: SriovInfo | None = None
     """SR-IOV facts for PFs and VFs."""
-    netdev: str | None = None
+    netdev: str | None = Field(default=None, max_length=15)
     """Network interface name on the host, for NICs that have one (e.g. ens1f0)."""
-    physical_network: str | None = None
+    physical_network: str | None = Field(default=None, max_length=253)
     """The physical network the port is cabled to, as the host's device spec declares."""
-    attributes: dict[str, str] = Field(default_factory=dict)
+    attributes: dict[str, Name] = Field(default_factory=dict, max_length=64)
     """Free attributes from the host's device spec, for flavor and request selectors."""
     health: Health = "Healthy"
     """Healthy, Unhealthy (present but not usable) or Missing (gone from the host)."""
