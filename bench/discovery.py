@@ -33,7 +33,14 @@ from nodeplugin.devicespec import decide, load_specs  # noqa: E402
 from nodeplugin.discovery import discover  # noqa: E402
 from nodeplugin.pciids import load  # noqa: E402
 from nodeplugin.publish import desired_devices, plan  # noqa: E402
-from nodeplugin.simulate import DeviceSpec, HostProfile, SriovSpec, build_host  # noqa: E402
+from nodeplugin.simulate import (  # noqa: E402
+    DeviceSpec,
+    HostProfile,
+    SimulatedKernel,
+    SriovSpec,
+    build_host,
+)
+from nodeplugin.sriov import RecordingRunner  # noqa: E402
 from pcipt import constants as c  # noqa: E402
 from pcipt.devcluster import LocalCluster  # noqa: E402
 from pcipt.devcluster.crds import apply_crds  # noqa: E402
@@ -83,8 +90,9 @@ async def rescans(root: Path, kubeconfig: Path, state: Path, config: Path) -> di
                 libvirt_uri="test:///default",
                 state_dir=state,
                 rescan_interval=3600,
-                simulate=True,
             ),
+            writer=SimulatedKernel(root),
+            runner=RecordingRunner(),
         )
         await retry_transient(agent.devices.relist)
         t = time.perf_counter()

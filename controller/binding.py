@@ -14,6 +14,8 @@ patch that `test`s the claim still carries this attempt's ID: a claim another at
 adopted is never freed under it. Adopted claims are left as they are. Then the caller re-plans.
 
 Releases for good (the VM is gone) test only that the claim is still this VM's (its UID).
+The audit's re-claim of a device a placed VM lists but no longer holds is written here too
+(`reclaim`): this module is the only one that writes claims.
 Correctness never depends on there being one controller: the API server decides every race.
 """
 
@@ -22,12 +24,13 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from controller.inventory import Inventory
 from controller.scheduling import Assignment, Device, Placement
 from controller.vmstatus import scheduled_status
+from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
@@ -44,10 +47,6 @@ class BindResult:
     vm: PassthroughVM
     claimed: list[str]
     writes: int
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 def device_path(name: str) -> str:
@@ -71,7 +70,7 @@ def claim_ref(vm: PassthroughVM, a: Assignment, bind_id: str, at: datetime) -> d
         "uid": vm.metadata.uid,
         "request": a.request,
         "bindID": bind_id,
-        "claimedAt": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "claimedAt": clock.timestamp(at),
     }
     if a.companion:
         ref["companion"] = True
@@ -89,7 +88,7 @@ class Binder:
         """Write claimRef conditioned on the resourceVersion the scheduler saw."""
         body = {
             "metadata": {"resourceVersion": dev.resource_version},
-            "spec": {"claimRef": claim_ref(vm, a, bind_id, now())},
+            "spec": {"claimRef": claim_ref(vm, a, bind_id, clock.now())},
         }
         try:
             got = await self.api.patch(device_path(dev.name), body)
@@ -112,7 +111,7 @@ class Binder:
             reserved = {
                 "vm": f"{dev.claim.namespace}/{dev.claim.name}",
                 "uid": uid,
-                "releasedAt": now().isoformat().replace("+00:00", "Z"),
+                "releasedAt": clock.timestamp(),
             }
             patch.append({"op": "add", "path": "/spec/reserved", "value": reserved})
         patch.append({"op": "remove", "path": "/spec/claimRef"})
@@ -177,7 +176,7 @@ class Binder:
             labelled = PassthroughVM.model_validate(got)
             body = {
                 "metadata": {"resourceVersion": labelled.metadata.resource_version},
-                "status": scheduled_status(labelled, placement, now()),
+                "status": scheduled_status(labelled, placement, clock.now()),
             }
             try:
                 got = await self.api.patch(vm_path(ns, name, status=True), body)
@@ -196,3 +195,38 @@ class Binder:
             if d.name not in by_device and d.claim is not None:
                 await self.release(d.name, uid, d.claim.bind_id)
         return BindResult(bound, fresh, writes)
+
+    async def reclaim(self, vm: PassthroughVM, name: str) -> bool:
+        """Claim again, for a VM placed on it, a free device its status lists (a claim lost to
+        a crash between two writes); conditional on the device as the inventory last saw it.
+        False when that changed meanwhile."""
+        d = self.inv.devices[name]
+        binding = next((x for x in vm.status.devices if x.pci_device == name), None)
+        request = (
+            binding.request
+            if binding
+            else next((n.name for n in vm.status.networks if n.pci_device == name), "unknown")
+        )
+        ref: dict[str, Any] = {
+            "namespace": vm.metadata.namespace,
+            "name": vm.metadata.name,
+            "uid": vm.metadata.uid,
+            "request": request,
+            "bindID": "audit",
+            "claimedAt": clock.timestamp(),
+        }
+        if binding is not None and binding.companion:
+            ref["companion"] = True
+        else:
+            flavor = next((r.flavor for r in vm.spec.devices if r.name == request), None) or next(
+                (r.flavor for r in vm.spec.networks if r.name == request), None
+            )
+            if flavor:
+                ref["flavor"] = flavor
+        body = {"metadata": {"resourceVersion": d.resource_version}, "spec": {"claimRef": ref}}
+        try:
+            got = await self.api.patch(device_path(name), body)
+        except (Conflict, NotFound):
+            return False
+        self.inv.upsert_device(PciDevice.model_validate(got))
+        return True

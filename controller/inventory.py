@@ -190,8 +190,9 @@ class Inventory:
     def _bump(self, node: str) -> None:
         self.node_versions[node] = self.node_versions.get(node, 0) + 1
 
-    def _refresh_node(self, node: str) -> None:
-        """Recompute a node's free counts; note every flavor whose count grew."""
+    def _refresh_node(self, node: str, note_growth: bool = True) -> None:
+        """Recompute a node's free counts; note every flavor whose count grew (unless told
+        not to: a bind that failed will try the same devices again)."""
         self._bump(node)
         devs = self.by_node.get(node, {})
         if not devs:
@@ -204,7 +205,7 @@ class Inventory:
         for fname, n in counts.items():
             before = self.free[fname].get(node, 0)
             self.free[fname][node] = n
-            if n > before and self.is_alive(node):
+            if n > before and note_growth and self.is_alive(node):
                 self.grown.add(fname)
 
     # --- reservations for binds in flight ------------------------------------------------
@@ -216,8 +217,9 @@ class Inventory:
         usage: tuple[str, Mapping[str, int]] | None = None,
         compute: tuple[str, ComputeStatus] | None = None,
     ) -> None:
-        """Promise devices to a bind in flight; `usage` (namespace, devices by flavor) counts
-        toward the namespace's quota until the bind ends, so the next decision sees it."""
+        """Promise devices to a bind in flight (never one promised to another bind, nor a
+        claimed one); `usage` (namespace, devices by flavor) counts toward the namespace's
+        quota until the bind ends, so the next decision sees it."""
         if usage is not None:
             self.in_flight[uid] = (usage[0], Counter(usage[1]))
         if compute is not None:
@@ -225,13 +227,14 @@ class Inventory:
         nodes = set()
         for n in names:
             d = self.devices.get(n)
-            if d is not None and d.claim is None:
-                self.reserved[n] = uid
+            if d is not None and d.claim is None and self.reserved.setdefault(n, uid) == uid:
                 nodes.add(d.node)
         for node in nodes:
             self._refresh_node(node)
 
-    def unreserve(self, uid: str) -> None:
+    def unreserve(self, uid: str, note_growth: bool = True) -> None:
+        """End a bind's promise. After a failed bind (note_growth False) the devices are free
+        again but the same VM retries for them: waiting VMs are not woken for them."""
         self.in_flight.pop(uid, None)
         self.in_flight_compute.pop(uid, None)
         names = [n for n, u in self.reserved.items() if u == uid]
@@ -239,7 +242,7 @@ class Inventory:
         for n in names:
             del self.reserved[n]
         for node in nodes:
-            self._refresh_node(node)
+            self._refresh_node(node, note_growth)
 
     # --- flavors, VMs, namespaces, nodes, leases -----------------------------------------
 
@@ -395,8 +398,18 @@ class Inventory:
     def known_nodes(self) -> list[str]:
         return sorted(set(self.by_node) | set(self.leases))
 
+    def take_news(self) -> tuple[bool, set[str]]:
+        """What changed since the scheduler last asked: (everything, the flavors whose free
+        capacity grew). Asking clears both; when everything changed, the refusal memo too."""
+        everything, grown = self.changed, set(self.grown)
+        self.changed = False
+        self.grown.clear()
+        if everything:
+            self.refusal_memo.clear()
+        return everything, grown
+
     def _memo(self) -> dict[tuple[object, ...], NodeRefusal]:
-        """The refusal memo; the controller empties it whenever `changed` is noticed."""
+        """The refusal memo, emptied whenever `changed` is taken (take_news)."""
         if self.changed or len(self.refusal_memo) > 20000:
             self.refusal_memo.clear()
         return self.refusal_memo

@@ -24,11 +24,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from controller.computefit import NodeUse, conflict
 from controller.inventory import Inventory
+from pcipt import clock
 from pcipt.api.v1alpha1 import ComputeStatus, PassthroughVM
 from pcipt.kubeclient import Conflict, KubeClient, NotFound
 
@@ -193,7 +193,7 @@ class QuotaLedger(Ledger):
                 "vm": f"{tenant}/{vm.metadata.name}",
                 "bind": bind_id,
                 "flavors": dict(counts),
-                "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "at": clock.timestamp(),
             }
             try:
                 await self._write(tenant, entries, rv)
@@ -207,7 +207,7 @@ def epoch(text: object) -> float | None:
     if not isinstance(text, str):
         return None
     try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+        return clock.parse(text).timestamp()
     except ValueError:
         return None
 
@@ -254,7 +254,7 @@ class ComputeLedger(Ledger):
                 "vm": f"{vm.metadata.namespace}/{vm.metadata.name}",
                 "bind": bind_id,
                 "compute": compute.to_dict(),
-                "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "at": clock.timestamp(),
             }
             try:
                 await self._write(node, entries, rv)

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,17 +24,19 @@ from nodeplugin.domain.build import BuildError, HostFacts, build_domain, domain_
 from nodeplugin.domain.render import passthrough_addresses, render
 from nodeplugin.metrics import NodeMetrics
 from nodeplugin.publish import COND_HEALTHY, Plan, desired_devices, plan
-from nodeplugin.simulate import SimulatedKernel
-from nodeplugin.sriov import CommandRunner, IpRunner, RecordingRunner, SriovError, configure_vf
+from nodeplugin.sriov import CommandRunner, IpRunner, SriovError, configure_vf
 from nodeplugin.vfcount import apply_vf_count, compute_vf_counts, vf_condition
 from nodeplugin.vfio import FileWriter, PrepareError, Preparer, SysfsWriter
 from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
+from pcipt import clock
 from pcipt import constants as c
 from pcipt import metrics as pm
 from pcipt.api.v1alpha1 import PassthroughVM, pcidevice_name
+from pcipt.backoff import Health
 from pcipt.compute import ANNOTATION as COMPUTE_ANNOTATION
 from pcipt.compute import NodeCompute
 from pcipt.conditions import ready_condition, same_conditions, set_condition
+from pcipt.events import EventRecorder
 from pcipt.informer import Informer
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
 
@@ -69,9 +70,6 @@ class AgentSettings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
     """port for /metrics, /healthz and /readyz; 0: off"""
-    simulate: bool = False
-    """Run on a simulated host: a fake sysfs tree answered by a simulated kernel, VF commands
-    recorded instead of run (make demo, the end-to-end test)."""
 
 
 @dataclass
@@ -81,14 +79,6 @@ class AgentStats:
     rescan_writes: list[int] = field(default_factory=list)
     last_discovery_s: float = 0.0
     config_error: str | None = None
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _ts(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _deleting(vm: PassthroughVM) -> bool:
@@ -112,20 +102,20 @@ class NodeAgent:
         self.api = api
         self.s = settings
         root = settings.sysfs_root
-        if writer is None:
-            writer = SimulatedKernel(root) if settings.simulate else FileWriter()
-        self.writer = writer
+        # The host's kernel and `ip` unless the composition root (the CLI, a test) gives others:
+        # a simulated host's are in nodeplugin.simulate and sriov.RecordingRunner.
+        self.writer = writer or FileWriter()
         self._vf_said: dict[str, tuple[str, str]] = {}
         self.failures: dict[str, tuple[str, str]] = {}
-        self.unmanaged: set[str] = set()
-        self.compute: NodeCompute | None = None
-        """Addresses the device spec marks `managed: false`: never rebound by this plugin."""
         """address -> (reason, message): what the kernel said when preparing or restoring it
         failed; the device is published Unhealthy until it is cleared (see _retry_failures)."""
-        self.runner = runner or (RecordingRunner() if settings.simulate else IpRunner())
+        self.unmanaged: set[str] = set()
+        """Addresses the device spec marks `managed: false`: never rebound by this plugin."""
+        self.compute: NodeCompute | None = None
+        self.runner = runner or IpRunner()
         self.preparer = Preparer(
             root,
-            writer,
+            self.writer,
             settings.state_dir / f"{settings.node}-vfio.json",
             restore=settings.restore_drivers,
         )
@@ -138,6 +128,7 @@ class NodeAgent:
         self.stats = AgentStats()
         self.registry = pm.Registry()
         self.metrics = NodeMetrics(self.registry)
+        self.events = EventRecorder(api, "pcipt-nodeplugin", host=settings.node)
         self.registry.collectors.append(self._collect)
         node_sel = f"{c.LABEL_NODE}={settings.node}"
         self.devices = Informer(
@@ -201,6 +192,7 @@ class NodeAgent:
         for t in [*self._tasks, *self._running.values()]:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._running.values(), return_exceptions=True)
+        await self.events.drain()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 
@@ -287,7 +279,7 @@ class NodeAgent:
         return p
 
     async def _apply(self, p: Plan) -> None:
-        t = _ts(now())
+        t = clock.timestamp()
         for d in p.apply_spec:
             body = {
                 "apiVersion": c.API_VERSION,
@@ -416,27 +408,7 @@ class NodeAgent:
             o["metadata"]["name"] == device for o in self.devices.items.values()
         ):
             involved = {"apiVersion": c.API_VERSION, "kind": c.KIND_PCIDEVICE, "name": device}
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{self.s.node}.", "namespace": "default"},
-            "involvedObject": involved,
-            "reason": reason,
-            "message": message[:1024],
-            "type": type_,
-            "source": {"component": "pcipt-nodeplugin", "host": self.s.node},
-            "firstTimestamp": _ts(now()),
-            "lastTimestamp": _ts(now()),
-            "count": 1,
-        }
-
-        async def post() -> None:
-            try:
-                await self.api.create("/api/v1/namespaces/default/events", body)
-            except (ApiError, OSError) as e:
-                log.warning("event not posted: %s", e)
-
-        asyncio.get_running_loop().create_task(post())
+        self.events.record(involved, type_, reason, message)
 
     async def _rescan_loop(self) -> None:
         await self.devices.synced.wait()
@@ -462,6 +434,7 @@ class NodeAgent:
     async def _lease_loop(self) -> None:
         name = f"{c.NODE_LEASE_PREFIX}{self.s.node}"
         path = f"/apis/coordination.k8s.io/v1/namespaces/{self.s.namespace}/leases"
+        health = Health(log, f"renewing Lease {name}")
         while True:
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
@@ -477,7 +450,7 @@ class NodeAgent:
                 "spec": {
                     "holderIdentity": self.s.node,
                     "leaseDurationSeconds": self.s.lease_duration,
-                    "renewTime": now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    "renewTime": clock.micro_timestamp(),
                 },
             }
             try:
@@ -489,7 +462,9 @@ class NodeAgent:
                     force=True,
                 )
             except Exception as e:
-                log.warning("lease not renewed node=%s: %s", self.s.node, e)
+                health.failed(e, self.s.lease_interval)
+            else:
+                health.ok()
             await asyncio.sleep(self.s.lease_interval)
 
     # --- VMs --------------------------------------------------------------------------------
@@ -811,7 +786,7 @@ class NodeAgent:
             f"domain {domain_name(vm.metadata.namespace or '', vm.metadata.name)} "
             f"removed from {self.s.node}",
             generation=vm.metadata.generation,
-            now=now(),
+            now=clock.now(),
         )
         if same_conditions(vm.status.conditions, conds):
             return None
@@ -836,10 +811,10 @@ class NodeAgent:
                 reason,
                 message,
                 generation=gen,
-                now=now(),
+                now=clock.now(),
             )
             ok, r, m = ready_condition(conds, running=v.spec.running)
-            conds = set_condition(conds, c.COND_READY, ok, r, m, generation=gen, now=now())
+            conds = set_condition(conds, c.COND_READY, ok, r, m, generation=gen, now=clock.now())
             domain = None
             if dom is not None:
                 domain = {

@@ -22,7 +22,8 @@ from nodeplugin.agent import AgentSettings, NodeAgent
 from nodeplugin.devicespec import DeviceSpecError, decide, load_specs
 from nodeplugin.discovery import discover
 from nodeplugin.publish import desired_devices
-from nodeplugin.simulate import build_host, load_profile
+from nodeplugin.simulate import SimulatedKernel, build_host, load_profile
+from nodeplugin.sriov import RecordingRunner
 from pcipt import constants as c
 from pcipt import logs, metrics
 from pcipt.cpulist import parse_cpulist
@@ -258,7 +259,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         console_log_dir=args.console_log_dir or None,
         reserved_cpus=parse_cpulist(args.reserved_cpus),
         reserved_memory_mib=args.reserved_memory_mib,
-        simulate=args.simulate,
         stop_grace=args.stop_grace,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
@@ -268,7 +268,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         async with KubeClient(
             load_credentials(args.kubeconfig), user_agent="pcipt-nodeplugin"
         ) as api:
-            await NodeAgent(api, settings).run_forever()
+            if args.simulate:  # a fake sysfs tree answered as a kernel would; `ip` recorded
+                agent = NodeAgent(
+                    api,
+                    settings,
+                    writer=SimulatedKernel(settings.sysfs_root),
+                    runner=RecordingRunner(),
+                )
+            else:
+                agent = NodeAgent(api, settings)
+            await agent.run_forever()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main_async())

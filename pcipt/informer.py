@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from pcipt.backoff import Backoff, Health
 from pcipt.kubeclient import KubeClient
 
 log = logging.getLogger("pcipt.informer")
@@ -96,13 +97,15 @@ class Informer:
     async def run(self, resume_from: str = "") -> None:
         """Keep the copy current until cancelled; from resume_from (a resourceVersion seen
         before) when given, else from a fresh list."""
-        delay = 0.5
+        backoff = Backoff(base=0.5, cap=10.0)
+        health = Health(log, f"watch of {self.name}")
         rv = resume_from
         while True:
             try:
                 if not rv:
                     rv = await self.relist()
-                    delay = 0.5
+                    backoff.reset()
+                    health.ok()
                 async for ev in self.api.watch(
                     self.path, resource_version=rv, label_selector=self.label_selector
                 ):
@@ -122,9 +125,7 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.warning(
-                    "watch interrupted informer=%s: %s; listing again in %.1fs", self.name, e, delay
-                )
+                delay = backoff.next()
+                health.failed(e, delay)
                 rv = ""
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)

@@ -8,14 +8,13 @@ import asyncio
 import json
 import time
 import urllib.request
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pcipt.devcluster import LocalCluster
-
 from pcipt.informer import Informer
 from pcipt.kubeclient import ApiError, KubeClient, load_credentials
 from tests.integration.conftest import KubeCluster
@@ -36,7 +35,12 @@ async def _until(pred: Callable[[], bool], what: str, timeout: float = 20) -> No
 
 
 def _cm(name: str, value: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"v": value}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name},
+        "data": {"v": value},
+    }
 
 
 def _rv(obj: dict[str, Any] | None) -> str:
@@ -57,9 +61,7 @@ def test_the_answer_to_our_own_write_never_hides_a_later_change(
             try:
                 await inf.synced.wait()
                 ours = await api.create(path, _cm("dev", "published"))
-                theirs = await api.replace(
-                    f"{path}/dev", {**ours, "data": {"v": "claimed"}}
-                )
+                theirs = await api.replace(f"{path}/dev", {**ours, "data": {"v": "claimed"}})
                 key = f"{namespace}/dev"
                 await _until(lambda: _rv(inf.items.get(key)) == _rv(theirs), "the watch")
                 inf.apply("MODIFIED", ours)  # our answer, late
@@ -124,8 +126,10 @@ def test_across_an_api_server_restart_it_resumes_or_lists_again(tmp_path: Path) 
                 task = asyncio.create_task(away.run(resume_from=last))
                 try:
                     await _until(
-                        lambda: {("DELETED", "drop"), ("MODIFIED", "change"), ("ADDED", "new")}
-                        <= set(seen),
+                        lambda: (
+                            {("DELETED", "drop"), ("MODIFIED", "change"), ("ADDED", "new")}
+                            <= set(seen)
+                        ),
                         "the list after 410",
                     )
                     assert not [e for e in seen if e[1] == "keep"], seen

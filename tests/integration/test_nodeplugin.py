@@ -21,6 +21,7 @@ from nodeplugin.agent import AgentSettings, NodeAgent
 from nodeplugin.domain.build import domain_name
 from nodeplugin.domain.render import passthrough_addresses
 from nodeplugin.simulate import SimulatedKernel, SysfsTree, build_host
+from nodeplugin.sriov import RecordingRunner
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, pcidevice_name
 from pcipt.devcluster import LocalCluster
@@ -75,7 +76,6 @@ class Rig:
             resync_interval=0.5,
             domain_type="kvm",
             stop_grace=2,
-            simulate=True,
         )
         self.kubeconfig = kubeconfig
         self.api: KubeClient | None = None
@@ -86,7 +86,12 @@ class Rig:
     async def start(self) -> NodeAgent:
         if self.api is None:
             self.api = KubeClient(load_credentials(str(self.kubeconfig)))
-        self.agent = NodeAgent(self.api, self.settings, writer=self.writer)
+        self.agent = NodeAgent(
+            self.api,
+            self.settings,
+            writer=self.writer or SimulatedKernel(self.settings.sysfs_root),
+            runner=RecordingRunner(),
+        )
         await self.agent.start()
         await self.agent.devices.synced.wait()
         await self.agent.rescan()
