@@ -17,21 +17,13 @@ from controller.binding import Binder, device_path, vm_path
 from controller.inventory import Inventory
 from controller.quota import ComputeLedger, Ledger, QuotaLedger, epoch
 from controller.statuswriter import VmStatusWriter
+from controller.vmstatus import is_deleting, listed_devices
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice
 from pcipt.events import EventRecorder
 from pcipt.kubeclient import KubeClient, NotFound
 
 log = logging.getLogger("pcipt.controller.audit")
-
-
-def listed_devices(vm: PassthroughVM) -> set[str]:
-    """The PciDevices a VM's status says it has."""
-    return {d.pci_device for d in vm.status.devices} | {n.pci_device for n in vm.status.networks}
-
-
-def is_deleting(vm: PassthroughVM) -> bool:
-    return vm.metadata.deletion_timestamp is not None
 
 
 class Auditor:

@@ -10,11 +10,9 @@ import argparse
 import asyncio
 import logging
 import os
-import random
 import socket
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import kopf
@@ -28,8 +26,10 @@ from pcipt.logs import setup_logging
 from pcipt.settings import KUBECONFIG, Setting, add_settings, parse_args
 
 
-def _random_priority() -> int:
-    return random.randint(1, 1_000_000)
+def default_identity() -> str:
+    """The pod's name when the chart passes it (stable across container restarts), else one
+    per process."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}.{os.getpid()}"
 
 
 # `pcipt-controller run`: every setting once, with its PCIPT_<NAME> twin (pcipt.settings).
@@ -41,12 +41,27 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         "operator namespace: node Leases, Events of cluster objects",
     ),
     Setting(
-        "--priority",
-        _random_priority,
-        "kopf peering priority; replicas must differ (tied peers all pause): default random",
-        int,
+        "--leader-elect",
+        False,
+        "elect one acting replica on a Lease in --namespace (for more than one replica; "
+        "safety does not depend on it)",
+        kind="flag",
     ),
-    Setting("--peering-lifetime", 60, "seconds a silent peer is still considered alive", int),
+    Setting("--leader-elect-lease", "pcipt-controller", "name of the Lease replicas elect on"),
+    Setting(
+        "--leader-elect-lease-duration",
+        4.0,
+        "seconds a leader's Lease lasts unrenewed: the longest a standby waits after the "
+        "leader is killed",
+        float,
+    ),
+    Setting("--leader-elect-renew-period", 1.0, "seconds between a leader's renewals", float),
+    Setting(
+        "--identity",
+        default_identity,
+        "this replica's name in the election; stable across restarts of one pod, so a "
+        "restarted leader takes its Lease back at once (default: $POD_NAME, else host.pid)",
+    ),
     Setting(
         "--node-dead-after",
         40.0,
@@ -107,11 +122,6 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     *metrics.SETTINGS,
     *logs.SETTINGS,
 )
-# Mutually exclusive: run alone, or in a kopf peering.
-MODE_SETTINGS: tuple[Setting, ...] = (
-    Setting("--standalone", False, "no kopf peering (safety does not depend on it)", kind="flag"),
-    Setting("--peering", "", "kopf peering name for HA (needs the ClusterKopfPeering CRD)"),
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="run the operator against a cluster")
-    add_settings(run.add_mutually_exclusive_group(), MODE_SETTINGS)
     add_settings(run, RUN_SETTINGS)
 
     plan = sub.add_parser("plan", help="dry-run the scheduler on manifests, without a cluster")
@@ -152,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), {"run": (*MODE_SETTINGS, *RUN_SETTINGS)}, argv)
+    args = parse_args(build_parser(), {"run": RUN_SETTINGS}, argv)
     if args.cmd == "plan":
         try:
             code, text = run_plan(
@@ -178,7 +187,6 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.log_level)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    identity = f"pcipt-controller/{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
     settings = ControllerSettings(
         namespace=args.namespace,
         node_dead_after=args.node_dead_after,
@@ -187,9 +195,10 @@ def run(args: argparse.Namespace) -> int:
         scoring=args.scoring,
         bind_concurrency=args.bind_concurrency,
         cpu_allocation_ratio=args.cpu_allocation_ratio,
-        peering=args.peering or None,
-        identity=identity,
-        priority=args.priority,
+        leader_lease=args.leader_elect_lease if args.leader_elect else None,
+        identity=args.identity,
+        lease_duration=args.leader_elect_lease_duration,
+        renew_period=args.leader_elect_renew_period,
     )
     webhook = None
     if args.webhook == "dev":
@@ -221,7 +230,6 @@ def run(args: argparse.Namespace) -> int:
     memo = kopf.Memo(
         settings=settings,
         webhook=webhook,
-        peering_lifetime=args.peering_lifetime,
         metrics=(args.metrics_host, args.metrics_port),
     )
     logging.getLogger("kopf").setLevel(logging.WARNING)
@@ -229,10 +237,9 @@ def run(args: argparse.Namespace) -> int:
         kopf.operator(
             registry=handlers.registry,
             clusterwide=True,
-            standalone=args.standalone or not args.peering,
-            peering_name=args.peering or None,
-            priority=args.priority,
-            identity=identity,  # type: ignore[arg-type]  # kopf types it as a NewType of str
+            # Every replica watches (warm standbys); which one acts is the Lease's business
+            # (controller/leader.py), not kopf peering's.
+            standalone=True,
             liveness_endpoint=args.liveness or None,
             memo=memo,
         )

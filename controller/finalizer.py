@@ -15,12 +15,12 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from controller.audit import listed_devices
 from controller.binding import Binder, vm_path
 from controller.inventory import Inventory, VmKey, vm_key
 from controller.metrics import ControllerMetrics
 from controller.quota import ComputeLedger, QuotaLedger, limited_counts
 from controller.statuswriter import VmStatusWriter
+from controller.vmstatus import listed_devices
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM
 from pcipt.backoff import Backoff, Health, is_transient

@@ -69,7 +69,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     if webhook and webhook.get("secret"):
         await _self_issued_cert(api, cfg.namespace, webhook, memo)
     configure_kopf(settings, webhook)
-    settings.peering.lifetime = memo.get("peering_lifetime", 60)
     runtime = Runtime(api, cfg)
     try:
         await runtime.start()

@@ -11,9 +11,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from controller.audit import is_deleting
 from controller.inventory import Inventory
 from controller.statuswriter import VmStatusWriter
+from controller.vmstatus import is_deleting
 from pcipt import clock
 from pcipt import constants as c
 from pcipt.compute import ANNOTATION as COMPUTE_ANNOTATION

@@ -26,19 +26,20 @@ from typing import Any
 
 import aiohttp
 
-from controller.audit import Auditor, is_deleting
+from controller.audit import Auditor
 from controller.binding import Binder
 from controller.finalizer import Finalizer
 from controller.flavorwriter import FlavorStatusWriter
 from controller.inventory import Inventory
+from controller.leader import LeaderElector
 from controller.liveness import NodeLiveness
 from controller.metrics import ControllerMetrics
-from controller.peering import PeeringGate
 from controller.queue import SchedulingQueue
 from controller.quota import ComputeLedger, QuotaLedger
 from controller.scheduler import Scheduler, SchedulerSettings
 from controller.scheduling import ScoringPolicy, request_problems
 from controller.statuswriter import VmStatusWriter
+from controller.vmstatus import is_deleting
 from pcipt import constants as c
 from pcipt import metrics as pm
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
@@ -68,12 +69,14 @@ class ControllerSettings:
     """Seconds between flavor count writes (at most)."""
     tick_interval: float = 1.0
     """Seconds between liveness checks."""
-    peering: str | None = None
-    """kopf peering name; None for standalone (always active)."""
+    leader_lease: str | None = None
+    """Name of the Lease replicas elect a leader on; None: no election, always active."""
     identity: str = ""
-    """This replica's kopf peering identity."""
-    priority: int = 0
-    """This replica's kopf peering priority."""
+    """This replica's name in the election: stable per pod."""
+    lease_duration: float = 4.0
+    """Seconds a leader's Lease lasts without renewal (a standby's longest wait)."""
+    renew_period: float = 1.0
+    """Seconds between a leader's renewals."""
 
 
 class Runtime:
@@ -93,7 +96,7 @@ class Runtime:
         self.ready = asyncio.Event()
         """Set once the first full LIST is in (health, admission)."""
         self.active = asyncio.Event()
-        """Set while this replica acts (always, standalone; with peering, while it leads)."""
+        """Set while this replica acts: always without leader election, else while it leads."""
         self.scheduler = Scheduler(
             api,
             self.inventory,
@@ -146,6 +149,19 @@ class Runtime:
             reconsider=self._consider,
         )
         self.flavor_status = FlavorStatusWriter(api, self.inventory)
+        self.elector = (
+            LeaderElector(
+                api,
+                namespace=settings.namespace,
+                name=settings.leader_lease,
+                identity=settings.identity,
+                on_change=self._set_active,
+                lease_duration=settings.lease_duration,
+                renew_period=settings.renew_period,
+            )
+            if settings.leader_lease
+            else None
+        )
         self._leases_rv = ""
         self._tick_health = Health(log, "node liveness and flavor counts")
         self._audit_health = Health(log, "the audit")
@@ -164,15 +180,8 @@ class Runtime:
             loop.create_task(self._audit_loop(), name="audit"),
             loop.create_task(self.liveness.leases.run(resume_from=self._leases_rv), name="leases"),
         ]
-        if self.settings.peering:
-            gate = PeeringGate(
-                self.api,
-                name=self.settings.peering,
-                identity=self.settings.identity,
-                priority=self.settings.priority,
-                on_change=self._set_active,
-            )
-            self._tasks.append(loop.create_task(gate.run(), name="peering"))
+        if self.elector is not None:
+            self._tasks.append(loop.create_task(self.elector.run(), name="leader-election"))
         else:
             self.active.set()
         self.ready.set()
@@ -200,6 +209,8 @@ class Runtime:
                 await t
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self.elector is not None:
+            await self.elector.release()  # binds in flight are done: a standby may start
         await self.events.drain()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -19,14 +19,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.audit import is_deleting
 from controller.binding import Binder, BindResult, LostRace, device_path, vm_path
 from controller.inventory import Inventory, VmKey
 from controller.metrics import ControllerMetrics
 from controller.queue import PendingVM, SchedulingQueue
 from controller.quota import ComputeLedger, QuotaExceeded, QuotaLedger, limited_counts
 from controller.scheduling import Placement, Refusal, ScoringPolicy, schedule
-from controller.vmstatus import pending_status
+from controller.vmstatus import is_deleting, pending_status
 from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice

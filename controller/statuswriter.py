@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.binding import vm_path
 from controller.inventory import Inventory
 from controller.vmstatus import condition_status
 from pcipt import clock
+from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM
-from pcipt.kubeclient import Conflict, KubeClient, NotFound
+from pcipt.kubeclient import Conflict, KubeClient, NotFound, crd_path
 
 
 class VmStatusWriter:
@@ -34,9 +34,13 @@ class VmStatusWriter:
             return vm
         body = {"metadata": {"resourceVersion": vm.metadata.resource_version}, "status": st}
         try:
-            got = await self.api.patch(
-                vm_path(vm.metadata.namespace or "", vm.metadata.name, status=True), body
+            path = crd_path(
+                c.PLURAL_PASSTHROUGHVM,
+                vm.metadata.name,
+                namespace=vm.metadata.namespace or "",
+                subresource="status",
             )
+            got = await self.api.patch(path, body)
         except (Conflict, NotFound):
             return None
         fresh = PassthroughVM.model_validate(got)

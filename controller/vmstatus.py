@@ -171,3 +171,12 @@ def condition_status(  # noqa: PLR0917 - one condition's fields, in their usual 
     if same_conditions(vm.status.conditions, conds) and not extra:
         return None
     return {"conditions": [x.to_dict() for x in conds], **(extra or {})}
+
+
+def listed_devices(vm: PassthroughVM) -> set[str]:
+    """The PciDevices a VM's status says it has."""
+    return {d.pci_device for d in vm.status.devices} | {n.pci_device for n in vm.status.networks}
+
+
+def is_deleting(vm: PassthroughVM) -> bool:
+    return vm.metadata.deletion_timestamp is not None

@@ -216,53 +216,10 @@ def file_name(kind: type[ResourceKind]) -> str:
     return f"{c.GROUP}_{kind.crd_plural}.yaml"
 
 
-def kopf_peering_crd() -> dict[str, Any]:
-    """kopf's ClusterKopfPeering, for running controller replicas with kopf peering (HA)."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": "clusterkopfpeerings.kopf.dev",
-            "labels": {"app.kubernetes.io/part-of": "pcipt"},
-        },
-        "spec": {
-            "group": "kopf.dev",
-            "names": {
-                "kind": "ClusterKopfPeering",
-                "plural": "clusterkopfpeerings",
-                "singular": "clusterkopfpeering",
-            },
-            "scope": "Cluster",
-            "versions": [
-                {
-                    "name": "v1",
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "Keep-alives of kopf operators that share the "
-                            "work (peering): the highest-priority live operator acts, the "
-                            "others pause.",
-                            "properties": {
-                                "status": {
-                                    "type": "object",
-                                    "x-kubernetes-preserve-unknown-fields": True,
-                                }
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
-
-
 def rendered_files(*, chart: bool = False) -> dict[str, str]:
     """File name -> text. chart=True: the chart's copies, guarded by `crds.enabled` and kept
     on `helm uninstall` (deleting a CRD deletes every object of its kind)."""
     docs = {file_name(k): crd(k) for k in KINDS}
-    docs["kopf.dev_clusterkopfpeerings.yaml"] = kopf_peering_crd()
     files = {}
     for name, doc in docs.items():
         if chart:

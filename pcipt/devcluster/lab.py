@@ -83,7 +83,6 @@ class Lab:
         if not self.hosts:
             self.hosts = list((yaml.safe_load(self.profile.read_text()) or {}).get("hosts", {}))
         self.metrics_ports = {"controller": free_port()}
-        peered = any(a.startswith("--peering") for a in self.controller_args)
         self.spawn(
             "controller",
             [
@@ -91,7 +90,6 @@ class Lab:
                 "-m",
                 "controller",
                 "run",
-                *([] if peered else ["--standalone"]),
                 "--namespace",
                 self.namespace,
                 "--metrics-port",

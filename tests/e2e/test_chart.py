@@ -32,6 +32,9 @@ from pcipt.devcluster.cluster import free_port
 from pcipt.devcluster.lab import Lab
 from tests.conftest import REPO_ROOT
 
+# Slow by nature: builds helm and a control plane on first use.
+pytestmark = pytest.mark.timeout(1200)
+
 CHART = REPO_ROOT / "charts" / "pcipt"
 VALUES = REPO_ROOT / "examples" / "helm" / "values-demo.yaml"
 EX = REPO_ROOT / "examples"
@@ -154,7 +157,11 @@ def test_bad_values_are_refused_with_the_schemas_message(
 @pytest.mark.parametrize(
     ("settings", "advice"),
     [
-        (["controller.peering.enabled=false"], "Enable peering, or set controller.replicas=1"),
+        (
+            ["controller.leaderElection.enabled=false"],
+            "Enable leader election, or set controller.replicas=1",
+        ),
+        (["controller.leaderElection.renewPeriod=4"], "e.g. leaseDuration=16"),
         (["nodePlugin.leaseDuration=10"], "e.g. leaseDuration=40"),
         (["controller.nodeDeadAfter=20"], "Set controller.nodeDeadAfter >= 40"),
         (["webhook.certificate.source=secret"], "needs webhook.certificate.secretName"),
@@ -657,7 +664,8 @@ def lab(
             "node-node-b": plugin_tokens["node-b"],
         },
         controller_args=[
-            "--peering=pcipt",
+            "--leader-elect",
+            "--identity=pcipt-controller-0",
             "--webhook=serve",
             "--webhook-addr=127.0.0.1",
             f"--webhook-port={webhook_port}",
@@ -703,8 +711,10 @@ def test_components_run_with_exactly_the_charts_rbac(lab: Lab, kubectl: Any) -> 
         "lease.coordination.k8s.io/pcipt-node-node-a",
         "lease.coordination.k8s.io/pcipt-node-node-b",
     } <= set(leases)
-    peering = json.loads(kubectl("get", "clusterkopfpeering", "pcipt", "-o", "json").stdout)
-    assert len(peering.get("status") or {}) == 1  # the controller created it and registered
+    election = json.loads(
+        kubectl("get", "lease", "pcipt-controller", "-n", NS, "-o", "json").stdout
+    )
+    assert election["spec"]["holderIdentity"] == "pcipt-controller-0"  # created, and it leads
     # The probes the chart points the kubelet at answer.
     for port, path in (
         (lab.metrics_ports["liveness"], "/healthz"),
@@ -867,7 +877,6 @@ def test_uninstall_keeps_crds_and_vms_and_a_reinstall_adopts_them(
             "pcidevices.pcipt.io",
             "pciflavors.pcipt.io",
             "passthroughvms.pcipt.io",
-            "clusterkopfpeerings.kopf.dev",
         )
     } <= crds
     assert (

@@ -16,6 +16,9 @@ import pytest
 from pcipt.devcluster.images import PCIPT_IMAGE, build_pcipt, storage_flags
 from tests.conftest import REPO_ROOT
 
+# Slow by nature: builds the image on first use.
+pytestmark = pytest.mark.timeout(1500)
+
 TAG = PCIPT_IMAGE
 
 
@@ -55,7 +58,7 @@ def run_in(
 @pytest.mark.parametrize(
     ("argv", "text"),
     [
-        (["pcipt-controller", "run", "--help"], "--peering"),
+        (["pcipt-controller", "run", "--help"], "--leader-elect"),
         (["pcipt-nodeplugin", "run", "--help"], "--libvirt-uri"),
         (["kubectl-pcipt", "--help"], "inventory"),
     ],

@@ -46,6 +46,15 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}: last={last!r}")
 
 
+def consistently(pred: Callable[[], Any], seconds: float, what: str = "") -> None:
+    """pred holds for the whole window (checked every 0.1 s): for what must not happen."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not pred():
+            raise AssertionError(f"no longer true after a while: {what or pred}")
+        time.sleep(0.1)
+
+
 class ControllerProcess:
     """`pcipt-controller run` as a child process, with its log in a file."""
 
@@ -64,7 +73,6 @@ class ControllerProcess:
             "-m",
             "controller",
             "run",
-            *([] if "--peering" in self.extra else ["--standalone"]),
             "--namespace",
             OPERATOR_NS,
             "--node-dead-after",

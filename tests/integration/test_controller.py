@@ -4,6 +4,7 @@ the controller runs as its own process (`pcipt-controller run`)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import threading
@@ -22,6 +23,7 @@ from tests.integration.ctlfix import (
     LeaseKeeper,
     World,
     check_invariants,
+    consistently,
     wait_for,
 )
 
@@ -102,8 +104,11 @@ def test_bind_and_release(
     # Deleting waits for the node to remove the domain: the device stays claimed meanwhile.
     world.delete_vm("vm1", domain_gone=False)
     wait_for(phase(world, "vm1", "Terminating"), what="vm1 Terminating")
-    time.sleep(1.0)
-    assert world.get_device(d0).spec.claim_ref is not None
+    consistently(
+        lambda: world.get_device(d0).spec.claim_ref is not None,
+        1.0,
+        what="the device stays claimed until the domain is gone",
+    )
     world.domain_gone("vm1")
     wait_for(lambda: world.get_device(d0).spec.claim_ref is None, what="device released")
     wait_for(lambda: not world.vms(), what="vm1 gone (finalizer removed)")
@@ -174,7 +179,7 @@ def test_refusal_reasons_text(
     assert ready.status == "False" and ready.message == msg
     assert vm.status.phase == "Pending"
     # One FailedScheduling event for the transition, not one per retry.
-    events = wait_for(
+    wait_for(
         lambda: [
             e
             for e in client.CoreV1Api(kube.api).list_namespaced_event(world.namespace).items
@@ -182,16 +187,18 @@ def test_refusal_reasons_text(
         ],
         what="a FailedScheduling event",
     )
-    time.sleep(2)
-    events = [
-        e
-        for e in client.CoreV1Api(kube.api).list_namespaced_event(world.namespace).items
-        if e.reason == c.REASON_FAILED_SCHEDULING
-    ]
+
     # The message counts every node of the shared cluster, so another test's node going quiet
     # is a new transition with its own event; a retry with the same message never is.
-    messages = [e.message for e in events]
-    assert msg in messages and len(messages) == len(set(messages)), messages
+    def distinct() -> bool:
+        messages = [
+            e.message
+            for e in client.CoreV1Api(kube.api).list_namespaced_event(world.namespace).items
+            if e.reason == c.REASON_FAILED_SCHEDULING
+        ]
+        return msg in messages and len(messages) == len(set(messages))
+
+    consistently(distinct, 2.0, what="one FailedScheduling Event per distinct reason")
     out = kube.kubectl("get", "ptvm", "big", "-n", world.namespace, "-o", "wide").stdout
     assert "Pending" in out and "cannot place gpus on a single NUMA node" in out
 
@@ -252,8 +259,11 @@ def test_optional_request_skipped_then_absent(
     assert vm.status.device_summary == "1/2"
     # A device freeing up later does not change a running VM (hot-plug comes later).
     world.device("a", "0000:3c:00.0")
-    time.sleep(2)
-    assert [d.request for d in world.get_vm("vm").status.devices] == ["gpu"]
+    consistently(
+        lambda: [d.request for d in world.get_vm("vm").status.devices] == ["gpu"],
+        2.0,
+        what="the running VM keeps its devices",
+    )
 
 
 def test_namespace_permission_and_quota(
@@ -757,35 +767,53 @@ def test_webhook_refuses_unknown_flavor_and_unpermitted_namespace(
 
 
 @pytest.fixture
-def peering(world: World) -> Iterator[str]:
-    """A ClusterKopfPeering of this test's own, for replicas that peer."""
+def lease(world: World, kube: KubeCluster) -> Iterator[str]:
+    """A leader-election Lease name of this test's own."""
     name = f"pcipt-{world.test_id}"
-    world.custom.create_cluster_custom_object(
-        "kopf.dev",
-        "v1",
-        "clusterkopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
-    )
     yield name
-    world.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+    with contextlib.suppress(client.ApiException):
+        client.CoordinationV1Api(kube.api).delete_namespaced_lease(name, OPERATOR_NS)
+
+
+def _elected(lease: str, duration: float = 30, renew: float = 1) -> tuple[str, ...]:
+    return (
+        "--leader-elect",
+        "--leader-elect-lease",
+        lease,
+        "--leader-elect-lease-duration",
+        str(duration),
+        "--leader-elect-renew-period",
+        str(renew),
+    )
+
+
+def _holder(kube: KubeCluster, lease: str) -> str:
+    got = client.CoordinationV1Api(kube.api).read_namespaced_lease(lease, OPERATOR_NS)
+    return got.spec.holder_identity or ""
 
 
 def test_a_standby_replicas_webhook_admits_a_flavor_created_while_it_waits(
-    world: World, kube: KubeCluster, tmp_path: Path, peering: str
+    world: World, kube: KubeCluster, tmp_path: Path, lease: str
 ) -> None:
-    """Both replicas serve the webhook behind one Service, but kopf's peering pauses the
-    standby's watches: its inventory misses a flavor created after it paused. It must not refuse
-    a VM for a flavor the API server has (found by the chart's real-pod tier)."""
-    common = ("--peering", peering, "--peering-lifetime", "30")
-    high = ControllerProcess(
-        kube.kubeconfig, tmp_path, *common, "--priority", "200", name="high"
+    """Both replicas serve the webhook behind one Service; only the leader acts. The standby must
+    not refuse a VM for a flavor the API server has but its inventory may not (found by the
+    chart's real-pod tier)."""
+    leader = ControllerProcess(
+        kube.kubeconfig, tmp_path, *_elected(lease), "--identity", "one", name="one"
     ).start()
+    wait_for(lambda: "leading lease=" in leader.log(), what="the first replica to lead")
     standby = ControllerProcess(
-        kube.kubeconfig, tmp_path, *common, "--priority", "100", "--webhook", "dev", name="low"
+        kube.kubeconfig,
+        tmp_path,
+        *_elected(lease),
+        "--identity",
+        "two",
+        "--webhook",
+        "dev",
+        name="two",
     ).start()
     admission = client.AdmissionregistrationV1Api(kube.api)
     try:
-        wait_for(lambda: "active peering=" in high.log(), what="the high-priority replica to act")
 
         def refusal(name: str, flavor: str) -> str:
             try:
@@ -797,14 +825,14 @@ def test_a_standby_replicas_webhook_admits_a_flavor_created_while_it_waits(
         # The standby's webhook answers (its inventory synced at start) ...
         msg = wait_for(lambda: refusal("x", "no-such-flavor"), what="the standby's webhook")
         assert "flavor no-such-flavor does not exist" in msg
-        assert "active peering=" not in standby.log()
-        # ... and a flavor made now, which its paused watch never delivers, is no reason.
+        assert "leading lease=" not in standby.log()
+        # ... and a flavor made now is no reason.
         gpu = world.flavor("a100")
         assert refusal("late", gpu) == ""
         assert world.get_vm("late").metadata.name == "late"
         assert "flavor no-such-flavor does not exist" in refusal("y", "no-such-flavor")
     finally:
-        high.stop()
+        leader.stop()
         standby.stop()
         for w in admission.list_validating_webhook_configuration().items:
             if w.metadata.name == f"validate.{c.GROUP}":
@@ -890,7 +918,7 @@ def test_race_200_vms_for_50_devices(
 def test_two_controllers_at_once_never_double_claim(
     world: World, kube: KubeCluster, leases: Callable[..., LeaseKeeper], tmp_path: Path
 ) -> None:
-    # Two active replicas (no peering) are safe but each may audit the other's binds in flight:
+    # Two active replicas (no leader election) are safe but each may audit the other's binds in flight:
     # a claim grace shorter than one bind under load would let an audit release a claim that
     # the other replica is about to list, to be re-claimed a moment later. The default is 30s;
     # 2s (the fixture's, for fast audits elsewhere) is too short on a loaded 2-core machine.
@@ -941,41 +969,87 @@ def test_sigkill_during_a_burst_leaks_nothing(
         ctl.stop()
 
 
-def test_kopf_peering_one_replica_acts_and_the_other_takes_over(
+def test_one_replica_leads_and_a_standby_takes_over_when_it_is_killed(
     world: World,
     kube: KubeCluster,
     leases: Callable[..., LeaseKeeper],
     tmp_path: Path,
-    peering: str,
+    lease: str,
 ) -> None:
-    common = ("--peering", peering, "--peering-lifetime", "4")
-    high = ControllerProcess(
-        kube.kubeconfig, tmp_path, *common, "--priority", "200", name="high"
-    ).start()
-    low = ControllerProcess(
-        kube.kubeconfig, tmp_path, *common, "--priority", "100", name="low"
+    common = _elected(lease, duration=3, renew=1)
+    one = ControllerProcess(kube.kubeconfig, tmp_path, *common, "--identity", "one", name="one")
+    one.start()
+    wait_for(lambda: "leading lease=" in one.log(), what="the first replica to lead")
+    two = ControllerProcess(
+        kube.kubeconfig, tmp_path, *common, "--identity", "two", name="two"
     ).start()
     try:
-        wait_for(lambda: "active peering=" in high.log(), what="the high-priority replica to act")
         leases(world.node("a"))
         world.device("a", "0000:3b:00.0")
         world.device("a", "0000:3c:00.0")
         gpu = world.flavor("a100")
         world.vm("first", [{"name": "gpu", "flavor": gpu}])
         wait_for(phase(world, "first", "Scheduled"), what="first bound")
-        assert "bound vm=" in high.log() and "bound vm=" not in low.log()
-        assert "active peering=" not in low.log()
+        assert "bound vm=" in one.log() and "bound vm=" not in two.log()
+        assert "leading lease=" not in two.log() and _holder(kube, lease) == "one"
 
-        high.kill()  # no goodbye: the low replica waits out the lifetime, then acts
-        wait_for(
-            lambda: "active peering=" in low.log(),
-            timeout=20,
-            what="the low-priority replica to take over",
-        )
+        one.kill()  # no goodbye: the standby waits out the Lease (3 s), then leads
+        killed = time.monotonic()
+        wait_for(lambda: "leading lease=" in two.log(), timeout=15, what="the standby to lead")
+        took = time.monotonic() - killed
+        assert took < 3 + 5, took
+        assert _holder(kube, lease) == "two"
         world.vm("second", [{"name": "gpu", "flavor": gpu}])
         wait_for(phase(world, "second", "Scheduled"), what="second bound by the survivor")
-        assert "bound vm=" in low.log()
+        assert "bound vm=" in two.log()
         check_invariants(world)
     finally:
-        high.stop()
-        low.stop()
+        one.stop()
+        two.stop()
+
+
+def test_a_killed_leader_restarted_in_its_pod_takes_its_lease_back_at_once(
+    world: World, kube: KubeCluster, tmp_path: Path, lease: str
+) -> None:
+    """The identity is the pod's: a leader the kubelet restarts need not wait out its Lease
+    (30 s here), and the standby does not get it meanwhile."""
+    common = _elected(lease, duration=30, renew=1)
+    one = ControllerProcess(kube.kubeconfig, tmp_path, *common, "--identity", "pod-0", name="a")
+    one.start()
+    wait_for(lambda: "leading lease=" in one.log(), what="pod-0 to lead")
+    two = ControllerProcess(
+        kube.kubeconfig, tmp_path, *common, "--identity", "pod-1", name="b"
+    ).start()
+    try:
+        one.kill()
+        one.start()  # same identity, a new process
+        wait_for(lambda: one.log().count("leading lease=") >= 2, timeout=20, what="pod-0 again")
+        assert "leading lease=" not in two.log()
+        assert _holder(kube, lease) == "pod-0"
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_a_leader_that_stops_cleanly_hands_over_at_once(
+    world: World, kube: KubeCluster, tmp_path: Path, lease: str
+) -> None:
+    """SIGTERM (a rolling update): the leader finishes its binds and gives the Lease up, so the
+    standby leads within a look or two instead of the Lease's 30 s."""
+    common = _elected(lease, duration=30, renew=1)
+    one = ControllerProcess(kube.kubeconfig, tmp_path, *common, "--identity", "one", name="one")
+    one.start()
+    wait_for(lambda: "leading lease=" in one.log(), what="the first replica to lead")
+    two = ControllerProcess(
+        kube.kubeconfig, tmp_path, *common, "--identity", "two", name="two"
+    ).start()
+    try:
+        one.stop()
+        stopped = time.monotonic()
+        assert "gave up lease=" in one.log()
+        wait_for(lambda: "leading lease=" in two.log(), timeout=10, what="the standby to lead")
+        assert time.monotonic() - stopped < 10
+        assert _holder(kube, lease) == "two"
+    finally:
+        one.stop()
+        two.stop()

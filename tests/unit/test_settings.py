@@ -42,8 +42,8 @@ INJECTED = {
 CHART_ARGS = [
     "run",
     "--namespace=pcipt-system",
-    "--peering=pcipt",
-    "--peering-lifetime=60",
+    "--leader-elect",
+    "--leader-elect-lease=pcipt-controller",
     "--scoring=best-fit",
     "--webhook=serve",
     "--webhook-port=9443",
@@ -61,7 +61,7 @@ def parse_controller(argv: list[str], monkeypatch: pytest.MonkeyPatch, env: dict
         monkeypatch.setenv(k, v)
     return parse_args(
         controller_cli.build_parser(),
-        {"run": (*controller_cli.MODE_SETTINGS, *controller_cli.RUN_SETTINGS)},
+        {"run": controller_cli.RUN_SETTINGS},
         argv,
     )
 
@@ -73,8 +73,8 @@ def test_injected_service_links_do_not_matter_when_the_flags_are_given(
     assert args.webhook_port == 9443
     assert args.metrics_port == 8080
     assert args.log_level == "INFO"
-    assert args.peering == "pcipt"
-    assert args.standalone is False
+    assert args.leader_elect is True
+    assert args.leader_elect_lease == "pcipt-controller"
 
 
 def test_a_twin_of_the_wrong_type_is_one_line_naming_the_variable(
@@ -96,10 +96,10 @@ def test_the_twin_is_used_when_the_flag_is_absent(monkeypatch: pytest.MonkeyPatc
     args = parse_controller(
         ["run"],
         monkeypatch,
-        {"PCIPT_WEBHOOK_PORT": "9555", "PCIPT_STANDALONE": "true", "PCIPT_CLAIM_GRACE": "2.5"},
+        {"PCIPT_WEBHOOK_PORT": "9555", "PCIPT_LEADER_ELECT": "true", "PCIPT_CLAIM_GRACE": "2.5"},
     )
     assert args.webhook_port == 9555
-    assert args.standalone is True
+    assert args.leader_elect is True
     assert args.claim_grace == 2.5
     assert args.scoring == "best-fit"  # the default
 
@@ -156,7 +156,7 @@ def test_a_bad_flag_value_is_refused_by_argparse_naming_the_flag(
 @pytest.mark.parametrize(
     "settings",
     [
-        (*controller_cli.MODE_SETTINGS, *controller_cli.RUN_SETTINGS),
+        controller_cli.RUN_SETTINGS,
         (*nodeplugin_cli.COMMON_SETTINGS, *nodeplugin_cli.RUN_SETTINGS),
     ],
     ids=["controller", "nodeplugin"],
