@@ -208,6 +208,15 @@ async def until(pred: Callable[[], Awaitable[Any]], timeout: float = 15.0, what:
     raise AssertionError(f"timed out waiting for {what}: last={last!r}")
 
 
+async def consistently(pred: Callable[[], Awaitable[Any]], seconds: float, what: str = "") -> None:
+    """pred holds for the whole window (checked every 0.1 s): for what must not happen."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not await pred():
+            raise AssertionError(f"no longer true: {what}")
+        await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 def rig(kube: KubeCluster, namespace: str, tmp_path: Path) -> Iterator[Rig]:
     yield Rig(kube.kubeconfig, tmp_path, namespace)
@@ -347,7 +356,17 @@ def test_a_config_edit_marks_held_devices_and_a_bad_config_keeps_the_last_good(
                     }
                 },
             )
-            await asyncio.sleep(0.3)
+            await until(
+                lambda: asyncio.sleep(
+                    0,
+                    result=bool(
+                        ((agent.devices.items.get(rig.name(GPU)) or {}).get("spec") or {}).get(
+                            "claimRef"
+                        )
+                    ),
+                ),
+                what="the claim in the plugin's view",
+            )
             rig.config.write_text("devices: [{name: vfs, match: {netdev: 'ens1f0#0-3'}}]\n")
             os.utime(rig.config, (time.time() + 5, time.time() + 5))
             await agent.rescan()
@@ -379,14 +398,15 @@ def test_renews_its_node_lease(rig: Rig, kube: KubeCluster) -> None:
         await rig.start()
         try:
             coord = client.CoordinationV1Api(kube.api)
-            first = coord.read_namespaced_lease(
-                f"{c.NODE_LEASE_PREFIX}{rig.node}", OPERATOR_NS
-            ).spec.renew_time
-            await asyncio.sleep(1.2)
-            later = coord.read_namespaced_lease(
-                f"{c.NODE_LEASE_PREFIX}{rig.node}", OPERATOR_NS
-            ).spec.renew_time
-            assert later > first
+            name = f"{c.NODE_LEASE_PREFIX}{rig.node}"
+            first = coord.read_namespaced_lease(name, OPERATOR_NS).spec.renew_time
+            await until(
+                lambda: asyncio.to_thread(
+                    lambda: coord.read_namespaced_lease(name, OPERATOR_NS).spec.renew_time > first
+                ),
+                timeout=10,
+                what="a renewal",
+            )
         finally:
             await rig.stop()
 
@@ -456,12 +476,19 @@ def test_a_restart_adopts_the_running_domain_and_a_vanished_domain_comes_back(ri
             first_id = dom.ID()
             assert rig.agent is not None
             await rig.agent.stop()
-            await rig.start()  # a restarted plugin
-            await asyncio.sleep(1.5)
+            await rig.start()  # a restarted plugin adopts the domain: it is never restarted
+            await consistently(
+                lambda: asyncio.sleep(
+                    0,
+                    result=(d := libvirt_domain(name)) is not None
+                    and d.isActive()
+                    and d.ID() == first_id,
+                ),
+                1.5,
+                what="the domain runs on, the same one",
+            )
             again = libvirt_domain(name)
-            assert (
-                again is not None and again.isActive() and again.ID() == first_id
-            )  # not restarted
+            assert again is not None
 
             again.destroy()  # the host rebooted
             again.undefine()
@@ -705,11 +732,19 @@ def test_vf_counts_follow_the_device_spec_and_a_claimed_vf_keeps_them(
             cond = vfs_condition(await rig.device(pf))
             assert (cond["status"], cond["reason"]) == ("False", "VFCountRefused")
             assert f"VF {vf5} is claimed by t/vm1" in cond["message"]
-            await asyncio.sleep(0.5)  # the Event is posted behind the rescan
-            events = client.CoreV1Api(kube.api).list_namespaced_event("default").items
+            core = client.CoreV1Api(kube.api)
+            await until(  # the Event is posted behind the rescan
+                lambda: asyncio.to_thread(
+                    lambda: any(
+                        e.reason == "VFCountRefused" and e.involved_object.name == rig.name(pf)
+                        for e in core.list_namespaced_event("default").items
+                    )
+                ),
+                what="a VFCountRefused Event",
+            )
             assert any(
                 e.reason == "VFCountRefused" and e.involved_object.name == rig.name(pf)
-                for e in events
+                for e in core.list_namespaced_event("default").items
             )
         finally:
             await rig.stop()

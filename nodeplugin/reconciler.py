@@ -1,0 +1,491 @@
+"""The node plugin's second half: turn each PassthroughVM scheduled to this node into a libvirt
+domain with its devices bound to vfio-pci, and back when it stops or goes.
+
+One reconcile per VM at a time, on every change of the VM and every `resync_interval` (guests
+that stopped by themselves, domains that vanished with a host reboot, domains whose VM is gone).
+Before touching a device it checks the device is claimed for this very VM. Device moves are
+recorded in a state file before they are made (nodeplugin.vfio), so a crash never strands a
+device on vfio-pci. A device the kernel will not move is published Unhealthy with the kernel's
+words (through HostState) until its cause goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from nodeplugin.discovery import discover
+from nodeplugin.domain.build import BuildError, HostFacts, build_domain, domain_name
+from nodeplugin.domain.render import passthrough_addresses, render
+from nodeplugin.hoststate import HostState
+from nodeplugin.metrics import NodeMetrics
+from nodeplugin.settings import AgentSettings
+from nodeplugin.sriov import CommandRunner, SriovError, configure_vf
+from nodeplugin.vfio import PrepareError, Preparer
+from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
+from pcipt import clock
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM, pcidevice_name
+from pcipt.conditions import ready_condition, same_conditions, set_condition
+from pcipt.informer import Informer
+from pcipt.kubeclient import Conflict, KubeClient, NotFound, crd_path
+
+log = logging.getLogger("pcipt.nodeplugin")
+T = TypeVar("T")
+
+
+def _deleting(vm: PassthroughVM) -> bool:
+    return vm.metadata.deletion_timestamp is not None
+
+
+def _vm_addresses(vm: PassthroughVM) -> set[str]:
+    return {d.address for d in vm.status.devices} | {n.address for n in vm.status.networks}
+
+
+class DomainReconciler:
+    def __init__(
+        self,
+        api: KubeClient,
+        settings: AgentSettings,
+        state: HostState,
+        devices: Informer,
+        *,
+        metrics: NodeMetrics,
+        preparer: Preparer,
+        hypervisor: Hypervisor,
+        runner: CommandRunner,
+    ) -> None:
+        self.api = api
+        self.settings = settings
+        self.state = state
+        self.devices = devices
+        """This node's PciDevices: the claims checked before a device is touched."""
+        self.metrics = metrics
+        self.preparer = preparer
+        self.hyper = hypervisor
+        self.runner = runner
+        self.vms = Informer(
+            api,
+            crd_path(c.PLURAL_PASSTHROUGHVM),
+            label_selector=f"{c.LABEL_NODE}={settings.node}",
+            on_event=self._vm_event,
+            name="passthroughvms",
+        )
+        self._dirty: set[str] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    async def stop(self) -> None:
+        tasks = list(self._running.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _virt(self, op: str, fn: Callable[..., T], *args: Any) -> T:
+        """A libvirt call in a worker thread, timed and counted."""
+        started = time.monotonic()
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except VirtError:
+            self.metrics.libvirt_failures.inc(op)
+            raise
+        finally:
+            self.metrics.libvirt.observe(time.monotonic() - started, op)
+
+    def _vm_event(self, kind: str, obj: dict[str, Any]) -> None:
+        uid = obj.get("metadata", {}).get("uid", "")
+        if uid:
+            self.request(uid)
+
+    def request(self, uid: str) -> None:
+        """Reconcile a VM soon; never two reconciles of one VM at once."""
+        self._dirty.add(uid)
+        if uid not in self._running:
+            self._running[uid] = asyncio.get_running_loop().create_task(self._reconcile_loop(uid))
+
+    async def _reconcile_loop(self, uid: str) -> None:
+        try:
+            while uid in self._dirty:
+                self._dirty.discard(uid)
+                try:
+                    await self.reconcile(uid)
+                except Exception:
+                    self.metrics.error("reconcile")
+                    log.exception("reconcile failed vm-uid=%s", uid)
+        finally:
+            self._running.pop(uid, None)
+
+    def _vm(self, uid: str) -> PassthroughVM | None:
+        for obj in self.vms.items.values():
+            if obj["metadata"].get("uid") == uid:
+                return PassthroughVM.model_validate(obj)
+        return None
+
+    async def resync_loop(self) -> None:
+        """Look at every VM and domain now and then: guests that stopped by themselves, domains
+        that vanished (a host reboot), domains whose VM is gone."""
+        await self.vms.synced.wait()
+        await self.devices.synced.wait()
+        while True:
+            try:
+                for obj in list(self.vms.items.values()):
+                    self.request(obj["metadata"]["uid"])
+                known = {o["metadata"]["uid"] for o in self.vms.items.values()}
+                ours = await self._virt("ours", self.hyper.ours)
+                states: dict[tuple[str, ...], float] = {}
+                for dom in ours:
+                    states[(dom.state,)] = states.get((dom.state,), 0.0) + 1
+                self.metrics.domains.replace(states)
+                for dom in ours:
+                    if (
+                        dom.vm is not None
+                        and dom.vm.uid not in known
+                        and dom.uuid not in self._running
+                    ):
+                        await self._remove_orphan(dom)
+            except Exception as e:
+                log.warning("resync failed: %s", e)
+            await asyncio.sleep(self.settings.resync_interval)
+
+    async def _remove_orphan(self, dom: DomainInfo) -> None:
+        log.info("removing domain=%s: its VM is no longer scheduled here", dom.name)
+        await self._virt("remove", self.hyper.remove, dom.uuid)
+        await self._restore(set(passthrough_addresses(dom.xml)))
+
+    def _claimed_by(self, address: str) -> dict[str, Any] | None:
+        name = f"{self.settings.node}.{address.replace(':', '-').replace('.', '-')}"
+        obj = self.devices.items.get(name)
+        return None if obj is None else (obj.get("spec") or {}).get("claimRef")
+
+    def _in_use(self) -> set[str]:
+        """Addresses some live VM scheduled to this node lists."""
+        in_use = set()
+        for obj in self.vms.items.values():
+            vm = PassthroughVM.model_validate(obj)
+            if not _deleting(vm) and vm.status.node_name == self.settings.node:
+                in_use |= _vm_addresses(vm)
+        return in_use
+
+    async def _restore(self, addresses: set[str]) -> None:
+        """Give back devices no VM of this node still lists; one the kernel will not give
+        back is marked Unhealthy (the others still go back)."""
+        todo = sorted(addresses - self._in_use())
+        try:
+            await asyncio.to_thread(self.preparer.restore, todo)
+        except PrepareError as e:
+            self._failed(e, todo)
+        self._cleared([a for a in todo if a not in self.preparer.moved])
+
+    def _failed(self, e: PrepareError, addresses: Iterable[str]) -> None:
+        """Mark the device at fault (every one asked for, when the fault is the host's)
+        Unhealthy with the kernel's words, and say so in an Event on it, once per change."""
+        for a in [e.address] if e.address else addresses:
+            said = (e.reason, str(e))
+            if self.state.failures.get(a) == said:
+                continue
+            self.state.failures[a] = said
+            log.warning("device=%s unhealthy reason=%s: %s", a, e.reason, e)
+            self.state.event_on_node(
+                "Warning", e.reason, str(e), device=pcidevice_name(self.settings.node, a)
+            )
+        self.state.request_rescan()
+
+    def _cleared(self, addresses: Iterable[str]) -> None:
+        gone = [a for a in addresses if self.state.failures.pop(a, None) is not None]
+        for a in gone:
+            log.info("device=%s healthy again", a)
+        if gone:
+            self.state.request_rescan()
+
+    async def retry_failures(self) -> None:
+        """Clear failures whose cause has gone: vfio-pci loaded since; a busy group let go
+        (then give the device back, if no VM wants it). A refused bind or unbind stays until
+        a VM's retry succeeds or the plugin restarts."""
+        for a, (reason, _msg) in list(self.state.failures.items()):
+            if reason == "VfioNotLoaded" and self.preparer.vfio_loaded():
+                self._cleared([a])
+            elif reason == "DeviceBusy" and not self.preparer.group_holders(a):
+                if a in self._in_use():
+                    self._cleared([a])
+                else:
+                    await self._restore({a})
+
+    async def reconcile(self, uid: str) -> None:
+        vm = self._vm(uid)
+        dom = await self._virt("lookup", self.hyper.lookup, uid)
+        if vm is None:
+            if dom is not None and dom.vm is not None:
+                await self._remove_orphan(dom)
+            return
+        if _deleting(vm) or vm.status.node_name != self.settings.node:
+            await self._teardown(vm, dom)
+            return
+        problem = self._check_claims(vm) or await self._check_in_use(vm)
+        if problem is not None:
+            reason, message = problem
+            await self._report(
+                vm,
+                dom,
+                phase="Starting" if dom is None or not dom.active else vm.status.phase,
+                ready=False,
+                reason=reason,
+                message=message,
+            )
+            return
+        try:
+            dom = await self._ensure_domain(vm, dom)
+        except (PrepareError, SriovError, BuildError, VirtError) as e:
+            if isinstance(e, PrepareError):
+                self._failed(e, sorted(_vm_addresses(vm)))
+            reason = {
+                PrepareError: "PrepareFailed",
+                SriovError: "PrepareFailed",
+                BuildError: "InvalidSpec",
+                VirtError: "StartFailed",
+            }[type(e)]
+            log.warning("vm=%s/%s failed: %s", vm.metadata.namespace, vm.metadata.name, e)
+            await self._report(
+                vm,
+                await self._virt("lookup", self.hyper.lookup, uid),
+                phase="Failed",
+                ready=False,
+                reason=reason,
+                message=str(e),
+            )
+            return
+        if dom.active:
+            await self._report(
+                vm,
+                dom,
+                phase="Running",
+                ready=True,
+                reason="Running",
+                message=f"domain {dom.name} is {dom.state}",
+            )
+        else:
+            await self._report(
+                vm,
+                dom,
+                phase="Stopped",
+                ready=False,
+                reason="Stopped",
+                message=f"domain {dom.name} is {dom.state}, as spec.running asks",
+            )
+
+    def _check_claims(self, vm: PassthroughVM) -> tuple[str, str] | None:
+        """The node's own check before it touches a device: every one the VM's status lists must
+        be claimed for exactly this VM."""
+        for addr in sorted(_vm_addresses(vm)):
+            ref = self._claimed_by(addr)
+            if ref is None or ref.get("uid") != vm.metadata.uid:
+                holder = f"{ref.get('namespace')}/{ref.get('name')}" if ref else "nobody"
+                return (
+                    "DeviceNotClaimed",
+                    f"device {addr} is claimed by {holder}, not by this VM: not starting",
+                )
+        return None
+
+    async def _check_in_use(self, vm: PassthroughVM) -> tuple[str, str] | None:
+        mine = _vm_addresses(vm)
+        for dom in await self._virt("domains", self.hyper.domains):
+            if dom.uuid == vm.metadata.uid or not dom.active:
+                continue
+            shared = mine & set(passthrough_addresses(dom.xml))
+            if shared:
+                return (
+                    "DeviceInUse",
+                    f"device {min(shared)} is still attached to domain {dom.name}",
+                )
+        return None
+
+    async def _prepare(self, vm: PassthroughVM) -> None:
+        macvtap = {n.name for n in vm.spec.networks if n.mode == "macvtap"}
+        vfio = [d.address for d in vm.status.devices] + [
+            n.address for n in vm.status.networks if n.name not in macvtap
+        ]
+        await asyncio.to_thread(self.preparer.bind_vfio, vfio, frozenset(self.state.unmanaged))
+        self._cleared(vfio)
+        by_addr = (
+            self.state.host.by_address()
+            or (await asyncio.to_thread(discover, self.settings.sysfs_root)).by_address()
+        )
+        requests = {n.name: n for n in vm.spec.networks}
+        for nb in vm.status.networks:
+            f, req = by_addr.get(nb.address), requests.get(nb.name)
+            if f is None or req is None or f.phys_fn is None or f.vf_index is None:
+                continue
+            pf = by_addr.get(f.phys_fn)
+            if pf is None or not pf.netdev:
+                raise SriovError(
+                    f"network {nb.name}: the PF of VF {nb.address} has no netdev to configure it on"
+                )
+            await asyncio.to_thread(
+                configure_vf,
+                self.runner,
+                pf.netdev,
+                f.vf_index,
+                spoof_check=req.spoof_check,
+                trusted=req.trusted,
+                mac=nb.mac,
+                vlan=req.vlan,
+                macvtap=req.mode == "macvtap",
+            )
+
+    def _dedicated_elsewhere(self, uid: str) -> frozenset[int]:
+        """Host CPUs dedicated to the other VMs of this node: shared vCPUs keep off them."""
+        out: set[int] = set()
+        for obj in self.vms.items.values():
+            other = PassthroughVM.model_validate(obj)
+            c = other.status.compute
+            if (
+                other.metadata.uid != uid
+                and other.status.node_name == self.settings.node
+                and c is not None
+                and c.policy == "dedicated"
+            ):
+                out.update(x for share in c.numa for x in share.cpus or ())
+        return frozenset(out)
+
+    async def _ensure_domain(self, vm: PassthroughVM, dom: DomainInfo | None) -> DomainInfo:
+        facts = HostFacts(
+            self.state.host.numa_cpus,
+            reserved_cpus=self.settings.reserved_cpus,
+            dedicated_elsewhere=self._dedicated_elsewhere(vm.metadata.uid or ""),
+            domain_type=self.settings.domain_type,
+            machine=self.settings.machine,
+            console_log_dir=self.settings.console_log_dir,
+        )
+        want = build_domain(vm, facts)
+        wanted_addresses = sorted(_vm_addresses(vm))
+        stale = dom is not None and (
+            passthrough_addresses(dom.xml) != wanted_addresses
+            or (dom.vm is not None and dom.vm.generation != want.vm.generation)
+        )
+        if dom is not None and dom.active and passthrough_addresses(dom.xml) != wanted_addresses:
+            # The devices it holds are no longer all this VM's: stop it before anything else.
+            log.warning("stopping domain=%s: its devices changed", dom.name)
+            await self._virt("stop", self.hyper.stop, dom.uuid, self.settings.stop_grace)
+            dom = await self._virt("lookup", self.hyper.lookup, dom.uuid)
+        if dom is None or (stale and not dom.active):
+            await self._prepare(vm)
+            dom = await self._virt("define", self.hyper.define, render(want))
+            self._keep_xml(dom)
+            log.info("defined domain=%s devices=%d", dom.name, len(wanted_addresses))
+        if vm.spec.running and not dom.active:
+            await self._prepare(vm)
+            dom = await self._virt("start", self.hyper.start, dom.uuid)
+            log.info("started domain=%s", dom.name)
+        elif not vm.spec.running and dom.active:
+            dom = (
+                await self._virt("stop", self.hyper.stop, dom.uuid, self.settings.stop_grace) or dom
+            )
+            log.info("stopped domain=%s", dom.name)
+        return dom
+
+    def _keep_xml(self, dom: DomainInfo) -> None:
+        """The defined domain's XML, as libvirt holds it, in <state-dir>/domains/ for people."""
+        folder = self.settings.state_dir / "domains"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{dom.name}.xml").write_text(dom.xml)
+
+    async def _teardown(self, vm: PassthroughVM, dom: DomainInfo | None) -> None:
+        if dom is not None:
+            (self.settings.state_dir / "domains" / f"{dom.name}.xml").unlink(missing_ok=True)
+            await self._virt("remove", self.hyper.remove, dom.uuid)
+            log.info("removed domain=%s", dom.name)
+        await self._restore(_vm_addresses(vm))
+        if _deleting(vm) and vm.status.node_name == self.settings.node:
+            await self._write_status(vm, self._gone_status)
+
+    def _gone_status(self, vm: PassthroughVM) -> dict[str, Any] | None:
+        conds = set_condition(
+            vm.status.conditions,
+            c.COND_DOMAIN_GONE,
+            True,
+            "DomainRemoved",
+            f"domain {domain_name(vm.metadata.namespace or '', vm.metadata.name)} "
+            f"removed from {self.settings.node}",
+            generation=vm.metadata.generation,
+            now=clock.now(),
+        )
+        if same_conditions(vm.status.conditions, conds):
+            return None
+        return {"conditions": [x.to_dict() for x in conds], "domain": None}
+
+    async def _report(
+        self,
+        vm: PassthroughVM,
+        dom: DomainInfo | None,
+        *,
+        phase: str,
+        ready: bool,
+        reason: str,
+        message: str,
+    ) -> None:
+        def compute(v: PassthroughVM) -> dict[str, Any] | None:
+            gen = v.metadata.generation
+            conds = set_condition(
+                v.status.conditions,
+                c.COND_DOMAIN_READY,
+                ready,
+                reason,
+                message,
+                generation=gen,
+                now=clock.now(),
+            )
+            ok, r, m = ready_condition(conds, running=v.spec.running)
+            conds = set_condition(conds, c.COND_READY, ok, r, m, generation=gen, now=clock.now())
+            domain = None
+            if dom is not None:
+                domain = {
+                    "name": dom.name,
+                    "uuid": dom.uuid,
+                    "state": dom.state,
+                    "devices": passthrough_addresses(dom.xml),
+                }
+            have_dom = v.status.domain.to_dict() if v.status.domain else None
+            if (
+                v.status.phase == phase
+                and same_conditions(v.status.conditions, conds)
+                and have_dom == domain
+            ):
+                return None
+            return {
+                "phase": phase,
+                "domain": domain,
+                "conditions": [x.to_dict() for x in conds],
+                "observedGeneration": gen,
+            }
+
+        await self._write_status(vm, compute)
+
+    async def _write_status(self, vm: PassthroughVM, compute: Any) -> None:
+        """Conditional status write; on a conflict, recompute from the fresh object once."""
+        for _ in range(3):
+            body = compute(vm)
+            if body is None:
+                return
+            path = crd_path(
+                c.PLURAL_PASSTHROUGHVM,
+                vm.metadata.name,
+                namespace=vm.metadata.namespace,
+                subresource="status",
+            )
+            try:
+                got = await self.api.patch(
+                    path,
+                    {"metadata": {"resourceVersion": vm.metadata.resource_version}, "status": body},
+                )
+                self.vms.apply("MODIFIED", got)
+                return
+            except Conflict:
+                fresh = await self.api.get(
+                    crd_path(
+                        c.PLURAL_PASSTHROUGHVM, vm.metadata.name, namespace=vm.metadata.namespace
+                    )
+                )
+                vm = PassthroughVM.model_validate(fresh)
+            except NotFound:
+                return
