@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+# Slow by nature: each benchmark runs a control plane and a burst.
+pytestmark = pytest.mark.timeout(1200)
 
 
 def run_bench(tmp_path: Path, script: str, *args: str) -> dict[str, Any]:

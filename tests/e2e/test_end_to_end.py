@@ -17,6 +17,9 @@ import pytest
 from pcipt.devcluster.lab import Lab
 from tests.conftest import REPO_ROOT
 
+# Slow by nature: the demo's lab: a control plane, a controller, two hosts.
+pytestmark = pytest.mark.timeout(900)
+
 EX = REPO_ROOT / "examples"
 NS = "gpu-tenants"
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+# Slow by nature: six lab hosts booted under TCG, two nested guests.
+pytestmark = pytest.mark.timeout(1500)
 
 
 def test_every_hardware_lab_scenario_passes_on_a_real_kernel() -> None:
