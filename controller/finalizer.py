@@ -105,7 +105,9 @@ class Finalizer:
             if vm.status.phase != "Terminating":
                 msg = f"waiting for node {node} to remove the domain before releasing devices"
                 await self.status.patch(
-                    vm, {"phase": "Terminating"}, cond=(c.COND_READY, False, "Terminating", msg)
+                    vm,
+                    {"phase": "Terminating"},
+                    cond=(c.COND_READY, False, c.REASON_TERMINATING, msg),
                 )
             return  # the node plugin's DomainGone condition brings us back here
         names = sorted({d.name for d in self.inventory.claimed_by(uid)} | listed_devices(vm))

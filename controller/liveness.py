@@ -92,7 +92,7 @@ class NodeLiveness:
                 if alive
                 else f"node {node} renewed no lease for {self.dead_after:.0f}s"
             )
-            reason = "NodeAlive" if alive else c.REASON_NODE_NOT_ALIVE
+            reason = c.REASON_NODE_ALIVE if alive else c.REASON_NODE_NOT_ALIVE
             fresh = await self.status.patch(vm, {}, cond=(c.COND_NODE_ALIVE, alive, reason, msg))
             if fresh is not None and not alive:
                 self.events.record(vm, "Warning", c.REASON_NODE_NOT_ALIVE, msg)

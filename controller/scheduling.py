@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from controller.computefit import Demand, NodeUse, fit
+from pcipt import constants as c
 from pcipt.api.v1alpha1 import (
     ComputeStatus,
     DeviceSelector,
@@ -301,21 +302,21 @@ def _request_problem(r: _Req, inp: SchedulingInput) -> tuple[str, str] | None:
     """Why a request cannot be met on any node, as (reason, message), or None."""
     flavor = inp.flavors.get(r.flavor)
     if flavor is None:
-        return "FlavorNotFound", f"request {r.name}: flavor {r.flavor} does not exist"
+        return c.REASON_FLAVOR_NOT_FOUND, f"request {r.name}: flavor {r.flavor} does not exist"
     if r.network is not None and flavor.spec.device_type != "nic":
-        return "FlavorNotFound", (
+        return c.REASON_FLAVOR_NOT_FOUND, (
             f"network {r.name}: flavor {r.flavor} is a {flavor.spec.device_type} flavor; "
             "networks need a flavor of deviceType nic"
         )
     access = flavor.spec.access
     if access and not label_selector_matches(access.namespace_selector, inp.namespace_labels):
-        return "NotPermitted", (
+        return c.REASON_NOT_PERMITTED, (
             f"request {r.name}: namespace {inp.vm.metadata.namespace} may not use flavor "
             f"{r.flavor} (it is limited to namespaces matching "
             f"{describe_label_selector(access.namespace_selector)})"
         )
     if r.network is not None and (why := _network_not_allowed(r.network, flavor)):
-        return "NetworkNotAllowed", why
+        return c.REASON_NETWORK_NOT_ALLOWED, why
     return None
 
 
@@ -367,7 +368,7 @@ def check_vm(inp: SchedulingInput) -> tuple[Refusal | None, dict[str, str]]:
                 return Refusal(
                     f"the VM asks for {mandatory} {flavor_name}; flavor {flavor_name} allows "
                     f"{limits.max_per_vm} per VM",
-                    "LimitExceeded",
+                    c.REASON_LIMIT_EXCEEDED,
                 ), skipped
             caps.append(
                 (
@@ -381,7 +382,7 @@ def check_vm(inp: SchedulingInput) -> tuple[Refusal | None, dict[str, str]]:
                 return Refusal(
                     f"namespace {ns} holds {held} {flavor_name} and the VM needs {mandatory} more; "
                     f"flavor {flavor_name} allows {limits.max_per_namespace} per namespace",
-                    "LimitExceeded",
+                    c.REASON_LIMIT_EXCEEDED,
                 ), skipped
             caps.append(
                 (
@@ -1020,7 +1021,7 @@ def schedule(inp: SchedulingInput) -> Result:
     ordered = tuple(refusals[n] for n in node_names if n in refusals)
     return Refusal(
         message=summarize(ordered, len(node_names)),
-        reason="Unschedulable",
+        reason=c.REASON_UNSCHEDULABLE,
         nodes=ordered,
         total_nodes=len(node_names),
     )

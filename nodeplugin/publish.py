@@ -49,7 +49,7 @@ def _health(
     if unmanaged and not is_vfio_driver(f.driver):
         return (
             "Unhealthy",
-            "NotBoundToVfio",
+            c.REASON_NOT_BOUND_TO_VFIO,
             f"the device spec says managed: false, so the admin binds it to vfio-pci (or a "
             f"variant) and pcipt never rebinds it; it is on {f.driver or 'no driver'}",
         )
@@ -60,7 +60,7 @@ def _health(
             "the function is in no IOMMU group: enable the IOMMU (intel_iommu=on or "
             "amd_iommu=on, and VT-d/AMD-Vi in firmware) to pass it through",
         )
-    return "Healthy", "Present", "found on the host"
+    return "Healthy", c.REASON_PRESENT, "found on the host"
 
 
 def desired_status(
@@ -211,12 +211,14 @@ def plan(
         if not held:
             p.delete.append((name, have["metadata"].get("resourceVersion", "")))
         elif name in present:
-            if status.get("health") != "Unhealthy" or not _reason_is(status, "NotInDeviceSpec"):
+            if status.get("health") != "Unhealthy" or not _reason_is(
+                status, c.REASON_NOT_IN_DEVICE_SPEC
+            ):
                 p.mark.append(
                     (
                         name,
                         "Unhealthy",
-                        "NotInDeviceSpec",
+                        c.REASON_NOT_IN_DEVICE_SPEC,
                         "no longer offered by this node's device spec; it stays published "
                         "while a VM holds it",
                     )
@@ -226,7 +228,7 @@ def plan(
                 (
                     name,
                     "Missing",
-                    "NotFound",
+                    c.REASON_NOT_FOUND,
                     "gone from the host; it stays published while a VM holds it",
                 )
             )

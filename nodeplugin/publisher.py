@@ -112,7 +112,7 @@ class DevicePublisher:
         except DeviceSpecError as e:
             self.stats.config_error = str(e)
             log.error("device specs do not fit this host, offering nothing new: %s", e)
-            self._event_on_node("Warning", "DeviceSpecInvalid", str(e))
+            self._event_on_node("Warning", c.REASON_DEVICE_SPEC_INVALID, str(e))
             decisions = []
         self.state.unmanaged = {
             d.address for d in decisions if d.attributes.get("managed") == "false"
@@ -173,7 +173,9 @@ class DevicePublisher:
             self.metrics.config_errors.inc()
             log.error("device specs refused, keeping the last good ones: %s", e)
             self._event_on_node(
-                "Warning", "DeviceSpecInvalid", f"device specs refused, last good ones kept: {e}"
+                "Warning",
+                c.REASON_DEVICE_SPEC_INVALID,
+                f"device specs refused, last good ones kept: {e}",
             )
 
     async def _apply(self, p: Plan) -> None:

@@ -204,9 +204,9 @@ class DomainReconciler:
         (then give the device back, if no VM wants it). A refused bind or unbind stays until
         a VM's retry succeeds or the plugin restarts."""
         for a, (reason, _msg) in list(self.state.failures.items()):
-            if reason == "VfioNotLoaded" and self.preparer.vfio_loaded():
+            if reason == c.REASON_VFIO_NOT_LOADED and self.preparer.vfio_loaded():
                 self._cleared([a])
-            elif reason == "DeviceBusy" and not self.preparer.group_holders(a):
+            elif reason == c.REASON_DEVICE_BUSY and not self.preparer.group_holders(a):
                 if a in self._in_use():
                     self._cleared([a])
                 else:
@@ -240,10 +240,10 @@ class DomainReconciler:
             if isinstance(e, PrepareError):
                 self._failed(e, sorted(_vm_addresses(vm)))
             reason = {
-                PrepareError: "PrepareFailed",
-                SriovError: "PrepareFailed",
-                BuildError: "InvalidSpec",
-                VirtError: "StartFailed",
+                PrepareError: c.REASON_PREPARE_FAILED,
+                SriovError: c.REASON_PREPARE_FAILED,
+                BuildError: c.REASON_INVALID_SPEC,
+                VirtError: c.REASON_START_FAILED,
             }[type(e)]
             log.warning("vm=%s/%s failed: %s", vm.metadata.namespace, vm.metadata.name, e)
             await self._report(
@@ -261,7 +261,7 @@ class DomainReconciler:
                 dom,
                 phase="Running",
                 ready=True,
-                reason="Running",
+                reason=c.REASON_RUNNING,
                 message=f"domain {dom.name} is {dom.state}",
             )
         else:
@@ -270,7 +270,7 @@ class DomainReconciler:
                 dom,
                 phase="Stopped",
                 ready=False,
-                reason="Stopped",
+                reason=c.REASON_STOPPED,
                 message=f"domain {dom.name} is {dom.state}, as spec.running asks",
             )
 
@@ -282,7 +282,7 @@ class DomainReconciler:
             if ref is None or ref.get("uid") != vm.metadata.uid:
                 holder = f"{ref.get('namespace')}/{ref.get('name')}" if ref else "nobody"
                 return (
-                    "DeviceNotClaimed",
+                    c.REASON_DEVICE_NOT_CLAIMED,
                     f"device {addr} is claimed by {holder}, not by this VM: not starting",
                 )
         return None
@@ -295,7 +295,7 @@ class DomainReconciler:
             shared = mine & set(passthrough_addresses(dom.xml))
             if shared:
                 return (
-                    "DeviceInUse",
+                    c.REASON_DEVICE_IN_USE,
                     f"device {min(shared)} is still attached to domain {dom.name}",
                 )
         return None
@@ -404,7 +404,7 @@ class DomainReconciler:
             vm.status.conditions,
             c.COND_DOMAIN_GONE,
             True,
-            "DomainRemoved",
+            c.REASON_DOMAIN_REMOVED,
             f"domain {domain_name(vm.metadata.namespace or '', vm.metadata.name)} "
             f"removed from {self.settings.node}",
             generation=vm.metadata.generation,

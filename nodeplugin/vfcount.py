@@ -22,13 +22,14 @@ from nodeplugin.devicespec import DeviceSpecs, matches
 from nodeplugin.discovery import HostInventory
 from nodeplugin.sriov import CommandRunner, SriovError
 from nodeplugin.vfio import SysfsWriter
+from pcipt import constants as c
 
 log = logging.getLogger("pcipt.nodeplugin.vfcount")
 
-COND_VFS = "VFsConfigured"
+COND_VFS = c.REASON_VFS_CONFIGURED
 REASON_CHANGED = "VFCountChanged"
-REASON_REFUSED = "VFCountRefused"
-REASON_FAILED = "VFCountFailed"
+REASON_REFUSED = c.REASON_VF_COUNT_REFUSED
+REASON_FAILED = c.REASON_VF_COUNT_FAILED
 
 
 @dataclass(frozen=True)

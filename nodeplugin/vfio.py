@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from pcipt import constants as c
+
 log = logging.getLogger("pcipt.nodeplugin.vfio")
 VFIO = "vfio-pci"
 
@@ -63,7 +65,7 @@ class PrepareError(RuntimeError):
     conditions and Events; `address` the device at fault (None: every device asked for)."""
 
     def __init__(
-        self, message: str, *, address: str | None = None, reason: str = "PrepareFailed"
+        self, message: str, *, address: str | None = None, reason: str = c.REASON_PREPARE_FAILED
     ) -> None:
         super().__init__(message)
         self.address = address
@@ -163,12 +165,12 @@ class Preparer:
                     "managed: false (the admin binds it to vfio-pci or a variant; pcipt does "
                     "not rebind it)",
                     address=address,
-                    reason="NotBoundToVfio",
+                    reason=c.REASON_NOT_BOUND_TO_VFIO,
                 )
         if not self.vfio_loaded():
             raise PrepareError(
                 "the vfio-pci driver is not loaded on this host: modprobe vfio-pci",
-                reason="VfioNotLoaded",
+                reason=c.REASON_VFIO_NOT_LOADED,
             )
         moved: list[str] = []
         for address in addresses:
@@ -178,7 +180,7 @@ class Preparer:
             if not self._dev(address).exists():
                 self._give_back(moved)
                 raise PrepareError(
-                    f"{address} is not on this host", address=address, reason="DeviceGone"
+                    f"{address} is not on this host", address=address, reason=c.REASON_DEVICE_GONE
                 )
             try:
                 self._to_vfio(address, current)
@@ -203,7 +205,7 @@ class Preparer:
                         f"driver {current} does not let {address} go: it has no unbind file "
                         "(the driver suppresses manual unbinding)",
                         address=address,
-                        reason="UnbindRefused",
+                        reason=c.REASON_UNBIND_REFUSED,
                     )
                 step = f"unbinding it from {current}"
                 self.writer.write(unbind, address)
@@ -211,7 +213,9 @@ class Preparer:
             self.writer.write(self._drivers() / VFIO / "bind", address)
         except OSError as e:
             self._undo(address, current)
-            reason = "UnbindRefused" if step.startswith("unbinding") else "BindRefused"
+            reason = (
+                c.REASON_UNBIND_REFUSED if step.startswith("unbinding") else c.REASON_BIND_REFUSED
+            )
             raise PrepareError(
                 f"{address}: {step} failed: the kernel said {_kernel_said(e)}",
                 address=address,
@@ -226,7 +230,7 @@ class Preparer:
             raise PrepareError(
                 f"{address} did not bind to vfio-pci (driver then {now or 'none'})",
                 address=address,
-                reason="BindRefused",
+                reason=c.REASON_BIND_REFUSED,
             )
 
     def _undo(self, address: str, original: str | None) -> None:
@@ -291,7 +295,7 @@ class Preparer:
                     f"{address} is busy: its VFIO group is held open by {', '.join(holders)}; "
                     "not unbinding (it would block until they let go)",
                     address=address,
-                    reason="DeviceBusy",
+                    reason=c.REASON_DEVICE_BUSY,
                 )
         try:
             if self.driver(address) == VFIO:
@@ -304,14 +308,14 @@ class Preparer:
                 f"restoring {address} to {original or 'no driver'} failed: the kernel said "
                 f"{_kernel_said(e)}",
                 address=address,
-                reason="RestoreFailed",
+                reason=c.REASON_RESTORE_FAILED,
             ) from e
         if original is not None and self.driver(address) != original:
             raise PrepareError(
                 f"{address} did not go back to {original} (driver now "
                 f"{self.driver(address) or 'none'})",
                 address=address,
-                reason="RestoreFailed",
+                reason=c.REASON_RESTORE_FAILED,
             )
         del self.moved[address]
         self._save()

@@ -68,7 +68,7 @@ def ready_condition(conditions: Iterable[Condition], *, running: bool) -> tuple[
     conds = list(conditions)
     node = get_condition(conds, c.COND_NODE_ALIVE)
     if node is not None and node.status == "False":
-        return False, node.reason or "NodeNotAlive", node.message
+        return False, node.reason or c.REASON_NODE_NOT_ALIVE, node.message
     wanted = [c.COND_SCHEDULED, c.COND_DEVICES_BOUND, c.COND_DOMAIN_READY]
     for t in wanted:
         cond = get_condition(conds, t)
@@ -77,7 +77,7 @@ def ready_condition(conditions: Iterable[Condition], *, running: bool) -> tuple[
                 return False, "DomainPending", "waiting for the node plugin to start the VM"
             return False, "Pending", f"{t} not reported yet"
         if cond.status != "True":
-            if t == c.COND_DOMAIN_READY and not running and cond.reason == "Stopped":
+            if t == c.COND_DOMAIN_READY and not running and cond.reason == c.REASON_STOPPED:
                 return True, "Stopped", "the VM is stopped, as spec.running asks"
             return False, cond.reason or t, cond.message
     return True, "Running" if running else "Stopped", "the VM is running" if running else "stopped"
