@@ -15,7 +15,7 @@ from typing import Any
 
 from controller.binding import Binder, device_path, vm_path
 from controller.inventory import Inventory
-from controller.quota import ComputeLedger, Ledger, QuotaLedger, epoch
+from controller.ledger import ComputeLedger, Ledger, QuotaLedger, epoch
 from controller.statuswriter import VmStatusWriter
 from controller.vmstatus import is_deleting, listed_devices
 from pcipt import constants as c

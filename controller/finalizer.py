@@ -17,8 +17,8 @@ from typing import Any
 
 from controller.binding import Binder, vm_path
 from controller.inventory import Inventory, VmKey, vm_key
+from controller.ledger import ComputeLedger, QuotaLedger, limited_counts
 from controller.metrics import ControllerMetrics
-from controller.quota import ComputeLedger, QuotaLedger, limited_counts
 from controller.statuswriter import VmStatusWriter
 from controller.vmstatus import listed_devices
 from pcipt import constants as c

@@ -32,10 +32,10 @@ from controller.finalizer import Finalizer
 from controller.flavorwriter import FlavorStatusWriter
 from controller.inventory import Inventory
 from controller.leader import LeaderElector
+from controller.ledger import ComputeLedger, QuotaLedger
 from controller.liveness import NodeLiveness
 from controller.metrics import ControllerMetrics
 from controller.queue import SchedulingQueue
-from controller.quota import ComputeLedger, QuotaLedger
 from controller.scheduler import Scheduler, SchedulerSettings
 from controller.scheduling import ScoringPolicy, request_problems
 from controller.statuswriter import VmStatusWriter

@@ -21,9 +21,9 @@ from typing import Any
 
 from controller.binding import Binder, BindResult, LostRace, device_path, vm_path
 from controller.inventory import Inventory, VmKey
+from controller.ledger import ComputeLedger, QuotaExceeded, QuotaLedger, limited_counts
 from controller.metrics import ControllerMetrics
 from controller.queue import PendingVM, SchedulingQueue
-from controller.quota import ComputeLedger, QuotaExceeded, QuotaLedger, limited_counts
 from controller.scheduling import Placement, Refusal, ScoringPolicy, schedule
 from controller.vmstatus import is_deleting, pending_status
 from pcipt import clock

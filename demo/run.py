@@ -33,14 +33,7 @@ from pcipt.devcluster.lab import Lab  # noqa: E402
 WORKDIR = cache_root() / "demo"
 EX = REPO / "examples"
 NS = "gpu-tenants"
-TOO_BIG = """
-apiVersion: pcipt.io/v1alpha1
-kind: PassthroughVM
-metadata: {name: too-big}
-spec:
-  memory: 8Gi
-  devices: [{name: gpus, flavor: a100, count: 3, numaPolicy: required}]
-"""
+TOO_BIG = (EX / "vm-too-big.yaml").read_text()
 
 
 def say(text: str) -> None:

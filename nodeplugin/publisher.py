@@ -30,7 +30,7 @@ from nodeplugin.vfio import SysfsWriter
 from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import pcidevice_name
-from pcipt.backoff import Health
+from pcipt.backoff import Backoff, Health, is_transient
 from pcipt.compute import ANNOTATION as COMPUTE_ANNOTATION
 from pcipt.events import EventRecorder
 from pcipt.informer import Informer
@@ -127,10 +127,7 @@ class DevicePublisher:
             failures=self.state.failures,
         )
         current = {o["metadata"]["name"]: o for o in self.devices.items.values()}
-        present = {
-            f"{self.settings.node}.{f.address.replace(':', '-').replace('.', '-')}"
-            for f in self.state.host.functions
-        }
+        present = {pcidevice_name(self.settings.node, f.address) for f in self.state.host.functions}
         p = plan(desired, current, present)
         await self._apply(p)
         self.stats.rescans += 1
@@ -312,9 +309,11 @@ class DevicePublisher:
 
     async def rescan_loop(self) -> None:
         await self.devices.synced.wait()
-        last = 0.0
+        health = Health(log, "rescanning and publishing")
+        backoff = Backoff(base=2.0, cap=self.settings.rescan_interval)
+        last, wait = 0.0, self.settings.rescan_interval
         while True:
-            due = time.monotonic() - last >= self.settings.rescan_interval
+            due = time.monotonic() - last >= wait
             if due or self._rescan_now.is_set() or self._config_changed():
                 self._rescan_now.clear()
                 last = time.monotonic()
@@ -322,8 +321,15 @@ class DevicePublisher:
                     await self.rescan()
                 except Exception as e:
                     self.metrics.error("rescan")
-                    log.warning("rescan failed, retrying soon: %s", e)
-                    last = time.monotonic() - self.settings.rescan_interval + 2
+                    wait = backoff.next()
+                    if is_transient(e):
+                        health.failed(e, wait)
+                    else:
+                        log.exception("rescan failed; retrying in %.1fs", wait)
+                else:
+                    health.ok()
+                    backoff.reset()
+                    wait = self.settings.rescan_interval
             await asyncio.sleep(1.0)
 
     def _config_changed(self) -> bool:

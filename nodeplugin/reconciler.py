@@ -29,6 +29,7 @@ from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
 from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, pcidevice_name
+from pcipt.backoff import Health, is_transient
 from pcipt.conditions import ready_condition, same_conditions, set_condition
 from pcipt.informer import Informer
 from pcipt.kubeclient import Conflict, KubeClient, NotFound, crd_path
@@ -76,6 +77,7 @@ class DomainReconciler:
         )
         self._dirty: set[str] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._health = Health(log, "reconciling VMs with domains")
 
     async def stop(self) -> None:
         tasks = list(self._running.values())
@@ -111,9 +113,13 @@ class DomainReconciler:
                 self._dirty.discard(uid)
                 try:
                     await self.reconcile(uid)
-                except Exception:
+                    self._health.ok()
+                except Exception as e:
                     self.metrics.error("reconcile")
-                    log.exception("reconcile failed vm-uid=%s", uid)
+                    if is_transient(e):
+                        self._health.failed(e, self.settings.resync_interval)  # resync retries
+                    else:
+                        log.exception("reconcile failed vm-uid=%s", uid)
         finally:
             self._running.pop(uid, None)
 
@@ -146,7 +152,7 @@ class DomainReconciler:
                     ):
                         await self._remove_orphan(dom)
             except Exception as e:
-                log.warning("resync failed: %s", e)
+                self._health.failed(e, self.settings.resync_interval)
             await asyncio.sleep(self.settings.resync_interval)
 
     async def _remove_orphan(self, dom: DomainInfo) -> None:
@@ -155,7 +161,7 @@ class DomainReconciler:
         await self._restore(set(passthrough_addresses(dom.xml)))
 
     def _claimed_by(self, address: str) -> dict[str, Any] | None:
-        name = f"{self.settings.node}.{address.replace(':', '-').replace('.', '-')}"
+        name = pcidevice_name(self.settings.node, address)
         obj = self.devices.items.get(name)
         return None if obj is None else (obj.get("spec") or {}).get("claimRef")
 

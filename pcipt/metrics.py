@@ -1,22 +1,24 @@
-"""Prometheus metrics: counters, gauges and histograms in the text exposition format, and the
-HTTP endpoint that serves them. Metric names are the constants below; docs/metrics.md lists
-them with their labels.
-
-A few dozen lines instead of a client library: the components need three metric types and one
-endpoint, on the aiohttp that kopf already brings.
+"""Prometheus metrics for both programs, on prometheus_client: counters, gauges and histograms
+behind a small interface (labels passed positionally, gauges replaced whole at scrape time),
+the process's own metrics (CPU, memory, open files, GC) for free, and the HTTP endpoint that
+serves them with /healthz and /readyz. Metric names are the constants below; docs/metrics.md
+lists them with their labels.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+import prometheus_client as prom
 from aiohttp import web
+from prometheus_client.registry import Collector
 
 from pcipt.settings import Setting
+
+# No *_created series: they double every counter's lines and nobody here reads them.
+prom.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # --- names ---------------------------------------------------------------------------------
 
@@ -66,127 +68,102 @@ LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 Labels = tuple[str, ...]
 
 
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Labels, extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
-
-
 class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
+    def __init__(self, registry: Registry, name: str, labels: Sequence[str]) -> None:
+        self.registry = registry
         self.name = name
-        self.help = help
         self.label_names = tuple(labels)
-        self._lock = threading.Lock()
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class _Series(_Metric):
-    """A metric with one number per label set: what counters and gauges share."""
-
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help, labels)
-        self.values: dict[Labels, float] = {}
-
-    def get(self, *labels: str) -> float:
-        return self.values.get(labels, 0.0)
-
-    def render(self) -> list[str]:
-        return self.header() + [
-            f"{self.name}{_labels(self.label_names, k)} {_num(v)}"
-            for k, v in sorted(self.values.items())
-        ]
+    def _sample(self, suffix: str, labels: Labels) -> float:
+        value = self.registry.prom.get_sample_value(
+            self.name + suffix, dict(zip(self.label_names, labels, strict=True))
+        )
+        return value or 0.0
 
 
-class Counter(_Series):
-    kind = "counter"
+class Counter(_Metric):
+    def __init__(self, registry: Registry, name: str, help: str, labels: Sequence[str]) -> None:
+        super().__init__(registry, name.removesuffix("_total"), labels)
+        self._c = prom.Counter(self.name, help, self.label_names, registry=registry.prom)
 
     def inc(self, *labels: str, by: float = 1.0) -> None:
-        with self._lock:
-            self.values[labels] = self.values.get(labels, 0.0) + by
+        (self._c.labels(*labels) if labels else self._c).inc(by)
+
+    def get(self, *labels: str) -> float:
+        return self._sample("_total", labels)
 
 
-class Gauge(_Series):
-    kind = "gauge"
+class Gauge(_Metric):
+    def __init__(self, registry: Registry, name: str, help: str, labels: Sequence[str]) -> None:
+        super().__init__(registry, name, labels)
+        self._g = prom.Gauge(name, help, self.label_names, registry=registry.prom)
+        self._lock = threading.Lock()
 
     def set(self, value: float, *labels: str) -> None:
-        with self._lock:
-            self.values[labels] = value
+        (self._g.labels(*labels) if labels else self._g).set(value)
 
     def replace(self, values: dict[Labels, float]) -> None:
         """Set the whole series at once (series not named disappear)."""
         with self._lock:
-            self.values = dict(values)
+            self._g.clear()
+            for labels, value in values.items():
+                self._g.labels(*labels).set(value)
+
+    def get(self, *labels: str) -> float:
+        return self._sample("", labels)
 
 
 class Histogram(_Metric):
-    kind = "histogram"
-
     def __init__(
         self,
+        registry: Registry,
         name: str,
         help: str,
-        labels: Sequence[str] = (),
-        buckets: Iterable[float] = LATENCY_BUCKETS,
+        labels: Sequence[str],
+        buckets: Iterable[float],
     ) -> None:
-        super().__init__(name, help, labels)
-        self.buckets = tuple(sorted(buckets))
-        self.series: dict[Labels, list[float]] = {}
-        """per label set: bucket counts (non-cumulative), then sum, then count"""
+        super().__init__(registry, name, labels)
+        self._h = prom.Histogram(
+            name, help, self.label_names, registry=registry.prom, buckets=tuple(buckets)
+        )
 
     def observe(self, value: float, *labels: str) -> None:
-        with self._lock:
-            s = self.series.setdefault(labels, [0.0] * (len(self.buckets) + 3))
-            s[bisect.bisect_left(self.buckets, value)] += 1
-            s[-2] += value
-            s[-1] += 1
+        (self._h.labels(*labels) if labels else self._h).observe(value)
 
     def count(self, *labels: str) -> float:
-        return self.series.get(labels, [0.0])[-1]
+        return self._sample("_count", labels)
 
-    def render(self) -> list[str]:
-        out = self.header()
-        for key, s in sorted(self.series.items()):
-            cumulative = 0.0
-            for i, edge in enumerate([*self.buckets, math.inf]):
-                cumulative += s[i]
-                le = _labels(self.label_names, key, f'le="{_num(edge)}"')
-                out.append(f"{self.name}_bucket{le} {_num(cumulative)}")
-            out.append(f"{self.name}_sum{_labels(self.label_names, key)} {_num(s[-2])}")
-            out.append(f"{self.name}_count{_labels(self.label_names, key)} {_num(s[-1])}")
-        return out
+
+class _Refresh(Collector):
+    """Runs the registry's collectors before each scrape, so gauges computed from state are
+    current; contributes no metrics of its own."""
+
+    def __init__(self, hooks: list[Callable[[], None]]) -> None:
+        self.hooks = hooks
+
+    def collect(self) -> Iterable[prom.Metric]:
+        for hook in self.hooks:
+            hook()
+        return []
 
 
 class Registry:
     def __init__(self) -> None:
-        self.metrics: list[Counter | Gauge | Histogram] = []
+        self.prom = prom.CollectorRegistry(auto_describe=True)
         self.collectors: list[Callable[[], None]] = []
         """Called before each scrape, to refresh gauges computed from state."""
+        # Registered first: collection runs in registration order, so the hooks have run
+        # before any of our metrics is read.
+        self.prom.register(_Refresh(self.collectors))
+        prom.ProcessCollector(registry=self.prom)
+        prom.PlatformCollector(registry=self.prom)
+        prom.GCCollector(registry=self.prom)
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
-        m = Counter(name, help, labels)
-        self.metrics.append(m)
-        return m
+        return Counter(self, name, help, labels)
 
     def gauge(self, name: str, help: str, labels: Sequence[str] = ()) -> Gauge:
-        m = Gauge(name, help, labels)
-        self.metrics.append(m)
-        return m
+        return Gauge(self, name, help, labels)
 
     def histogram(
         self,
@@ -195,17 +172,11 @@ class Registry:
         labels: Sequence[str] = (),
         buckets: Iterable[float] = LATENCY_BUCKETS,
     ) -> Histogram:
-        m = Histogram(name, help, labels, buckets)
-        self.metrics.append(m)
-        return m
+        return Histogram(self, name, help, labels, buckets)
 
     def render(self) -> str:
-        for collect in self.collectors:
-            collect()
-        lines: list[str] = []
-        for m in self.metrics:
-            lines.extend(m.render())
-        return "\n".join(lines) + "\n"
+        """The text exposition format, as /metrics serves it."""
+        return prom.generate_latest(self.prom).decode()
 
 
 SETTINGS: Final = (

@@ -1,6 +1,7 @@
-"""X.509 helpers: a throw-away CA and the certificates it signs (EC P-256). Used by the local
-control plane and by the controller's development webhook server; production certificates
-come from the chart (or cert-manager)."""
+"""X.509 helpers: a CA and the certificates it signs (EC P-256). Used by the local control plane,
+by the development webhook server, and by the controller in serve mode when it issues its own
+webhook certificate into a Secret (controller/webhookcert.py); a certificate made elsewhere
+(cert-manager) is passed in with --webhook-cert/--webhook-key instead."""
 
 from __future__ import annotations
 

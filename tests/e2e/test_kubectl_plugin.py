@@ -18,14 +18,7 @@ from tests.conftest import REPO_ROOT
 
 EX = REPO_ROOT / "examples"
 NS = "gpu-tenants"
-TOO_BIG = """
-apiVersion: pcipt.io/v1alpha1
-kind: PassthroughVM
-metadata: {name: too-big}
-spec:
-  memory: 8Gi
-  devices: [{name: gpus, flavor: a100, count: 3, numaPolicy: required}]
-"""
+TOO_BIG = (EX / "vm-too-big.yaml").read_text()
 
 
 def plugin(kubectl: str, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:

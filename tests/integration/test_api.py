@@ -293,6 +293,7 @@ EXAMPLE_CATALOGUE = {
     "namespace-gpu-tenant.yaml": "a tenant namespace the GPU flavor admits",
     "vm-2gpu.yaml": "a VM with two NUMA-local GPUs",
     "vm-sriov-vlan.yaml": "a VM with an SR-IOV VF on a VLAN with a fixed MAC",
+    "vm-too-big.yaml": "a VM no demo host can take (the demo and the refusal tests use it)",
 }
 
 

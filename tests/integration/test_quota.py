@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 
 from controller.inventory import Inventory
-from controller.quota import QuotaExceeded, QuotaLedger, ledger_name
+from controller.ledger import QuotaExceeded, QuotaLedger, ledger_name
 from pcipt.api.v1alpha1 import PassthroughVM, PciFlavor
 from pcipt.kubeclient import Conflict, KubeClient, load_credentials
 from tests.integration.conftest import KubeCluster
@@ -106,7 +106,7 @@ def test_claims_without_entries_count_too(kube: KubeCluster, namespace: str, hel
 async def _cpu_race(kube: KubeCluster, operator_ns: str, node: str) -> list[bool]:
     """Three controllers' compute ledgers, each sure the same two host CPUs are free, write
     them down for three different VMs at once."""
-    from controller.quota import ComputeLedger
+    from controller.ledger import ComputeLedger
     from pcipt.api.v1alpha1 import ComputeStatus
     from pcipt.compute import NodeCompute, NumaCompute
 

@@ -40,7 +40,7 @@ def test_counter_gauge_histogram_render() -> None:
     got = parse(text)
     assert got['t_total{reason="NotPermitted"}'] == 3
     assert got['t_gauge{node="node-a",state="free"}'] == 3
-    assert got['t_seconds_bucket{le="0.1"}'] == 1 and got['t_seconds_bucket{le="1"}'] == 2
+    assert got['t_seconds_bucket{le="0.1"}'] == 1 and got['t_seconds_bucket{le="1.0"}'] == 2
     assert (
         got['t_seconds_bucket{le="+Inf"}'] == 3
         and got["t_seconds_count"] == 3

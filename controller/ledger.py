@@ -1,4 +1,10 @@
-"""Namespace quotas that hold with binds in flight and with several controllers at once.
+"""Ledgers: what binds in flight and bound VMs hold, written where every controller replica
+sees it, so that limits hold with binds in flight and with several controllers at once. Two
+ledgers share one base (Ledger: a ConfigMap per tenant, entries per VM UID, conditional
+writes, bind-ID ownership): namespace quotas (QuotaLedger) and each node's CPUs and memory
+(ComputeLedger).
+
+Namespace quotas:
 
 A flavor's `limits.maxPerNamespace` is checked by the scheduler against the namespace's usage:
 devices claimed, devices promised to binds in flight in this process, and the namespace's
