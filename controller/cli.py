@@ -20,10 +20,14 @@ import kopf
 from controller import handlers
 from controller.plan import PlanError, run_plan
 from controller.runtime import ControllerSettings
-from pcipt import constants as c
 from pcipt import logs, metrics
 from pcipt.logs import setup_logging
-from pcipt.settings import KUBECONFIG, Setting, add_settings, parse_args
+from pcipt.settings import KUBECONFIG, Setting, add_settings, default_of, parse_args
+
+
+def D(name: str) -> object:  # noqa: N802 - reads as a column of the table below
+    """ControllerSettings' default for a field."""
+    return default_of(ControllerSettings, name)
 
 
 def default_identity() -> str:
@@ -37,7 +41,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     KUBECONFIG,
     Setting(
         "--namespace",
-        c.DEFAULT_NAMESPACE,
+        D("namespace"),
         "operator namespace: node Leases, Events of cluster objects",
     ),
     Setting(
@@ -50,12 +54,17 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("--leader-elect-lease", "pcipt-controller", "name of the Lease replicas elect on"),
     Setting(
         "--leader-elect-lease-duration",
-        4.0,
+        D("lease_duration"),
         "seconds a leader's Lease lasts unrenewed: the longest a standby waits after the "
         "leader is killed",
         float,
     ),
-    Setting("--leader-elect-renew-period", 1.0, "seconds between a leader's renewals", float),
+    Setting(
+        "--leader-elect-renew-period",
+        D("renew_period"),
+        "seconds between a leader's renewals",
+        float,
+    ),
     Setting(
         "--identity",
         default_identity,
@@ -64,22 +73,22 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "--node-dead-after",
-        40.0,
+        D("node_dead_after"),
         "seconds without a node Lease renewal before the node is not alive",
         float,
     ),
     Setting(
         "--claim-grace",
-        30.0,
+        D("claim_grace"),
         "seconds before the audit releases a claim its VM does not list",
         float,
     ),
-    Setting("--audit-interval", 30.0, "seconds between audits", float),
-    Setting("--scoring", "best-fit", "node scoring policy", choices=("best-fit", "spread")),
-    Setting("--bind-concurrency", 16, "binds in flight at once", int),
+    Setting("--audit-interval", D("audit_interval"), "seconds between audits", float),
+    Setting("--scoring", D("scoring"), "node scoring policy", choices=("best-fit", "spread")),
+    Setting("--bind-concurrency", D("bind_concurrency"), "binds in flight at once", int),
     Setting(
         "--cpu-allocation-ratio",
-        1.0,
+        D("cpu_allocation_ratio"),
         "shared vCPUs per host CPU a node takes (dedicated vCPUs always take a CPU each)",
         float,
     ),

@@ -29,12 +29,25 @@ from pcipt import logs, metrics
 from pcipt.cpulist import parse_cpulist
 from pcipt.kubeclient import KubeClient, load_credentials
 from pcipt.logs import setup_logging
-from pcipt.settings import KUBECONFIG, Setting, add_settings, optional_path, parse_args
+from pcipt.settings import (
+    KUBECONFIG,
+    Setting,
+    add_settings,
+    default_of,
+    optional_path,
+    parse_args,
+)
+
+
+def D(name: str) -> object:  # noqa: N802 - reads as a column of the table below
+    """AgentSettings' default for a field."""
+    return default_of(AgentSettings, name)
+
 
 # Every setting once, with its PCIPT_<NAME> twin (pcipt.settings); the flag wins over the twin.
 COMMON_SETTINGS: tuple[Setting, ...] = (
     Setting("--node-name", socket.gethostname, "this node's name (default: the host name)"),
-    Setting("--sysfs-root", Path("/sys"), "sysfs to read", Path),
+    Setting("--sysfs-root", D("sysfs_root"), "sysfs to read", Path),
     Setting(
         "--config",
         None,
@@ -57,27 +70,29 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
 )
 RUN_SETTINGS: tuple[Setting, ...] = (
     KUBECONFIG,
-    Setting("--libvirt-uri", "qemu:///system", "libvirt connection URI"),
-    Setting("--namespace", c.DEFAULT_NAMESPACE, "where the node Lease lives"),
-    Setting("--state-dir", Path("/var/lib/pcipt"), "the agent's state folder", Path),
-    Setting("--rescan-interval", 30.0, "seconds between sysfs rescans", float),
-    Setting("--lease-interval", 10.0, "seconds between node Lease renewals", float),
-    Setting("--lease-duration", 40, "the node Lease's duration in seconds", int),
-    Setting("--resync-interval", 5.0, "seconds between domain reconciliations", float),
+    Setting("--libvirt-uri", D("libvirt_uri"), "libvirt connection URI"),
+    Setting("--namespace", D("namespace"), "where the node Lease lives"),
+    Setting("--state-dir", D("state_dir"), "the agent's state folder", Path),
+    Setting("--rescan-interval", D("rescan_interval"), "seconds between sysfs rescans", float),
+    Setting("--lease-interval", D("lease_interval"), "seconds between node Lease renewals", float),
+    Setting("--lease-duration", D("lease_duration"), "the node Lease's duration in seconds", int),
+    Setting(
+        "--resync-interval", D("resync_interval"), "seconds between domain reconciliations", float
+    ),
     Setting(
         "--restore-drivers",
-        True,
+        D("restore_drivers"),
         "give devices back to their original driver after their VM goes",
         kind="flag",
         negatable=True,
     ),
     Setting(
         "--stop-grace",
-        30.0,
+        D("stop_grace"),
         "seconds a guest gets to shut down before its domain is destroyed",
         float,
     ),
-    Setting("--domain-type", "kvm", "libvirt domain type (kvm; qemu without KVM)"),
+    Setting("--domain-type", D("domain_type"), "libvirt domain type (kvm; qemu without KVM)"),
     Setting("--machine", "q35", "guest machine type ('' for none)"),
     Setting(
         "--console-log-dir",
@@ -92,7 +107,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "--reserved-memory-mib",
-        0,
+        D("reserved_memory_mib"),
         "memory kept for the host on each NUMA node, MiB",
         int,
     ),

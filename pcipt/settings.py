@@ -43,6 +43,12 @@ def parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
+def default_of(cls: type, name: str) -> Any:
+    """The default a settings dataclass declares for a field: the CLI takes its defaults from
+    the dataclass the program runs with, so each default is written once."""
+    return cls.__dataclass_fields__[name].default  # type: ignore[attr-defined]
+
+
 def optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 

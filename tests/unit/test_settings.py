@@ -7,12 +7,15 @@ chart's Services (`pcipt-webhook`, `pcipt-controller-metrics`) when service link
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from controller import cli as controller_cli
+from controller.runtime import ControllerSettings
 from nodeplugin import cli as nodeplugin_cli
+from nodeplugin.settings import AgentSettings
 from pcipt.settings import Setting, SettingError, add_settings, parse_args, resolve
 
 
@@ -192,3 +195,45 @@ def test_the_chart_passes_every_flag_a_service_link_could_spell(
     for s in settings:
         if s.variable.endswith("_PORT"):
             assert f"- {s.flag}=" in text, f"{template} does not pass {s.flag}"
+
+
+@pytest.mark.parametrize(
+    ("settings", "dataclass_", "renames"),
+    [
+        (
+            controller_cli.RUN_SETTINGS,
+            ControllerSettings,
+            {
+                "leader_elect_lease_duration": "lease_duration",
+                "leader_elect_renew_period": "renew_period",
+            },
+        ),
+        (
+            (*nodeplugin_cli.COMMON_SETTINGS, *nodeplugin_cli.RUN_SETTINGS),
+            AgentSettings,
+            {"node_name": "node"},
+        ),
+    ],
+    ids=["controller", "nodeplugin"],
+)
+def test_a_flag_without_value_means_what_the_program_runs_with(
+    settings: tuple[Setting, ...], dataclass_: type, renames: dict[str, str]
+) -> None:
+    """Each default is declared once, on the settings the program runs with: the flag's default
+    is that field's default (where the CLI spells the value the same way). Not the identity
+    (computed per process) nor the metrics port (off for code that builds the settings itself,
+    such as tests and benchmarks; the program serves on 8080)."""
+    args = argparse.Namespace()
+    resolve(args, settings, {})
+    fields = {f.name: f for f in dataclasses.fields(dataclass_)}
+    checked = 0
+    for s in settings:
+        name = renames.get(s.dest, s.dest)
+        f = fields.get(name)
+        if f is None or f.default is dataclasses.MISSING or name in {"identity", "metrics_port"}:
+            continue
+        if not isinstance(getattr(args, s.dest), type(f.default)):
+            continue  # spelled differently on the command line ('' for None, a cpulist)
+        assert getattr(args, s.dest) == f.default, s.flag
+        checked += 1
+    assert checked >= 8
