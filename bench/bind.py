@@ -274,7 +274,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "-m",
                 "controller",
                 "run",
-                "--standalone",
                 "--node-dead-after",
                 "36000",
                 "--audit-interval",
@@ -292,10 +291,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         watcher = FirstSeen(api, NS, scheduled)
         await watcher.start()
 
+        def controller_alive() -> None:
+            if ctl is not None and ctl.poll() is not None:
+                tail = (state / "controller.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the controller exited {ctl.returncode}:\n{tail}")
+
         half = total // 2
         prefill = [f"pre-{i:05d}" for i in range(half)]
         await create_vms(api, prefill)
-        await watcher.wait(prefill, timeout=900)
+        await watcher.wait(prefill, timeout=900, check=controller_alive)
         out["controller_start_and_prefill_s"] = round(time.monotonic() - t0, 1)
         print(
             f"pre-filled {half} VMs in {out['controller_start_and_prefill_s']}s "
@@ -316,7 +320,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
         t0 = time.monotonic()
         created = await create_vms(api, fill)
-        await watcher.wait(fill, timeout=900)
+        await watcher.wait(fill, timeout=900, check=controller_alive)
         took = max(watcher.at[n] for n in fill) - t0
         after = await settled_counts(api, before)
         cpu = {k: round(cpu_seconds(v) - cpu0[k], 2) for k, v in pids.items()}
@@ -402,7 +406,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for i, name in enumerate(steady):
             await asyncio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
             asyncio.get_running_loop().create_task(_create_one(api, name, created))
-        await watcher.wait(steady, timeout=300)
+        await watcher.wait(steady, timeout=300, check=controller_alive)
         lat = [watcher.at[x] - created[x] for x in steady]
         out["steady"] = {
             "rate_per_s": args.rate,

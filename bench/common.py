@@ -62,11 +62,17 @@ class FirstSeen:
     def count(self, names: list[str]) -> int:
         return sum(1 for n in names if n in self.at)
 
-    async def wait(self, names: list[str], timeout: float) -> None:
+    async def wait(
+        self, names: list[str], timeout: float, check: Callable[[], None] | None = None
+    ) -> None:
+        """Until every name is seen; `check` is called meanwhile and may raise (a component
+        that died: say so now, not after the timeout)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.count(names) == len(names):
                 return
+            if check is not None:
+                check()
             await asyncio.sleep(0.05)
         missing = [n for n in names if n not in self.at]
         raise TimeoutError(f"{len(missing)} VMs not seen after {timeout}s, e.g. {missing[:3]}")
