@@ -249,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
             # Every replica watches (warm standbys); which one acts is the Lease's business
             # (controller/leader.py), not kopf peering's.
             standalone=True,
+            # kopf wants an identity even standalone, and would ask getpass for one, which
+            # fails for a uid with no passwd entry (the image runs as 65532).
+            identity=args.identity,
             liveness_endpoint=args.liveness or None,
             memo=memo,
         )

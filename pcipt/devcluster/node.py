@@ -83,6 +83,9 @@ COMPONENTS = (
     "libvirt-keeper",
 )
 
+_DETACHED: list[subprocess.Popen[bytes]] = []
+"""Supervisors started by this process, kept referenced while they run."""
+
 
 class NodeError(ClusterError):
     """The node did not come up or go down cleanly; the message says why."""
@@ -556,6 +559,9 @@ class LocalNode:
                 env=dict(os.environ, PYTHONUNBUFFERED="1"),
             )
         _join_cgroup(st.cgroup, proc.pid)
+        # It outlives this call (stop() finds it by pid): keep the Popen, so it is not collected
+        # while the supervisor runs (a ResourceWarning, and no reaping of its exit).
+        _DETACHED.append(proc)
         return proc.pid
 
     def _wait(self, st: NodeState, deadline: float) -> None:

@@ -136,8 +136,9 @@ def scrape(port: int) -> str:
 def test_controller_and_node_plugins_serve_metrics(lab: Lab) -> None:
     ctl = scrape(lab.metrics_ports["controller"])
     assert re.search(r"^pcipt_binds_total [1-9]", ctl, re.M)
+    # Label order is not part of the format (prometheus_client writes them sorted).
     assert re.search(
-        r'^pcipt_devices\{node="node-b",flavor="e810-vf-physnet2",state="free"\} [0-9]', ctl, re.M
+        r'^pcipt_devices\{flavor="e810-vf-physnet2",node="node-b",state="free"\} [0-9]', ctl, re.M
     )
     assert re.search(r'^pcipt_scheduling_refusals_total\{reason="Unschedulable"\} [1-9]', ctl, re.M)
     assert re.search(r"^pcipt_scheduling_latency_seconds_count [1-9]", ctl, re.M)
