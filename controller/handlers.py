@@ -57,8 +57,19 @@ def configure_kopf(settings: kopf.OperatorSettings, webhook: dict[str, Any] | No
 
 
 @kopf.on.login(registry=registry)
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    return kopf.login_via_client(**kwargs)
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches log in with the credentials our own client uses (kubeconfig, exec
+    plugins, OIDC, in-cluster), loaded afresh: kopf calls this again when a token is refused."""
+    creds = load_credentials(os.environ.get("KUBECONFIG"))
+    token = creds.auth_headers().get("Authorization", "").removeprefix("Bearer ") or None
+    return kopf.ConnectionInfo(
+        server=creds.host,
+        ca_path=creds.ca_file,
+        insecure=creds.ssl is False,
+        token=token,
+        certificate_path=creds.cert_file,
+        private_key_path=creds.key_file,
+    )
 
 
 @kopf.on.startup(registry=registry)

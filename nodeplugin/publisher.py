@@ -32,6 +32,7 @@ from pcipt import constants as c
 from pcipt.api.v1alpha1 import pcidevice_name
 from pcipt.backoff import Backoff, Health, is_transient
 from pcipt.compute import ANNOTATION as COMPUTE_ANNOTATION
+from pcipt.compute import NodeCompute
 from pcipt.events import EventRecorder
 from pcipt.informer import Informer
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
@@ -84,6 +85,8 @@ class DevicePublisher:
         self._vf_said: dict[str, tuple[str, str]] = {}
         self._rescan_now = asyncio.Event()
         self._rescan_lock = asyncio.Lock()
+        self._lease_compute: NodeCompute | None = None
+        """The CPUs and memory the Lease last carried."""
         state.request_rescan = self._rescan_now.set
         state.event_on_node = self._event_on_node
 
@@ -129,6 +132,11 @@ class DevicePublisher:
         current = {o["metadata"]["name"]: o for o in self.devices.items.values()}
         present = {pcidevice_name(self.settings.node, f.address) for f in self.state.host.functions}
         p = plan(desired, current, present)
+        if self.state.compute != self._lease_compute:
+            # The host's CPUs and memory reach the controller before its devices do, so no VM
+            # is placed here uncounted in the moment between the two (the Lease would carry
+            # them only at its next renewal).
+            await self.renew_lease()
         await self._apply(p)
         self.stats.rescans += 1
         self.metrics.rescan_writes.inc(by=p.writes)
@@ -337,38 +345,41 @@ class DevicePublisher:
         stamp = tuple(p.stat().st_mtime if p.exists() else -1.0 for p in paths)
         return stamp != self._config_stamp
 
-    async def lease_loop(self) -> None:
+    async def renew_lease(self) -> None:
+        """Write the node Lease once: alive now, with the host's CPUs and memory."""
         name = f"{c.NODE_LEASE_PREFIX}{self.settings.node}"
         path = f"/apis/coordination.k8s.io/v1/namespaces/{self.settings.namespace}/leases"
-        health = Health(log, f"renewing Lease {name}")
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": name,
+                "namespace": self.settings.namespace,
+                # The host's CPUs and memory, for the controller to count VMs against.
+                "annotations": (
+                    {COMPUTE_ANNOTATION: self.state.compute.to_json()} if self.state.compute else {}
+                ),
+            },
+            "spec": {
+                "holderIdentity": self.settings.node,
+                "leaseDurationSeconds": self.settings.lease_duration,
+                "renewTime": clock.micro_timestamp(),
+            },
+        }
+        await self.api.patch(
+            f"{path}/{name}",
+            body,
+            patch_type="apply",
+            field_manager=c.FIELD_MANAGER_NODEPLUGIN,
+            force=True,
+        )
+        self._lease_compute = self.state.compute
+
+    async def lease_loop(self) -> None:
+        health = Health(log, f"renewing Lease {c.NODE_LEASE_PREFIX}{self.settings.node}")
         while True:
-            body = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {
-                    "name": name,
-                    "namespace": self.settings.namespace,
-                    # The host's CPUs and memory, for the controller to count VMs against.
-                    "annotations": (
-                        {COMPUTE_ANNOTATION: self.state.compute.to_json()}
-                        if self.state.compute
-                        else {}
-                    ),
-                },
-                "spec": {
-                    "holderIdentity": self.settings.node,
-                    "leaseDurationSeconds": self.settings.lease_duration,
-                    "renewTime": clock.micro_timestamp(),
-                },
-            }
             try:
-                await self.api.patch(
-                    f"{path}/{name}",
-                    body,
-                    patch_type="apply",
-                    field_manager=c.FIELD_MANAGER_NODEPLUGIN,
-                    force=True,
-                )
+                await self.renew_lease()
             except Exception as e:
                 health.failed(e, self.settings.lease_interval)
             else:
