@@ -65,42 +65,37 @@ def compute_vf_counts(
         index, rule = picked
         name = rule.name or f"vfs[{index}]"
         current, desired, total = f.num_vfs or 0, rule.count, f.total_vfs or 0
-        if current == desired:
-            out.append(VfCount(f.address, name, current, desired))
-            continue
-        if desired > total:
-            out.append(
-                VfCount(
-                    f.address,
-                    name,
-                    current,
-                    desired,
-                    refused=f"{name} asks for {desired} VFs; {f.address} supports at most {total}",
-                )
-            )
-            continue
         held = [(vf, claimed[vf]) for vf in f.virtfns if vf in claimed]
-        if held:
-            vf, who = held[0]
-            more = f" and {len(held) - 1} more" if len(held) > 1 else ""
-            out.append(
-                VfCount(
-                    f.address,
-                    name,
-                    current,
-                    desired,
-                    refused=(
-                        f"{name} asks {f.address} for {desired} VFs, but VF {vf} is claimed by "
-                        f"{who}{more}: the kernel changes the count only through 0, which would "
-                        "remove it. Kept at "
-                        f"{current} until the claim is released"
-                    ),
-                )
-            )
-            continue
-        writes = (desired,) if current == 0 else (0, desired) if desired else (0,)
-        out.append(VfCount(f.address, name, current, desired, writes=writes))
+        refused = _refusal(name, f.address, current, desired, total=total, held=held)
+        writes = () if refused else _writes(current, desired)
+        out.append(VfCount(f.address, name, current, desired, writes=writes, refused=refused))
     return out
+
+
+def _refusal(
+    rule: str, pf: str, current: int, desired: int, *, total: int, held: list[tuple[str, str]]
+) -> str | None:
+    """Why the count cannot change now, or None (also when nothing is to change)."""
+    if current == desired:
+        return None
+    if desired > total:
+        return f"{rule} asks for {desired} VFs; {pf} supports at most {total}"
+    if held:
+        vf, who = held[0]
+        more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+        return (
+            f"{rule} asks {pf} for {desired} VFs, but VF {vf} is claimed by {who}{more}: the "
+            f"kernel changes the count only through 0, which would remove it. Kept at {current} "
+            "until the claim is released"
+        )
+    return None
+
+
+def _writes(current: int, desired: int) -> tuple[int, ...]:
+    """What to write to sriov_numvfs, in order: a count changes only through 0."""
+    if current == desired:
+        return ()
+    return (desired,) if current == 0 else (0, desired) if desired else (0,)
 
 
 def vf_condition(v: VfCount, failed: str | None = None) -> dict[str, str]:

@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -38,6 +39,9 @@ class ClusterError(RuntimeError):
     """The control plane did not come up; the message carries the servers' last log lines."""
 
 
+S = TypeVar("S")
+
+
 @dataclass
 class ClusterState:
     state_dir: str
@@ -49,6 +53,15 @@ class ClusterState:
     kubernetes_version: str
     started_at: float
     apiserver_cmd: list[str] | None = None
+
+
+def read_state(path: Path, kind: type[S]) -> S | None:
+    """A state file written with asdict(), as its dataclass; None when missing or unreadable
+    (a crash mid-write, or a file from another version)."""
+    try:
+        return kind(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _stderr(msg: str) -> None:
@@ -261,10 +274,7 @@ class LocalCluster:
         return self.state_dir / "kubeconfig"
 
     def state(self) -> ClusterState | None:
-        try:
-            return ClusterState(**json.loads(self.state_file.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
+        return read_state(self.state_file, ClusterState)
 
     def is_running(self) -> bool:
         st = self.state()

@@ -40,6 +40,7 @@ from pcipt.devcluster.cluster import (
     apiserver_command,
     apiserver_ready,
     etcd_command,
+    read_state,
     write_kubeconfig,
 )
 
@@ -307,10 +308,7 @@ class LocalNode:
         return self.state_dir / "kubeconfig"
 
     def state(self) -> NodeState | None:
-        try:
-            return NodeState(**json.loads(self.state_file.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
+        return read_state(self.state_file, NodeState)
 
     def _save(self, st: NodeState) -> None:
         self.state_file.write_text(json.dumps(asdict(st), indent=2))
