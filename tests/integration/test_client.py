@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.config.kube_config import EXPIRY_SKEW_PREVENTION_DELAY
 
 from pcipt.devcluster import LocalCluster, binaries
 from pcipt.kubeclient import (
@@ -114,9 +115,9 @@ def test_an_exec_plugins_token_is_refreshed_on_expiry_and_reloaded_after_a_401(
 
     token_file, runs, ttl = tmp_path / "token", tmp_path / "runs", tmp_path / "ttl"
     token_file.write_text(token_of("first"))
-    # The kubeconfig loader treats a token as expired 5 minutes early (clock skew): 305 s
-    # means valid for about 5 s.
-    ttl.write_text("305")
+    # The kubeconfig loader treats a token as expired early (clock skew, 5 minutes today):
+    # this much means valid for about 5 s.
+    ttl.write_text(str(int(EXPIRY_SKEW_PREVENTION_DELAY.total_seconds()) + 5))
     plugin = tmp_path / "plugin.sh"
     # Each run counts itself and hands out the token in the file, valid for `ttl` seconds.
     plugin.write_text(
