@@ -54,8 +54,6 @@ class Auditor:
         """UIDs of VMs this replica is binding now: never repaired under a bind."""
         self.reconsider = reconsider
         """Hands a VM sent back to Pending to the scheduling queue."""
-        self.orphans_released = 0
-        self.reclaimed = 0
 
     async def _fresh_vm(self, namespace: str, name: str) -> PassthroughVM | None:
         try:
@@ -107,7 +105,6 @@ class Auditor:
                 continue
             if await self.binder.release(d.name, claim.uid, claim.bind_id):
                 repaired["orphans"] += 1
-                self.orphans_released += 1
                 gone = vm is None or vm.metadata.uid != claim.uid
                 why = "its VM is gone" if gone else "its VM does not list it"
                 log.info(
@@ -255,7 +252,6 @@ class Auditor:
     async def _reclaim(self, vm: PassthroughVM, name: str) -> bool:
         if not await self.binder.reclaim(vm, name):
             return False
-        self.reclaimed += 1
         log.info("re-claimed device=%s for vm=%s/%s", name, vm.metadata.namespace, vm.metadata.name)
         self.events.record(
             vm, "Normal", c.REASON_RECLAIMED, f"re-claimed {name}, which the VM's status lists"

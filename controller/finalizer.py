@@ -57,7 +57,6 @@ class Finalizer:
         self.running: set[str] = set()
         """UIDs of VMs being finalized now."""
         self._again: set[str] = set()
-        self.releases = 0
         self._health = Health(log, "releasing deleted VMs' devices")
         self._backoff = Backoff(base=1.0, cap=30.0)
 
@@ -116,7 +115,6 @@ class Finalizer:
             await self.quota_ledger.release(key[0], uid)
         if vm.status.compute is not None and node:
             await self.compute_ledger.release(node, uid)
-        self.releases += released
         self.metrics.releases.inc(by=released)
         finalizers = [f for f in vm.metadata.finalizers if f != c.FINALIZER_RELEASE]
         body = {

@@ -122,8 +122,7 @@ class SchedulingQueue:
         for flavor in flavors:
             self.waiting.setdefault(flavor, set()).add(entry.uid)
 
-    def bind_started(self, entry: PendingVM, generation: int | None) -> None:
-        entry.generation = generation
+    def bind_started(self, entry: PendingVM) -> None:
         self.binding.add(entry.uid)
 
     def bind_ended(self, entry: PendingVM, retry_at: float | None = None) -> None:

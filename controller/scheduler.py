@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from controller.binding import Binder, BindResult, LostRace, device_path, vm_path
@@ -34,16 +34,6 @@ from pcipt.events import EventRecorder
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound
 
 log = logging.getLogger("pcipt.controller.scheduler")
-
-
-@dataclass
-class SchedulerStats:
-    binds: int = 0
-    conflicts: int = 0
-    refusals: int = 0
-    bind_writes: int = 0
-    scheduled_latency: list[float] = field(default_factory=list)
-    """Seconds from a VM's creation to its bind, per bind."""
 
 
 @dataclass
@@ -87,7 +77,6 @@ class Scheduler:
         self.seen_vm = seen_vm
         """Feeds a VM read after a lost race through the same path as a watch event."""
         self.wake = asyncio.Event()
-        self.stats = SchedulerStats()
         self.bind_slots = asyncio.Semaphore(settings.bind_concurrency)
         self.refusal_writes = Health(log, "writing refusals to VMs' status")
 
@@ -132,7 +121,7 @@ class Scheduler:
             self.metrics.decision.observe(time.perf_counter() - started)
             decisions += 1
             if isinstance(result, Placement):
-                self.queue.bind_started(entry, vm.metadata.generation)
+                self.queue.bind_started(entry)
                 self.inventory.reserve(
                     result.devices(),
                     entry.uid,
@@ -145,7 +134,6 @@ class Scheduler:
                     entry,
                     {r.flavor for r in vm.spec.devices} | {r.flavor for r in vm.spec.networks},
                 )
-                self.stats.refusals += 1
                 self.metrics.refusals.inc(result.reason)
                 self.spawn(self._refuse(entry, vm, result))
             if decisions % 16 == 0:
@@ -183,11 +171,9 @@ class Scheduler:
                             )
                     raise
         except QuotaExceeded as e:
-            self.stats.conflicts += 1
             self.metrics.conflicts.inc()
             log.info("bind refused by the quota ledger vm=%s/%s: %s; re-planning", *entry.key, e)
         except (LostRace, Conflict) as e:
-            self.stats.conflicts += 1
             self.metrics.conflicts.inc()
             log.info("bind lost a race vm=%s/%s: %s; re-planning", *entry.key, e)
             await self._refresh_after_race(entry.key, placement)
@@ -221,13 +207,10 @@ class Scheduler:
         started: float,
     ) -> None:
         writes = result.writes
-        self.stats.binds += 1
         self.metrics.binds.inc()
-        self.stats.bind_writes += writes
         created = vm.metadata.creation_timestamp
         if created is not None:
             latency = (clock.now() - created).total_seconds()
-            self.stats.scheduled_latency.append(latency)
             self.metrics.latency.observe(latency)
         self.queue.forget(entry.uid)
         n = sum(1 for a in placement.assignments if not a.companion)

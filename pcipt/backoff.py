@@ -70,7 +70,3 @@ class Health:
             self.log.info("%s recovered after %d failed attempt(s)", self.what, self.failures)
         self.failures = 0
         self._said = None
-
-    @property
-    def failing(self) -> bool:
-        return self.failures > 0

@@ -74,12 +74,6 @@ class _Metric:
         self.name = name
         self.label_names = tuple(labels)
 
-    def _sample(self, suffix: str, labels: Labels) -> float:
-        value = self.registry.prom.get_sample_value(
-            self.name + suffix, dict(zip(self.label_names, labels, strict=True))
-        )
-        return value or 0.0
-
 
 class Counter(_Metric):
     def __init__(self, registry: Registry, name: str, help: str, labels: Sequence[str]) -> None:
@@ -88,9 +82,6 @@ class Counter(_Metric):
 
     def inc(self, *labels: str, by: float = 1.0) -> None:
         (self._c.labels(*labels) if labels else self._c).inc(by)
-
-    def get(self, *labels: str) -> float:
-        return self._sample("_total", labels)
 
 
 class Gauge(_Metric):
@@ -109,9 +100,6 @@ class Gauge(_Metric):
             for labels, value in values.items():
                 self._g.labels(*labels).set(value)
 
-    def get(self, *labels: str) -> float:
-        return self._sample("", labels)
-
 
 class Histogram(_Metric):
     def __init__(
@@ -129,9 +117,6 @@ class Histogram(_Metric):
 
     def observe(self, value: float, *labels: str) -> None:
         (self._h.labels(*labels) if labels else self._h).observe(value)
-
-    def count(self, *labels: str) -> float:
-        return self._sample("_count", labels)
 
 
 class _Refresh(Collector):

@@ -78,7 +78,7 @@ def test_a_vm_with_a_bind_in_flight_is_not_decided_again() -> None:
     q = SchedulingQueue()
     q.offer(vm("a"))
     (entry,) = q.take_batch(0)
-    q.bind_started(entry, 1)
+    q.bind_started(entry)
     q.retry_all()
     assert names(q) == []
     q.bind_ended(entry)  # lost a race: look again now
@@ -89,7 +89,7 @@ def test_a_failed_bind_defers_the_vm_until_its_back_off_ends() -> None:
     q = SchedulingQueue()
     q.offer(vm("a"))
     (entry,) = q.take_batch(0)
-    q.bind_started(entry, 1)
+    q.bind_started(entry)
     q.bind_ended(entry, retry_at=10.0)
     assert q.next_due() == 10.0
     q.retry_all()  # even when everything changed
@@ -102,7 +102,7 @@ def test_a_bound_vm_forgotten_before_its_bind_ends_is_not_brought_back() -> None
     q = SchedulingQueue()
     q.offer(vm("a"))
     (entry,) = q.take_batch(0)
-    q.bind_started(entry, 1)
+    q.bind_started(entry)
     q.forget(entry.uid)
     q.bind_ended(entry)
     assert names(q) == [] and len(q) == 0
