@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from controller.inventory import Inventory
@@ -80,15 +80,19 @@ def claim_ref(vm: PassthroughVM, a: Assignment, bind_id: str, at: datetime) -> d
 
 
 class Binder:
-    def __init__(self, api: KubeClient, inventory: Inventory) -> None:
+    def __init__(self, api: KubeClient, inventory: Inventory, *, quarantine: float = 0.0) -> None:
         self.api = api
         self.inv = inventory
+        self.quarantine = quarantine
+        """Seconds a device a VM used is held back after its release."""
 
     async def claim(self, dev: Device, vm: PassthroughVM, a: Assignment, bind_id: str) -> None:
         """Write claimRef conditioned on the resourceVersion the scheduler saw."""
         body = {
             "metadata": {"resourceVersion": dev.resource_version},
-            "spec": {"claimRef": claim_ref(vm, a, bind_id, clock.now())},
+            # A new claim ends the last release's hold (which it was free of, or it would not
+            # have been chosen).
+            "spec": {"claimRef": claim_ref(vm, a, bind_id, clock.now()), "release": None},
         }
         try:
             got = await self.api.patch(device_path(dev.name), body)
@@ -96,12 +100,36 @@ class Binder:
             raise LostRace(f"claim of {dev.name} lost ({e.status} {e.reason})") from e
         self.inv.upsert_device(PciDevice.model_validate(got))
 
+    def _release_record(self, dev: Device, uid: str, reason: str) -> dict[str, Any]:
+        """spec.release for a device a VM used: scrubbed first where its node's plugin scrubs,
+        and quarantined for the configured time."""
+        now = clock.now()
+        vm = f"{dev.claim.namespace}/{dev.claim.name}" if dev.claim else uid
+        record: dict[str, Any] = {
+            "id": uuid.uuid4().hex[:16],
+            "vm": vm,
+            "uid": uid,
+            "releasedAt": clock.timestamp(now),
+            "reason": reason,
+            "scrub": dev.node in self.inv.scrubbing_nodes,
+        }
+        if self.quarantine > 0:
+            record["quarantineUntil"] = clock.timestamp(now + timedelta(seconds=self.quarantine))
+        return record
+
     async def release(
-        self, name: str, uid: str, bind_id: str | None = None, *, used: bool = False
+        self,
+        name: str,
+        uid: str,
+        bind_id: str | None = None,
+        *,
+        used: bool = False,
+        reason: str = "Deleted",
     ) -> bool:
         """Clear claimRef if it is still `uid`'s (and, given bind_id, still that attempt's).
-        `used`: the VM had the device (it is being deleted, not rolled back), so a device
-        marked one-time-use is left reserved in the same write. Returns True when released or
+        `used`: the VM had the device (it is being deleted or evacuated, not rolled back), so
+        the same write records the release (scrub and quarantine before it is offered again)
+        and leaves a device marked one-time-use reserved. Returns True when released or
         already gone."""
         patch: list[dict[str, Any]] = [{"op": "test", "path": "/spec/claimRef/uid", "value": uid}]
         if bind_id is not None:
@@ -114,6 +142,9 @@ class Binder:
                 "releasedAt": clock.timestamp(),
             }
             patch.append({"op": "add", "path": "/spec/reserved", "value": reserved})
+        if used and dev is not None:
+            record = self._release_record(dev, uid, reason)
+            patch.append({"op": "add", "path": "/spec/release", "value": record})
         patch.append({"op": "remove", "path": "/spec/claimRef"})
         try:
             got = await self.api.patch(device_path(name), patch, patch_type="json")
@@ -128,11 +159,12 @@ class Binder:
         self.inv.upsert_device(PciDevice.model_validate(got))
         return True
 
-    async def release_all(self, uid: str, names: list[str]) -> int:
-        """A deleted VM's devices: released, one-time-use ones left reserved."""
+    async def release_all(self, uid: str, names: list[str], reason: str = "Deleted") -> int:
+        """A VM's devices after it used them (deleted, evacuated): released with a release
+        record, one-time-use ones left reserved."""
         released = 0
         for name in sorted(set(names)):
-            released += await self.release(name, uid, used=True)
+            released += await self.release(name, uid, used=True, reason=reason)
         return released
 
     async def bind(self, vm: PassthroughVM, placement: Placement) -> BindResult:
@@ -223,7 +255,10 @@ class Binder:
             )
             if flavor:
                 ref["flavor"] = flavor
-        body = {"metadata": {"resourceVersion": d.resource_version}, "spec": {"claimRef": ref}}
+        body = {
+            "metadata": {"resourceVersion": d.resource_version},
+            "spec": {"claimRef": ref, "release": None},
+        }
         try:
             got = await self.api.patch(device_path(name), body)
         except (Conflict, NotFound):

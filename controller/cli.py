@@ -84,6 +84,12 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         float,
     ),
     Setting("--audit-interval", D("audit_interval"), "seconds between audits", float),
+    Setting(
+        "--release-quarantine",
+        D("release_quarantine"),
+        "seconds a device a VM used is held back after its release, on top of its scrub",
+        float,
+    ),
     Setting("--scoring", D("scoring"), "node scoring policy", choices=("best-fit", "spread")),
     Setting("--bind-concurrency", D("bind_concurrency"), "binds in flight at once", int),
     Setting(
@@ -208,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         identity=args.identity,
         lease_duration=args.leader_elect_lease_duration,
         renew_period=args.leader_elect_renew_period,
+        release_quarantine=args.release_quarantine,
     )
     webhook = None
     if args.webhook == "dev":

@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.scheduling import (
+    HELD_QUARANTINE,
     Device,
     NodeFacts,
     NodeRefusal,
@@ -119,6 +120,12 @@ class Inventory:
     on them are tried again"""
     changed: bool = False
     """something every VM-level decision depends on changed (flavors, namespaces, nodes)"""
+    out_of_service: dict[str, str] = field(default_factory=dict)
+    """node -> its out-of-service taint, as key=value:effect"""
+    scrubbing_nodes: set[str] = field(default_factory=set)
+    """nodes whose plugin scrubs released devices (their Lease says so)"""
+    quarantined: dict[str, float] = field(default_factory=dict)
+    """device name -> when its quarantine after release ends, for those held back by one"""
     _alive: dict[str, bool] = field(default_factory=dict)
     _facts: dict[str, NodeFacts] = field(default_factory=dict)
 
@@ -130,7 +137,11 @@ class Inventory:
         old = self.devices.get(name)
         if old is not None and rv_int(dev.metadata.resource_version) < rv_int(old.resource_version):
             return False
-        new = Device.from_model(dev)
+        new = Device.from_model(dev, self.clock())
+        if new.held_back == HELD_QUARANTINE and new.quarantine_until is not None:
+            self.quarantined[name] = new.quarantine_until
+        else:
+            self.quarantined.pop(name, None)
         if old is not None and old.node != new.node:
             self.by_node[old.node].pop(name, None)
             self._refresh_node(old.node)
@@ -153,6 +164,7 @@ class Inventory:
         for members in self.members.values():
             members.discard(name)
         self.reserved.pop(name, None)
+        self.quarantined.pop(name, None)
         self._refresh_node(old.node)
 
     def _account_claim(self, d: Device | None, sign: int) -> None:
@@ -353,6 +365,22 @@ class Inventory:
         self._refresh_node(node)
         self.changed = True
 
+    def set_out_of_service(self, node: str, taint: str | None) -> None:
+        """The node's out-of-service taint (None: it has none)."""
+        if self.out_of_service.get(node) == taint:
+            return
+        if taint is None:
+            self.out_of_service.pop(node, None)
+        else:
+            self.out_of_service[node] = taint
+        self._facts.pop(node, None)
+        self._bump(node)
+        self.changed = True
+        if taint is None:
+            for fname, counts in self.free.items():
+                if counts.get(node):
+                    self.grown.add(fname)
+
     def renew_lease(self, node: str, renewed_at: float) -> None:
         self.leases[node] = max(renewed_at, self.leases.get(node, 0.0))
         self.tick()
@@ -367,7 +395,18 @@ class Inventory:
         return renewed is not None and self.clock() - renewed <= self.node_dead_after
 
     def tick(self) -> list[tuple[str, bool]]:
-        """Re-evaluate node liveness; return the nodes whose liveness changed."""
+        """Re-evaluate node liveness and end quarantines that are over; return the nodes whose
+        liveness changed."""
+        now = self.clock()
+        for name, until in list(self.quarantined.items()):
+            d = self.devices.get(name)
+            if d is None or until > now:
+                continue
+            del self.quarantined[name]
+            d = replace(d, held_back=None)
+            self.devices[name] = d
+            self.by_node[d.node][name] = d
+            self._refresh_node(d.node)
         changed = []
         for node in set(self.leases) | set(self.by_node):
             alive = self.is_alive(node)
@@ -391,6 +430,7 @@ class Inventory:
                 dict(self.node_labels.get(node, {})),
                 self.is_alive(node),
                 self.compute.get(node),
+                node in self.out_of_service,
             )
             self._facts[node] = f
         return f

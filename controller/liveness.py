@@ -61,6 +61,10 @@ class NodeLiveness:
             self.changed()
             return
         annotations = lease["metadata"].get("annotations") or {}
+        if annotations.get(c.ANNOTATION_SCRUBS) == "true":
+            self.inventory.scrubbing_nodes.add(node)
+        else:
+            self.inventory.scrubbing_nodes.discard(node)
         self.inventory.set_compute(node, NodeCompute.from_json(annotations.get(COMPUTE_ANNOTATION)))
         renew = (lease.get("spec") or {}).get("renewTime")
         if renew:

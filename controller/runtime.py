@@ -28,8 +28,10 @@ import aiohttp
 
 from controller.audit import Auditor
 from controller.binding import Binder
+from controller.evacuation import Evacuator
 from controller.finalizer import Finalizer
 from controller.flavorwriter import FlavorStatusWriter
+from controller.health import DeviceHealth
 from controller.inventory import Inventory
 from controller.leader import LeaderElector
 from controller.ledger import ComputeLedger, QuotaLedger
@@ -77,6 +79,8 @@ class ControllerSettings:
     """Seconds a leader's Lease lasts without renewal (a standby's longest wait)."""
     renew_period: float = 1.0
     """Seconds between a leader's renewals."""
+    release_quarantine: float = 0.0
+    """Seconds a device a VM used is held back after its release (on top of its scrub)."""
 
 
 class Runtime:
@@ -85,7 +89,7 @@ class Runtime:
         self.settings = settings
         self.inventory = Inventory(node_dead_after=settings.node_dead_after)
         self.queue = SchedulingQueue()
-        self.binder = Binder(api, self.inventory)
+        self.binder = Binder(api, self.inventory, quarantine=settings.release_quarantine)
         self.quota_ledger = QuotaLedger(api, settings.namespace, self.inventory)
         self.compute_ledger = ComputeLedger(api, settings.namespace, self.inventory)
         self.events = EventRecorder(api, "pcipt-controller")
@@ -148,6 +152,17 @@ class Runtime:
             in_flight=lambda: self.queue.binding,
             reconsider=self._consider,
         )
+        self.evacuator = Evacuator(
+            self.inventory,
+            self.binder,
+            self.status,
+            self.events,
+            compute_ledger=self.compute_ledger,
+            spawn=self._spawn,
+            in_flight=lambda: self.queue.binding,
+            reconsider=self._consider,
+        )
+        self.device_health = DeviceHealth(self.inventory, self.status, self.events)
         self.flavor_status = FlavorStatusWriter(api, self.inventory)
         self.elector = (
             LeaderElector(
@@ -277,6 +292,14 @@ class Runtime:
         self.inventory.set_node_labels(
             meta["name"], None if event_type == "DELETED" else meta.get("labels") or {}
         )
+        taints = [] if event_type == "DELETED" else (body.get("spec") or {}).get("taints") or []
+        oos = next((t for t in taints if t.get("key") == c.TAINT_OUT_OF_SERVICE), None)
+        self.inventory.set_out_of_service(
+            meta["name"],
+            None
+            if oos is None
+            else f"{oos['key']}={oos.get('value', '')}:{oos.get('effect', '')}".replace("=:", ":"),
+        )
         self.scheduler.wake.set()
 
     def on_vm(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -316,9 +339,11 @@ class Runtime:
             if not self.active.is_set():
                 continue
             try:
-                if self.liveness.tick():
+                if self.liveness.tick() or self.inventory.grown:
                     self.scheduler.wake.set()
                 await self.liveness.mark_vms()
+                await self.evacuator.check()
+                await self.device_health.mark_vms()
                 if time.monotonic() - last_flavors >= self.settings.flavor_status_interval:
                     last_flavors = time.monotonic()
                     await self.flavor_status.write()

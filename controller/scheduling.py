@@ -23,6 +23,7 @@ Policy, in the order it is applied:
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -87,13 +88,23 @@ class Device:
     """For a VF: its PF's address."""
     reserved_after_use: bool = False
     """A one-time-use device a VM has had, not yet freed by an admin."""
+    health: str = "Healthy"
+    """Healthy, Unhealthy or Missing, as the node plugin publishes it."""
+    health_reason: str = ""
+    """The reason of its Healthy condition, when it is not healthy."""
+    held_back: str | None = None
+    """Why a released device is not offered yet: being scrubbed, its scrub failed, or in
+    quarantine (see spec.release); None when it may be."""
+    quarantine_until: float | None = None
+    """When a quarantine after release ends (epoch seconds)."""
 
     @property
     def address(self) -> str:
         return self.facts.address
 
     @classmethod
-    def from_model(cls, dev: PciDevice) -> Device:
+    def from_model(cls, dev: PciDevice, now: float | None = None) -> Device:
+        """`now`: the time a quarantine is judged at (default: the clock)."""
         st, spec = dev.status, dev.spec
         claim = None
         if spec.claim_ref is not None:
@@ -122,7 +133,43 @@ class Device:
             resource_version=dev.metadata.resource_version or "",
             phys_fn=st.sriov.phys_fn if st.sriov else None,
             reserved_after_use=spec.reserved is not None,
+            health=st.health,
+            health_reason=_health_reason(dev),
+            held_back=_held_back(dev, time.time() if now is None else now),
+            quarantine_until=(
+                spec.release.quarantine_until.timestamp()
+                if spec.release is not None and spec.release.quarantine_until is not None
+                else None
+            ),
         )
+
+
+def _health_reason(dev: PciDevice) -> str:
+    if dev.status.health == "Healthy":
+        return ""
+    cond = next((x for x in dev.status.conditions if x.type == "Healthy"), None)
+    return f"{cond.reason}: {cond.message}" if cond is not None else dev.status.health
+
+
+def _held_back(dev: PciDevice, now: float) -> str | None:
+    """Why a released device is not offered yet, or None: the node plugin has not answered
+    its release with a scrub, its scrub failed, or its quarantine lasts."""
+    rel = dev.spec.release
+    if rel is None or dev.spec.claim_ref is not None:
+        return None
+    scrub = dev.status.scrub
+    if rel.scrub and (scrub is None or scrub.release_id != rel.id):
+        return HELD_SCRUBBING
+    if rel.scrub and scrub is not None and scrub.phase != "Done":
+        return HELD_SCRUB_FAILED
+    if rel.quarantine_until is not None and rel.quarantine_until.timestamp() > now:
+        return HELD_QUARANTINE
+    return None
+
+
+HELD_SCRUBBING = "being scrubbed after release"
+HELD_SCRUB_FAILED = "whose scrub after release failed"
+HELD_QUARANTINE = "in quarantine after release"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +179,8 @@ class NodeFacts:
     alive: bool = True
     compute: NodeCompute | None = None
     """The host's CPUs and memory as its node plugin publishes them; None: not counted."""
+    out_of_service: bool = False
+    """The Node carries the node.kubernetes.io/out-of-service taint: nothing is placed there."""
 
     def effective_labels(self) -> dict[str, str]:
         """Node labels plus the hostname label, which every node has even without a Node object."""
@@ -433,7 +482,7 @@ class _NodeView:
             return False
         if d.claim is not None:
             return d.claim.uid == self.own_uid
-        if d.reserved_after_use:
+        if d.reserved_after_use or d.held_back is not None:
             return False
         return d.name not in self.reserved
 
@@ -485,6 +534,8 @@ def _why_not(view: _NodeView, d: Device) -> str:
         return "cordoned"
     if d.claim is None and d.reserved_after_use:
         return "reserved after one-time use"
+    if d.claim is None and d.held_back is not None:
+        return d.held_back
     if d.claim is not None and d.claim.uid != view.own_uid:
         return "claimed by other VMs"
     if d.claim is None and d.name in view.reserved:
@@ -985,6 +1036,8 @@ def schedule(inp: SchedulingInput) -> Result:
         facts = inp.nodes.get(name) or NodeFacts(name)
         if not facts.alive:
             refusals[name] = NodeRefusal(name, ("not alive",))
+        elif facts.out_of_service:
+            refusals[name] = NodeRefusal(name, ("out of service",))
         elif any(facts.effective_labels().get(k) != v for k, v in selector.items()):
             refusals[name] = NodeRefusal(name, ("didn't match the VM's nodeSelector",))
         else:
@@ -1176,6 +1229,7 @@ REFUSAL_FORMS: dict[str, str] = {
         r"have only \d+ free \S+ hugepages on NUMA node \d+ \(need \d+\)"
     ),
     "not alive": r"not alive",
+    "out of service": r"out of service",
     "didn't match the VM's nodeSelector": r"didn't match the VM's nodeSelector",
 }
 """Every form a node's refusal reason takes (as the tenant guide lists them) -> its pattern.
@@ -1184,6 +1238,9 @@ tests/unit/test_refusal_docs.py holds the guide, these forms and the code to eac
 EXCLUSION_ORDER = (
     "claimed by other VMs",
     "reserved after one-time use",
+    HELD_SCRUBBING,
+    HELD_SCRUB_FAILED,
+    HELD_QUARANTINE,
     "whose PF is held by another VM",
     "whose VF is held by another VM",
     "whose PF's other functions are held by another VM",

@@ -32,6 +32,11 @@ class VmStatusWriter:
         st = condition_status(vm, type_, status, reason, message, clock.now(), extra)
         if st is None:
             return vm
+        return await self.write(vm, st)
+
+    async def write(self, vm: PassthroughVM, st: dict[str, Any]) -> PassthroughVM | None:
+        """Merge `st` into the status, conditionally on the VM not having changed since `vm`;
+        None when it had."""
         body = {"metadata": {"resourceVersion": vm.metadata.resource_version}, "status": st}
         try:
             path = crd_path(

@@ -138,6 +138,52 @@ def pending_status(vm: PassthroughVM, refusal: Refusal, now: datetime) -> dict[s
     }
 
 
+NODE_CONDITIONS = (
+    c.COND_DOMAIN_READY,
+    c.COND_DOMAIN_GONE,
+    c.COND_NODE_ALIVE,
+    c.COND_DEVICES_HEALTHY,
+)
+"""Conditions about the node a VM was on and the devices it had there."""
+
+
+def evacuated_status(
+    vm: PassthroughVM, node: str, why: str, devices: Sequence[str], now: datetime
+) -> dict[str, Any]:
+    """Status of a VM taken off a node that is down, to be placed again: nothing of the old
+    node stays (devices, CPUs, domain, its conditions); Scheduled and DevicesBound say why, and
+    status.evacuation keeps the record."""
+    gen = vm.metadata.generation
+    msg = f"evacuated from {node}: {why}; released {len(devices)} device(s), placing it again"
+    conds = [x for x in vm.status.conditions if x.type not in NODE_CONDITIONS]
+    conds = set_condition(
+        conds, c.COND_SCHEDULED, False, c.REASON_EVACUATED, msg, generation=gen, now=now
+    )
+    conds = set_condition(
+        conds, c.COND_DEVICES_BOUND, False, c.REASON_EVACUATED, msg, generation=gen, now=now
+    )
+    conds = _with_ready(conds, vm, gen, now)
+    return {
+        "phase": "Pending",
+        "nodeName": None,
+        "devices": [],
+        "networks": [],
+        "skipped": [],
+        "deviceSummary": None,
+        "numaNode": None,
+        "compute": None,
+        "domain": None,
+        "evacuation": {
+            "fromNode": node,
+            "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "reason": why,
+            "devices": sorted(devices),
+        },
+        "conditions": [x.to_dict() for x in conds],
+        "observedGeneration": gen,
+    }
+
+
 def _same_reasons(current: Sequence[NodeRefusal], refused: Sequence[Any]) -> bool:
     if [n.node_name for n in current] != [r.node for r in refused]:
         return False

@@ -55,6 +55,7 @@ class NodeAgent:
             crd_path(c.PLURAL_PCIDEVICE),
             label_selector=f"{c.LABEL_NODE}={settings.node}",
             name="pcidevices",
+            on_event=self._device_event,
         )
         self.preparer = Preparer(
             settings.sysfs_root,
@@ -82,10 +83,19 @@ class NodeAgent:
             hypervisor=hypervisor or Hypervisor(settings.libvirt_uri),
             runner=self.runner,
         )
-        self.publisher.before_publish = self.reconciler.retry_failures
+        self.publisher.before_publish = self._before_publish
         self.registry.collectors.append(self.publisher.collect)
         self._tasks: list[asyncio.Task[Any]] = []
         self._metrics_runner: Any = None
+
+    def _device_event(self, kind: str, obj: dict[str, Any]) -> None:
+        """A release to scrub: rescan now rather than at the next interval."""
+        if kind != "DELETED" and self.reconciler.scrub_due(obj):
+            self.state.request_rescan()
+
+    async def _before_publish(self) -> None:
+        await self.reconciler.retry_failures()
+        await self.reconciler.scrub_released()
 
     # What tests and benchmarks look at.
     @property

@@ -87,6 +87,20 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         negatable=True,
     ),
     Setting(
+        "--scrub",
+        D("scrub"),
+        "reset released devices and return them to their own driver before they are offered "
+        "again (the controller waits for it)",
+        kind="flag",
+        negatable=True,
+    ),
+    Setting(
+        "--aer-hold-down",
+        D("aer_hold_down"),
+        "seconds a device stays Unhealthy after its fatal PCIe error count last rose",
+        float,
+    ),
+    Setting(
         "--stop-grace",
         D("stop_grace"),
         "seconds a guest gets to shut down before its domain is destroyed",
@@ -269,6 +283,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         lease_duration=args.lease_duration,
         resync_interval=args.resync_interval,
         restore_drivers=args.restore_drivers,
+        scrub=args.scrub,
+        aer_hold_down=args.aer_hold_down,
         domain_type=args.domain_type,
         machine=args.machine or None,
         console_log_dir=args.console_log_dir or None,

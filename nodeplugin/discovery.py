@@ -49,6 +49,12 @@ class PciFunction:
     serial: str | None = None
     """The card's serial number from the PCI VPD (`SN`); a VF without VPD of its own has its
     PF's, as Nova reads it."""
+    aer_fatal: int | None = None
+    """Fatal PCIe errors the kernel's AER driver has counted for it since boot
+    (`aer_dev_fatal`'s TOTAL_ERR_FATAL); None when the kernel does not report them."""
+    reset_methods: tuple[str, ...] | None = None
+    """How the kernel can reset it (`reset_method`, in the order it tries them); () when it
+    cannot; None when the kernel does not say (it still may, through `reset`)."""
 
     @property
     def is_bridge(self) -> bool:
@@ -166,7 +172,28 @@ def read_function(
         netdevs=_netdevs(dev),
         vf_product_id=(_hex(dev / "sriov_vf_device", 4) or None) if total_vfs else None,
         serial=vpd_serial(dev / "vpd") if class_code.startswith(VPD_CLASSES) else None,
+        aer_fatal=aer_total(dev / "aer_dev_fatal"),
+        reset_methods=_reset_methods(dev),
     )
+
+
+def aer_total(path: Path) -> int | None:
+    """The TOTAL_ERR_FATAL line of an aer_dev_fatal file (one `NAME COUNT` per line)."""
+    text = _read(path)
+    if text is None:
+        return None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "TOTAL_ERR_FATAL" and parts[1].isdigit():
+            return int(parts[1])
+    return None
+
+
+def _reset_methods(dev: Path) -> tuple[str, ...] | None:
+    methods = _read(dev / "reset_method")
+    if methods is not None:
+        return tuple(methods.split())
+    return None if (dev / "reset").exists() else ()
 
 
 VPD_READ_ONLY, VPD_END = 0x10, 0x0F

@@ -27,6 +27,11 @@ class HostState:
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)
     """address -> (reason, message): what the kernel said when preparing or restoring it
     failed; the device is published Unhealthy until it is cleared."""
+    aer_rose: dict[str, float] = field(default_factory=dict)
+    """address -> when its fatal AER count last rose (epoch seconds), while that makes it
+    Unhealthy (nodeplugin.health)."""
+    scrubs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """address -> the record of its last scrub (status.scrub), until it is published."""
     request_rescan: Callable[[], None] = _nothing
     """Ask the publisher for a rescan soon (a device's health changed)."""
     event_on_node: Callable[..., None] = _nothing

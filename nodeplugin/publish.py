@@ -64,8 +64,16 @@ def _health(
 
 
 def desired_status(
-    f: PciFunction, d: Decision, ids: PciIds, failure: tuple[str, str] | None = None
+    f: PciFunction,
+    d: Decision,
+    ids: PciIds,
+    failure: tuple[str, str] | None = None,
+    *,
+    group: tuple[int, list[str]] | None = None,
+    scrub: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`group`: the (IOMMU group, peers) to publish instead of the discovered ones (a claim's,
+    see nodeplugin.health); `scrub`: the last scrub's record."""
     health, reason, message = _health(f, failure, d.attributes.get("managed") == "false")
     status: dict[str, Any] = {
         "vendorID": f.vendor_id,
@@ -90,15 +98,19 @@ def desired_status(
         "productName": ids.device(f.vendor_id, f.product_id),
         "className": ids.class_name(f.class_code),
         "driver": f.driver,
-        "iommuGroup": f.iommu_group,
+        "iommuGroup": f.iommu_group if group is None else group[0],
         "netdev": f.netdev,
         "physicalNetwork": d.physical_network,
+        "aerFatal": f.aer_fatal,
     }
     status.update({k: v for k, v in names.items() if v is not None})
+    if scrub:
+        status["scrub"] = dict(scrub)
     # Empty collections are left out: server-side apply then removes what we set before, while
     # an explicit empty map would be stored as null.
-    if f.iommu_group_peers:
-        status["iommuGroupPeers"] = list(f.iommu_group_peers)
+    peers = list(f.iommu_group_peers) if group is None else group[1]
+    if peers:
+        status["iommuGroupPeers"] = peers
     if d.attributes:
         status["attributes"] = dict(d.attributes)
     sriov = status["sriov"]
@@ -121,9 +133,12 @@ def desired_devices(
     conditions: Mapping[str, list[dict[str, Any]]] | None = None,
     *,
     failures: Mapping[str, tuple[str, str]] | None = None,
+    groups: Mapping[str, tuple[int, list[str]]] | None = None,
+    scrubs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Desired]:
     """`conditions`: more conditions per address (a PF's VFsConfigured, say); `failures`:
-    (reason, message) per address the kernel refused to prepare, which makes it Unhealthy."""
+    (reason, message) per address that makes it Unhealthy (the kernel refused to prepare it,
+    fatal errors, ...); `groups`: IOMMU groups to keep publishing; `scrubs`: scrub records."""
     by_addr = host.by_address()
     out = {}
     for d in decisions:
@@ -131,7 +146,14 @@ def desired_devices(
             continue
         f = by_addr[d.address]
         name = pcidevice_name(node, f.address)
-        status = desired_status(f, d, ids, (failures or {}).get(f.address))
+        status = desired_status(
+            f,
+            d,
+            ids,
+            (failures or {}).get(f.address),
+            group=(groups or {}).get(f.address),
+            scrub=(scrubs or {}).get(f.address),
+        )
         status["conditions"] += (conditions or {}).get(f.address, [])
         out[name] = Desired(
             name, device_labels(node, f), {"nodeName": node, "address": f.address}, status
@@ -177,6 +199,8 @@ def _status_matches(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
         "className",
         "iommuGroupPeers",
         "attributes",
+        "aerFatal",
+        "scrub",
     }
     return all(k in want for k in optional if have.get(k))
 

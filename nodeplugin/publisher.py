@@ -20,6 +20,7 @@ from typing import Any
 from nodeplugin import pciids
 from nodeplugin.devicespec import DeviceSpecError, DeviceSpecs, decide, load_specs
 from nodeplugin.discovery import discover, read_compute
+from nodeplugin.health import judge
 from nodeplugin.hoststate import HostState
 from nodeplugin.metrics import NodeMetrics
 from nodeplugin.publish import COND_HEALTHY, Plan, desired_devices, plan
@@ -83,6 +84,7 @@ class DevicePublisher:
         """Called before each publish: the reconciler clears failures whose cause has gone."""
         self._config_stamp: tuple[float, ...] | None = None
         self._vf_said: dict[str, tuple[str, str]] = {}
+        self._sick_said: dict[str, str] = {}
         self._rescan_now = asyncio.Event()
         self._rescan_lock = asyncio.Lock()
         self._lease_compute: NodeCompute | None = None
@@ -121,15 +123,18 @@ class DevicePublisher:
             d.address for d in decisions if d.attributes.get("managed") == "false"
         }
         await self.before_publish()
+        current = {o["metadata"]["name"]: o for o in self.devices.items.values()}
+        failures, groups, scrubs = self._health(current)
         desired = desired_devices(
             self.settings.node,
             self.state.host,
             decisions,
             self.ids,
             vf_conditions,
-            failures=self.state.failures,
+            failures=failures,
+            groups=groups,
+            scrubs=scrubs,
         )
-        current = {o["metadata"]["name"]: o for o in self.devices.items.values()}
         present = {pcidevice_name(self.settings.node, f.address) for f in self.state.host.functions}
         p = plan(desired, current, present)
         if self.state.compute != self._lease_compute:
@@ -147,6 +152,36 @@ class DevicePublisher:
                 "rescanned node=%s devices=%d writes=%d", self.settings.node, len(desired), p.writes
             )
         return p
+
+    def _health(
+        self, current: dict[str, dict[str, Any]]
+    ) -> tuple[
+        dict[str, tuple[str, str]], dict[str, tuple[int, list[str]]], dict[str, dict[str, Any]]
+    ]:
+        """What makes each device Unhealthy (the kernel's refusals, rising fatal errors, a
+        changed IOMMU group under a claim, a failed scrub), the IOMMU groups to keep
+        publishing, and the scrub records to publish; a new cause is said in an Event."""
+        by_addr = {o["spec"]["address"]: o for o in current.values() if o.get("spec")}
+        sick, groups = judge(
+            self.state.host, by_addr, self.state.aer_rose, time.time(), self.settings.aer_hold_down
+        )
+        scrubs: dict[str, dict[str, Any]] = {}
+        for address, obj in by_addr.items():
+            record = self.state.scrubs.get(address) or (obj.get("status") or {}).get("scrub")
+            if not record:
+                continue
+            scrubs[address] = record
+            release = (obj.get("spec") or {}).get("release") or {}
+            if record.get("phase") == "Failed" and record.get("releaseID") == release.get("id"):
+                sick[address] = (c.REASON_SCRUB_FAILED, record.get("message", "scrub failed"))
+        for address, (reason, message) in sick.items():
+            if self._sick_said.get(address) != reason and reason != c.REASON_SCRUB_FAILED:
+                log.warning("device=%s unhealthy reason=%s: %s", address, reason, message)
+                self._event_on_node(
+                    "Warning", reason, message, device=pcidevice_name(self.settings.node, address)
+                )
+        self._sick_said = {a: r for a, (r, _m) in sick.items()}
+        return {**sick, **self.state.failures}, groups, scrubs
 
     def _load_config(self) -> None:
         """Re-read the device specs when their files changed; keep the last good ones on error."""
@@ -356,9 +391,15 @@ class DevicePublisher:
                 "name": name,
                 "namespace": self.settings.namespace,
                 # The host's CPUs and memory, for the controller to count VMs against.
-                "annotations": (
-                    {COMPUTE_ANNOTATION: self.state.compute.to_json()} if self.state.compute else {}
-                ),
+                "annotations": {
+                    **(
+                        {COMPUTE_ANNOTATION: self.state.compute.to_json()}
+                        if self.state.compute
+                        else {}
+                    ),
+                    # The controller holds released devices back until this plugin scrubs them.
+                    c.ANNOTATION_SCRUBS: "true" if self.settings.scrub else "false",
+                },
             },
             "spec": {
                 "holderIdentity": self.settings.node,

@@ -24,7 +24,7 @@ from nodeplugin.hoststate import HostState
 from nodeplugin.metrics import NodeMetrics
 from nodeplugin.settings import AgentSettings
 from nodeplugin.sriov import CommandRunner, SriovError, configure_vf
-from nodeplugin.vfio import PrepareError, Preparer
+from nodeplugin.vfio import PrepareError, Preparer, is_vfio_driver
 from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
 from pcipt import clock
 from pcipt import constants as c
@@ -218,6 +218,93 @@ class DomainReconciler:
                 else:
                     await self._restore({a})
 
+    # --- scrubbing released devices ----------------------------------------------------------
+
+    def scrub_due(self, obj: dict[str, Any]) -> bool:
+        """The device was released with a scrub asked for, and no scrub has answered that
+        release yet (or the last attempt failed: it is tried again)."""
+        if not self.settings.scrub:
+            return False
+        spec = obj.get("spec") or {}
+        rel = spec.get("release")
+        if not rel or not rel.get("scrub") or spec.get("claimRef"):
+            return False
+        done = self.state.scrubs.get(spec.get("address", "")) or (obj.get("status") or {}).get(
+            "scrub"
+        )
+        return not (done and done.get("releaseID") == rel.get("id") and done["phase"] == "Done")
+
+    async def scrub_released(self) -> None:
+        """Scrub each released device that asks for it and that no domain holds any more:
+        reset it where it was passed through, give it back to its own driver, and record the
+        outcome for the publisher to write (status.scrub)."""
+        due = [o for o in list(self.devices.items.values()) if self.scrub_due(o)]
+        if not due:
+            return
+        attached: set[str] = set()
+        for dom in await self._virt("domains", self.hyper.domains):
+            attached |= set(passthrough_addresses(dom.xml))
+        busy = attached | self._in_use()
+        for obj in due:
+            address, release = obj["spec"]["address"], obj["spec"]["release"]
+            if address in busy:
+                continue  # its domain is still going: the next rescan scrubs it
+            record = await asyncio.to_thread(self._scrub, address, release["id"])
+            self.state.scrubs[address] = record
+            name = obj["metadata"]["name"]
+            if record["phase"] == "Done":
+                self.state.aer_rose.pop(address, None)  # re-checked by the reset
+                self._cleared([address])
+                log.info("scrubbed device=%s: %s", address, record["message"])
+                self.state.event_on_node(
+                    "Normal", c.REASON_SCRUBBED, record["message"], device=name
+                )
+            else:
+                log.warning("scrub failed device=%s: %s", address, record["message"])
+                self.state.event_on_node(
+                    "Warning", c.REASON_SCRUB_FAILED, record["message"], device=name
+                )
+
+    def _scrub(self, address: str, release_id: str) -> dict[str, Any]:
+        """Reset (when the guest had the function itself, i.e. it is on vfio-pci) and give it
+        back to the driver it had before pcipt moved it. A device the guest never had directly
+        (a macvtap VF stays on its host driver) is not reset."""
+        steps: list[str] = []
+        method: str | None = None
+        record: dict[str, Any] = {"releaseID": release_id}
+        try:
+            on_vfio = is_vfio_driver(self.preparer.driver(address))
+            if on_vfio:
+                method = self.preparer.reset(address)
+                steps.append(
+                    f"reset ({method})" if method != "none" else "not reset: it has no reset method"
+                )
+            else:
+                method = "none"
+                steps.append(
+                    "not reset: the guest never had the function itself (it stayed on "
+                    f"{self.preparer.driver(address) or 'no driver'})"
+                )
+            if address in self.preparer.moved:
+                self.preparer.restore([address])
+                steps.append(f"returned to {self.preparer.driver(address) or 'no driver'}")
+        except PrepareError as e:
+            failure = {
+                "phase": "Failed",
+                "message": "; ".join([*steps, str(e)])[:1024],
+                "completedAt": clock.timestamp(),
+            }
+            return {**record, **failure, **({"reset": method} if method else {})}
+        driver = self.preparer.driver(address)
+        return {
+            **record,
+            "phase": "Done",
+            "reset": method,
+            **({"driver": driver} if driver else {}),
+            "completedAt": clock.timestamp(),
+            "message": "; ".join(steps)[:1024],
+        }
+
     async def reconcile(self, uid: str) -> None:
         vm = self._vm(uid)
         dom = await self._virt("lookup", self.hyper.lookup, uid)
@@ -397,11 +484,14 @@ class DomainReconciler:
         (folder / f"{dom.name}.xml").write_text(dom.xml)
 
     async def _teardown(self, vm: PassthroughVM, dom: DomainInfo | None) -> None:
+        held = _vm_addresses(vm)
         if dom is not None:
+            # An evacuated VM's status lists nothing any more; its domain still says what it had.
+            held |= set(passthrough_addresses(dom.xml))
             (self.settings.state_dir / "domains" / f"{dom.name}.xml").unlink(missing_ok=True)
             await self._virt("remove", self.hyper.remove, dom.uuid)
             log.info("removed domain=%s", dom.name)
-        await self._restore(_vm_addresses(vm))
+        await self._restore(held)
         if _deleting(vm) and vm.status.node_name == self.settings.node:
             await self._write_status(vm, self._gone_status)
 

@@ -37,6 +37,12 @@ class AgentSettings:
     """Seconds between looks at every VM and domain (guests that stopped by themselves)."""
     restore_drivers: bool = True
     """Give a device back to the driver it had when its VM goes (else leave it on vfio-pci)."""
+    scrub: bool = True
+    """Scrub released devices (reset, own driver back) before they are offered again; the node
+    Lease says so, and the controller then waits for each scrub."""
+    aer_hold_down: float = 300.0
+    """Seconds a device stays Unhealthy after its fatal AER count last rose (a scrub's reset
+    ends it sooner)."""
     domain_type: str = "kvm"
     """libvirt domain type: kvm, or qemu (TCG) where there is no KVM."""
     machine: str | None = "q35"

@@ -177,6 +177,9 @@ class SysfsTree:
             "numa_node": str(numa),
             "driver_override": "(null)",
             "enable": "1",
+            "reset_method": "flr",
+            "reset": "",
+            "aer_dev_fatal": aer_counters(0),
         }
         for k, v in files.items():
             (dev / k).write_text(v + "\n")
@@ -369,6 +372,15 @@ def build_host(root: Path, host: HostProfile) -> SysfsTree:
     return tree
 
 
+AER_FATAL_NAMES = ("Undefined", "DLP", "SDES", "TLP", "FCP", "CmpltTO", "CmpltAbrt", "UnxCmplt")
+
+
+def aer_counters(total: int) -> str:
+    """An aer_dev_fatal file as Linux writes it: a count per error kind, then the total."""
+    lines = [f"{n} {total if n == 'CmpltTO' else 0}" for n in AER_FATAL_NAMES]
+    return "\n".join([*lines, f"TOTAL_ERR_FATAL {total}"])
+
+
 class SimulatedKernel:
     """Writes into a fake sysfs tree and answers as Linux does to the driver-binding files:
     driver_override, drivers/<d>/bind and unbind, drivers_probe (which binds the override, or
@@ -403,7 +415,21 @@ class SimulatedKernel:
         elif rel[-1] == "driver_override":
             path.write_text((text or "(null)") + "\n")
             return
+        elif rel[-1] == "reset":
+            self._reset(path.parent.name, text)
+            return
         path.write_text(value)
+
+    def _reset(self, address: str, text: str) -> None:
+        """As Linux's reset_store: only "1" is taken (EINVAL else); the reset is counted in the
+        state file (`resets`), so tests can see it happened."""
+        if text != "1":
+            raise OSError(22, "Invalid argument")  # EINVAL
+        if self.state.get("resetFails", {}).get(address):
+            raise OSError(25, "Inappropriate ioctl for device")  # ENOTTY: no method worked
+        resets = self.state.setdefault("resets", {})
+        resets[address] = resets.get(address, 0) + 1
+        (self.root / SIM_STATE).write_text(json.dumps(self.state, indent=1))
 
     def _sriov_numvfs(self, pf: str, text: str) -> None:
         """As Linux's sriov_numvfs_store: a count above sriov_totalvfs is ERANGE; a PF without

@@ -150,6 +150,27 @@ class Preparer:
                     continue
         return sorted(found)
 
+    def reset(self, address: str) -> str:
+        """Reset the function through sysfs (the kernel tries its reset methods in order: a
+        function-level reset first where the device has one). Returns the method the kernel
+        lists first, or "none" when the device cannot be reset."""
+        dev = self._dev(address)
+        try:
+            methods = (dev / "reset_method").read_text().split()
+        except OSError:
+            methods = ["reset"] if (dev / "reset").exists() else []
+        if not methods or not (dev / "reset").exists():
+            return "none"
+        try:
+            self.writer.write(dev / "reset", "1")
+        except OSError as e:
+            raise PrepareError(
+                f"resetting {address} failed: the kernel said {_kernel_said(e)}",
+                address=address,
+                reason=c.REASON_SCRUB_FAILED,
+            ) from e
+        return methods[0]
+
     def bind_vfio(self, addresses: Iterable[str], unmanaged: Set[str] = frozenset()) -> list[str]:
         """Bind each device to vfio-pci; returns those that moved. Idempotent. All or nothing:
         when one fails, those this call moved go back to their drivers, and the failing one

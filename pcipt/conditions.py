@@ -69,6 +69,9 @@ def ready_condition(conditions: Iterable[Condition], *, running: bool) -> tuple[
     node = get_condition(conds, c.COND_NODE_ALIVE)
     if node is not None and node.status == "False":
         return False, node.reason or c.REASON_NODE_NOT_ALIVE, node.message
+    health = get_condition(conds, c.COND_DEVICES_HEALTHY)
+    if health is not None and health.status == "False":
+        return False, health.reason or c.REASON_DEVICE_UNHEALTHY, health.message
     wanted = [c.COND_SCHEDULED, c.COND_DEVICES_BOUND, c.COND_DOMAIN_READY]
     for t in wanted:
         cond = get_condition(conds, t)

@@ -92,3 +92,26 @@ REASON_START_FAILED: Final = "StartFailed"
 REASON_RUNNING: Final = "Running"
 REASON_STOPPED: Final = "Stopped"
 REASON_DOMAIN_REMOVED: Final = "DomainRemoved"
+
+# Evacuation (controller): Kubernetes' non-graceful node shutdown taint, set by an admin or a
+# fencing agent on a node that is down; and the Node label by which an admin opts a node group
+# in to evacuation after its lease has lapsed that many seconds.
+TAINT_OUT_OF_SERVICE: Final = "node.kubernetes.io/out-of-service"
+LABEL_EVACUATE_AFTER: Final = f"{GROUP}/evacuate-after-seconds"
+COND_EVACUATED: Final = "Evacuated"
+REASON_EVACUATED: Final = "Evacuated"
+REASON_EVACUATION_WAITING: Final = "WaitingForNode"
+
+# Device health as VMs see it (controller): a VM using an Unhealthy or Missing device.
+COND_DEVICES_HEALTHY: Final = "DevicesHealthy"
+REASON_DEVICES_HEALTHY: Final = "DevicesHealthy"
+REASON_DEVICE_UNHEALTHY: Final = "DeviceUnhealthy"
+
+# Device health causes the node plugin finds, and scrubbing a released device.
+REASON_AER_FATAL: Final = "FatalPcieErrors"
+REASON_IOMMU_GROUP_CHANGED: Final = "IommuGroupChanged"
+REASON_SCRUBBED: Final = "Scrubbed"
+REASON_SCRUB_FAILED: Final = "ScrubFailed"
+# On a node Lease: the node plugin scrubs released devices (the controller then holds each
+# released device back until its scrub is reported).
+ANNOTATION_SCRUBS: Final = f"{GROUP}/scrubs-released-devices"

@@ -72,6 +72,7 @@ def refusing_scenarios() -> list[Refusal]:
             )
         ),
         schedule(inp(vm(g), [dev(A, "0000:3b:00.0")], nodes=[NodeFacts(A, alive=False)])),
+        schedule(inp(vm(g), [dev(A, "0000:3b:00.0")], nodes=[NodeFacts(A, out_of_service=True)])),
         schedule(inp(vm(g, node_selector={"zone": "b"}), [dev(A, "0000:3b:00.0")])),
         schedule(
             inp(

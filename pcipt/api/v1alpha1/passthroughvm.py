@@ -288,6 +288,11 @@ class PassthroughVMSpec(ApiModel):
     """SR-IOV networks to attach."""
     placement: Placement | None = None
     """Constraints across requests, such as a shared NUMA node."""
+    evacuation_policy: Literal["Restart", "Wait"] = "Restart"
+    """What happens when the VM's node is known to be down (the Node carries the
+    node.kubernetes.io/out-of-service taint, or its lease lapsed on a node group whose admin
+    opted in): Restart releases its devices and places it on another node; Wait keeps its
+    devices and waits for the node to come back."""
 
     @model_validator(mode="after")
     def _cross_request_rules(self) -> Self:
@@ -434,6 +439,19 @@ class ComputeStatus(ApiModel):
     """Host NUMA nodes the vCPUs and memory are bound to; empty: they float over the host."""
 
 
+class Evacuation(ApiModel):
+    """The VM's last evacuation from a node that was down."""
+
+    from_node: str
+    """The node it was on."""
+    time: datetime | None = None
+    """When the controller released it from that node."""
+    reason: str = ""
+    """Why the node was known to be down."""
+    devices: list[str] = Field(default_factory=list)
+    """The PciDevices it held there, released."""
+
+
 class PassthroughVMStatus(ApiModel):
     """Where the VM is, what it was given, and why it is not running yet."""
 
@@ -460,6 +478,8 @@ class PassthroughVMStatus(ApiModel):
     """Why the VM is not placed yet, when it is Pending."""
     domain: DomainStatus | None = None
     """The libvirt domain."""
+    evacuation: Evacuation | None = None
+    """The last evacuation from a node that was down, if any."""
     conditions: Conditions
     """Scheduled, DevicesBound, DomainReady and Ready, each with reason and message."""
     observed_generation: int | None = None

@@ -93,6 +93,29 @@ class ReservedAfterUse(ApiModel):
     """When it was released."""
 
 
+class Release(ApiModel):
+    """The device's last release from a VM that had it, written by the controller in the same
+    write that removes the claim. Until the node plugin has scrubbed the device for this release
+    (when `scrub` says it must) and the quarantine has passed, no VM is given it. The next claim
+    removes it."""
+
+    id: str = Field(min_length=1, max_length=64)
+    """Identifies this release; the node plugin's status.scrub answers it by this ID."""
+    vm: str = Field(min_length=1, max_length=317)
+    """namespace/name of the VM that had it."""
+    uid: str = Field(min_length=1, max_length=64)
+    """That VM's UID."""
+    released_at: datetime | None = None
+    """When it was released."""
+    reason: str | None = Field(default=None, max_length=64)
+    """Why: Deleted (the VM went), Evacuated (its node was out of service), ..."""
+    scrub: bool = False
+    """The node plugin must reset the device and return it to its own driver first (set when
+    the node's plugin scrubs released devices)."""
+    quarantine_until: datetime | None = None
+    """Not offered before this time, scrubbed or not."""
+
+
 class PciDeviceSpec(ApiModel):
     """What the device is (node and address) and who may use it."""
 
@@ -116,6 +139,9 @@ class PciDeviceSpec(ApiModel):
     reserved: ReservedAfterUse | None = None
     """A one-time-use device a VM has had: no new VM is given it until an admin removes this
     (`kubectl pcipt uncordon DEVICE` does)."""
+    release: Release | None = None
+    """The last release from a VM that used it, while it is scrubbed and quarantined; written
+    by the controller, removed by the next claim (or an admin: `kubectl pcipt uncordon`)."""
 
     @field_validator("address")
     @classmethod
@@ -139,6 +165,26 @@ class SriovInfo(ApiModel):
 
 
 Health = Literal["Healthy", "Unhealthy", "Missing"]
+
+
+class ScrubStatus(ApiModel):
+    """The node plugin's answer to a release: what it did to the device before it is offered
+    again."""
+
+    release_id: str = Field(alias="releaseID", min_length=1, max_length=64)
+    """The spec.release this answers."""
+    phase: Literal["Done", "Failed"]
+    """Done: the device may be offered again (after any quarantine); Failed: it stays held
+    back, Unhealthy, and the node plugin tries again at each rescan."""
+    reset: str | None = Field(default=None, max_length=64)
+    """How the device was reset: the kernel's reset through sysfs (`function-level reset`, or
+    the method the kernel chose), or `none` with why in the message."""
+    driver: str | None = Field(default=None, max_length=64)
+    """The driver the device was returned to (absent: none)."""
+    completed_at: datetime | None = None
+    """When it finished."""
+    message: str = Field(default="", max_length=1024)
+    """Each step, or what failed, in words."""
 
 
 class PciDeviceStatus(ApiModel):
@@ -178,6 +224,11 @@ class PciDeviceStatus(ApiModel):
     """Free attributes from the host's device spec, for flavor and request selectors."""
     health: Health = "Healthy"
     """Healthy, Unhealthy (present but not usable) or Missing (gone from the host)."""
+    aer_fatal: int | None = Field(default=None, alias="aerFatal", ge=0)
+    """Fatal PCIe errors (AER) the kernel has counted for the device since boot, when it
+    reports them (aer_dev_fatal)."""
+    scrub: ScrubStatus | None = None
+    """The last scrub after a release (see spec.release)."""
     conditions: Conditions
     """Details of the device's state."""
 
@@ -203,6 +254,8 @@ class PciDevice(ResourceKind):
         printer_column("NUMA", ".status.numaNode", type="integer"),
         printer_column("Claimed-By", ".spec.claimRef.name"),
         printer_column("Health", ".status.health"),
+        printer_column("Why", '.status.conditions[?(@.type=="Healthy")].reason', priority=1),
+        printer_column("Released-From", ".spec.release.vm", priority=1),
         printer_column("Claim-Namespace", ".spec.claimRef.namespace", priority=1),
         printer_column("Vendor-ID", ".status.vendorID", priority=1),
         printer_column("Product-ID", ".status.productID", priority=1),
