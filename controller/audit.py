@@ -103,9 +103,13 @@ class Auditor:
             vm = await self._fresh_vm(claim.namespace, claim.name)
             if self._vm_holds(vm, claim.uid, d.name) or claim.uid in self.in_flight():
                 continue
-            if await self.binder.release(d.name, claim.uid, claim.bind_id):
+            gone = vm is None or vm.metadata.uid != claim.uid
+            # A VM that went without its finalizer may have used the device: scrub it. One that
+            # does not list it never had it (the node plugin starts only listed devices).
+            if await self.binder.release(
+                d.name, claim.uid, claim.bind_id, used=gone, reason="Orphaned"
+            ):
                 repaired["orphans"] += 1
-                gone = vm is None or vm.metadata.uid != claim.uid
                 why = "its VM is gone" if gone else "its VM does not list it"
                 log.info(
                     "released orphaned claim device=%s vm=%s/%s: %s",

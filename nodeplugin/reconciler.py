@@ -159,6 +159,8 @@ class DomainReconciler:
         log.info("removing domain=%s: its VM is no longer scheduled here", dom.name)
         await self._virt("remove", self.hyper.remove, dom.uuid)
         await self._restore(set(passthrough_addresses(dom.xml)))
+        if self.settings.scrub:
+            self.state.request_rescan()
 
     def _claimed_by(self, address: str) -> dict[str, Any] | None:
         name = pcidevice_name(self.settings.node, address)
@@ -178,6 +180,10 @@ class DomainReconciler:
         """Give back devices no VM of this node still lists; one the kernel will not give
         back is marked Unhealthy (the others still go back)."""
         todo = sorted(addresses - self._in_use())
+        if self.settings.scrub:
+            # Still claimed, or released for a scrub: the scrub resets it on vfio-pci and then
+            # gives it back (scrub_released).
+            todo = [a for a in todo if not self._awaits_scrub(a)]
         try:
             await asyncio.to_thread(self.preparer.restore, todo)
         except PrepareError as e:
@@ -220,6 +226,12 @@ class DomainReconciler:
 
     # --- scrubbing released devices ----------------------------------------------------------
 
+    def _awaits_scrub(self, address: str) -> bool:
+        obj = self.devices.items.get(pcidevice_name(self.settings.node, address))
+        return obj is not None and (
+            bool((obj.get("spec") or {}).get("claimRef")) or self.scrub_due(obj)
+        )
+
     def scrub_due(self, obj: dict[str, Any]) -> bool:
         """The device was released with a scrub asked for, and no scrub has answered that
         release yet (or the last attempt failed: it is tried again)."""
@@ -239,12 +251,17 @@ class DomainReconciler:
         reset it where it was passed through, give it back to its own driver, and record the
         outcome for the publisher to write (status.scrub)."""
         due = [o for o in list(self.devices.items.values()) if self.scrub_due(o)]
-        if not due:
+        left = [a for a in self.preparer.moved if not self._awaits_scrub(a)]
+        if not due and not left:
             return
         attached: set[str] = set()
         for dom in await self._virt("domains", self.hyper.domains):
             attached |= set(passthrough_addresses(dom.xml))
         busy = attached | self._in_use()
+        if left:
+            # Kept on vfio-pci for a scrub that was not asked for after all (released without
+            # one): given back now.
+            await self._restore({a for a in left if a not in busy})
         for obj in due:
             address, release = obj["spec"]["address"], obj["spec"]["release"]
             if address in busy:
@@ -492,6 +509,8 @@ class DomainReconciler:
             await self._virt("remove", self.hyper.remove, dom.uuid)
             log.info("removed domain=%s", dom.name)
         await self._restore(held)
+        if held and self.settings.scrub:
+            self.state.request_rescan()  # a release waiting for these can be scrubbed now
         if _deleting(vm) and vm.status.node_name == self.settings.node:
             await self._write_status(vm, self._gone_status)
 

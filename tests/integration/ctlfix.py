@@ -138,6 +138,8 @@ class LeaseKeeper:
         self.nodes = set(nodes)
         self.compute = compute
         """The pcipt.io/compute annotation each Lease carries, as a node plugin writes it."""
+        self.annotations: dict[str, str] = {}
+        """More annotations each Lease carries (pcipt.io/scrubs-released-devices, ...)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -154,7 +156,10 @@ class LeaseKeeper:
             "metadata": {
                 "name": f"{c.NODE_LEASE_PREFIX}{node}",
                 "namespace": OPERATOR_NS,
-                "annotations": {"pcipt.io/compute": self.compute} if self.compute else {},
+                "annotations": {
+                    **({"pcipt.io/compute": self.compute} if self.compute else {}),
+                    **self.annotations,
+                },
             },
             "spec": {"holderIdentity": node, "leaseDurationSeconds": 6, "renewTime": iso_now()},
         }

@@ -76,6 +76,7 @@ class Rig:
             resync_interval=0.5,
             domain_type="kvm",
             stop_grace=2,
+            scrub=False,  # the scrub tests turn it on; here a VM's end gives devices back
         )
         self.kubeconfig = kubeconfig
         self.api: KubeClient | None = None

@@ -92,7 +92,7 @@ def test_a_reset_is_written_to_sysfs_and_a_refusal_is_the_kernels(
     state["resetFails"] = {GPU: True}
     (root / SIM_STATE).write_text(json.dumps(state))
     p2 = Preparer(root, RecordingWriter(SimulatedKernel(root), root=root), tmp_path / "s2.json")
-    with pytest.raises(PrepareError, match="resetting .* failed: the kernel said"):
+    with pytest.raises(PrepareError, match=r"resetting .* failed: the kernel said"):
         p2.reset(GPU)
     # A function without reset support is not reset.
     (root / "bus/pci/devices" / GPU / "reset").unlink()

@@ -1,0 +1,382 @@
+"""Life after placement, the controller's half, against the real kube-apiserver: evacuation from
+a node known to be down, released devices held back for their scrub and quarantine, and device
+health reaching the VMs that use it. Devices and Leases are written the way node plugins write
+them (tests/integration/test_nodeplugin.py and tests/e2e run the real node plugin)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM
+from tests.integration.conftest import KubeCluster
+from tests.integration.ctlfix import (
+    OPERATOR_NS,
+    ControllerProcess,
+    LeaseKeeper,
+    World,
+    check_invariants,
+    consistently,
+    iso_now,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def operator_namespace(kube: KubeCluster) -> None:
+    try:
+        client.CoreV1Api(kube.api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS))
+        )
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+
+
+@pytest.fixture
+def world(kube: KubeCluster, namespace: str) -> Iterator[World]:
+    w = World(kube.api, namespace)
+    yield w
+    w.cleanup()
+
+
+@pytest.fixture
+def leases(kube: KubeCluster) -> Iterator[Callable[..., LeaseKeeper]]:
+    keepers: list[LeaseKeeper] = []
+
+    def start(*nodes: str) -> LeaseKeeper:
+        k = LeaseKeeper(kube.api, nodes).start()
+        keepers.append(k)
+        return k
+
+    yield start
+    for k in keepers:
+        k.stop()
+
+
+@pytest.fixture
+def nodes(kube: KubeCluster) -> Iterator[Callable[..., str]]:
+    """Node objects (no kubelet behind them: only their labels and taints matter here)."""
+    core = client.CoreV1Api(kube.api)
+    made: list[str] = []
+
+    def make(name: str, labels: dict[str, str] | None = None) -> str:
+        core.create_node(
+            client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels or {}))
+        )
+        made.append(name)
+        return name
+
+    yield make
+    for n in made:
+        try:
+            core.delete_node(n)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+
+
+def start_controller(kube: KubeCluster, tmp_path: Path, *extra: str) -> ControllerProcess:
+    return ControllerProcess(kube.kubeconfig, tmp_path, *extra).start()
+
+
+@pytest.fixture
+def controller(kube: KubeCluster, tmp_path: Path) -> Iterator[ControllerProcess]:
+    ctl = start_controller(kube, tmp_path)
+    yield ctl
+    ctl.stop()
+
+
+def taint_out_of_service(kube: KubeCluster, node: str) -> None:
+    client.CoreV1Api(kube.api).patch_node(
+        node,
+        {
+            "spec": {
+                "taints": [
+                    {"key": c.TAINT_OUT_OF_SERVICE, "value": "nodeshutdown", "effect": "NoExecute"}
+                ]
+            }
+        },
+    )
+
+
+def cond(vm: PassthroughVM, type_: str) -> Any:
+    return next((x for x in vm.status.conditions if x.type == type_), None)
+
+
+def events_for(kube: KubeCluster, namespace: str, name: str) -> list[tuple[str, str]]:
+    got = client.CoreV1Api(kube.api).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return [(e.reason, e.message) for e in got.items]
+
+
+def placed_on(world: World, name: str, node: str) -> Callable[[], Any]:
+    def check() -> Any:
+        vm = world.get_vm(name)
+        return vm if vm.status.node_name == node and vm.status.phase == "Scheduled" else None
+
+    return check
+
+
+# --- evacuation ------------------------------------------------------------------------------
+
+
+def test_a_dead_node_is_not_evacuated_until_it_is_declared_out_of_service(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    nodes: Callable[..., str],
+    controller: ControllerProcess,
+) -> None:
+    a, b = nodes(world.node("a")), nodes(world.node("b"))
+    keeper_a = leases(a)
+    leases(b)
+    d_a = world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+    uid = world.get_vm("vm1").metadata.uid
+    d_b = world.device("b", "0000:3b:00.0")
+    keeper_a.stop(delete=False)  # node a goes silent: down, or only cut off?
+    wait_for(
+        lambda: (x := cond(world.get_vm("vm1"), c.COND_NODE_ALIVE)) and x.status == "False",
+        timeout=15,
+        what="NodeAlive=False",
+    )
+    # Silent is not known down: a partitioned host may still run the guest.
+    consistently(
+        lambda: (
+            world.get_vm("vm1").status.node_name == a
+            and world.get_device(d_a).spec.claim_ref is not None
+        ),
+        3.0,
+        what="vm1 stays on the silent node with its device",
+    )
+    taint_out_of_service(kube, a)
+    vm = wait_for(placed_on(world, "vm1", b), timeout=20, what="vm1 placed again on b")
+    assert vm.metadata.uid == uid
+    assert vm.status.evacuation is not None and vm.status.evacuation.from_node == a
+    assert vm.status.evacuation.devices == [d_a]
+    assert c.TAINT_OUT_OF_SERVICE in vm.status.evacuation.reason
+    assert vm.status.devices[0].pci_device == d_b
+    assert vm.metadata.labels[c.LABEL_VM_NODE] == b
+    assert cond(vm, c.COND_NODE_ALIVE) is None  # about node a: gone with it
+    old = world.get_device(d_a)
+    assert old.spec.claim_ref is None
+    assert old.spec.release is not None and old.spec.release.reason == c.REASON_EVACUATED
+    assert old.spec.release.uid == uid
+    reasons = [r for r, _ in events_for(kube, world.namespace, "vm1")]
+    assert c.REASON_EVACUATED in reasons
+    # The tainted node takes nothing new, even once it renews again.
+    leases(a)
+    world.vm("vm2", [{"name": "gpu", "flavor": gpu}])
+    vm2 = wait_for(lambda: (v := world.get_vm("vm2")).status.scheduling and v, what="refusal")
+    assert "out of service" in vm2.status.scheduling.message
+    check_invariants(world)
+
+
+def test_a_vm_whose_policy_is_wait_keeps_its_devices_on_a_node_declared_down(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    nodes: Callable[..., str],
+    controller: ControllerProcess,
+) -> None:
+    a = nodes(world.node("a"))
+    keeper_a = leases(a)
+    leases(world.node("b"))
+    d_a = world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm("stay", [{"name": "gpu", "flavor": gpu}], evacuationPolicy="Wait")
+    wait_for(placed_on(world, "stay", a), what="placed on a")
+    world.device("b", "0000:3b:00.0")
+    keeper_a.stop(delete=False)
+    taint_out_of_service(kube, a)
+    vm = wait_for(
+        lambda: (v := world.get_vm("stay")) and cond(v, c.COND_EVACUATED) and v,
+        timeout=20,
+        what="the Evacuated condition",
+    )
+    ev = cond(vm, c.COND_EVACUATED)
+    assert ev.status == "False" and ev.reason == c.REASON_EVACUATION_WAITING
+    assert "evacuationPolicy is Wait" in ev.message
+    consistently(
+        lambda: (
+            world.get_vm("stay").status.node_name == a
+            and world.get_device(d_a).spec.claim_ref is not None
+        ),
+        2.0,
+        what="it keeps node a and its device",
+    )
+    check_invariants(world)
+
+
+def test_a_node_group_that_opted_in_is_evacuated_after_its_lease_timeout(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    nodes: Callable[..., str],
+    controller: ControllerProcess,
+) -> None:
+    # The controller under test calls a node dead after 6 s; this group evacuates after 9 s.
+    a = nodes(world.node("a"), {c.LABEL_EVACUATE_AFTER: "9"})
+    keeper_a = leases(a)
+    b = world.node("b")
+    leases(b)
+    world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+    world.device("b", "0000:3b:00.0")
+    keeper_a.stop(delete=False)
+    wait_for(placed_on(world, "vm1", b), timeout=30, what="vm1 evacuated to b")
+    evac = world.get_vm("vm1").status.evacuation
+    assert evac is not None and "evacuates after 9s" in evac.reason
+    check_invariants(world)
+
+
+# --- scrub and quarantine -----------------------------------------------------------------------
+
+
+def test_a_released_device_waits_for_its_scrub_and_the_claim_ends_the_release(
+    kube: KubeCluster,
+    world: World,
+    controller: ControllerProcess,
+) -> None:
+    a = world.node("a")
+    keeper = LeaseKeeper(kube.api, [a])
+    keeper.annotations = {c.ANNOTATION_SCRUBS: "true"}  # this node's plugin scrubs
+    keeper.start()
+    try:
+        d0 = world.device("a", "0000:3b:00.0")
+        gpu = world.flavor("a100")
+        world.vm("first", [{"name": "gpu", "flavor": gpu}])
+        wait_for(lambda: world.get_vm("first").status.phase == "Scheduled", what="first placed")
+        world.delete_vm("first")
+        wait_for(lambda: not world.vms(), what="first gone")
+        rel = world.get_device(d0).spec.release
+        assert rel is not None and rel.scrub and rel.reason == "Deleted"
+        world.vm("second", [{"name": "gpu", "flavor": gpu}])
+        vm = wait_for(lambda: (v := world.get_vm("second")).status.scheduling and v, what="wait")
+        assert "being scrubbed after release" in " ".join(vm.status.scheduling.nodes[0].reasons)
+        # An answer to another release does not free it.
+        scrub = {"phase": "Done", "reset": "flr", "completedAt": iso_now()[:19] + "Z"}
+        world.custom.patch_cluster_custom_object_status(
+            c.GROUP,
+            c.VERSION,
+            c.PLURAL_PCIDEVICE,
+            d0,
+            {"status": {"scrub": {**scrub, "releaseID": "another"}}},
+        )
+        consistently(
+            lambda: world.get_vm("second").status.phase == "Pending", 2.0, what="still held"
+        )
+        world.custom.patch_cluster_custom_object_status(
+            c.GROUP,
+            c.VERSION,
+            c.PLURAL_PCIDEVICE,
+            d0,
+            {"status": {"scrub": {**scrub, "releaseID": rel.id}}},
+        )
+        wait_for(lambda: world.get_vm("second").status.phase == "Scheduled", what="second placed")
+        dev = world.get_device(d0)
+        assert dev.spec.release is None and dev.spec.claim_ref is not None
+        check_invariants(world)
+    finally:
+        keeper.stop()
+
+
+def test_a_quarantine_holds_a_released_device_back_for_its_time(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    tmp_path: Path,
+) -> None:
+    ctl = start_controller(kube, tmp_path, "--release-quarantine", "6")
+    try:
+        leases(world.node("a"))
+        d0 = world.device("a", "0000:3b:00.0")
+        gpu = world.flavor("a100")
+        world.vm("first", [{"name": "gpu", "flavor": gpu}])
+        wait_for(lambda: world.get_vm("first").status.phase == "Scheduled", what="first placed")
+        world.delete_vm("first")
+        wait_for(lambda: not world.vms(), what="first gone")
+        rel = world.get_device(d0).spec.release
+        assert rel is not None and not rel.scrub and rel.quarantine_until is not None
+        world.vm("second", [{"name": "gpu", "flavor": gpu}])
+        vm = wait_for(lambda: (v := world.get_vm("second")).status.scheduling and v, what="wait")
+        assert "in quarantine after release" in " ".join(vm.status.scheduling.nodes[0].reasons)
+        placed = wait_for(
+            lambda: (v := world.get_vm("second")).status.phase == "Scheduled" and v,
+            timeout=20,
+            what="second placed once the quarantine is over",
+        )
+        assert placed.status.conditions  # placed by the clock alone: nothing else changed
+        check_invariants(world)
+    finally:
+        ctl.stop()
+
+
+# --- health ----------------------------------------------------------------------------------
+
+
+def test_a_vm_hears_when_its_device_turns_unhealthy_and_when_it_recovers(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    leases(world.node("a"))
+    d0 = world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(lambda: world.get_vm("vm1").status.phase == "Scheduled", what="placed")
+
+    def health(state: str, reason: str, message: str) -> None:
+        world.custom.patch_cluster_custom_object_status(
+            c.GROUP,
+            c.VERSION,
+            c.PLURAL_PCIDEVICE,
+            d0,
+            {
+                "status": {
+                    "health": state,
+                    "conditions": [
+                        {
+                            "type": "Healthy",
+                            "status": "True" if state == "Healthy" else "False",
+                            "reason": reason,
+                            "message": message,
+                            "lastTransitionTime": iso_now()[:19] + "Z",
+                        }
+                    ],
+                }
+            },
+        )
+
+    health("Unhealthy", c.REASON_AER_FATAL, "the kernel counted fatal PCIe errors")
+    vm = wait_for(
+        lambda: (v := world.get_vm("vm1")) and cond(v, c.COND_DEVICES_HEALTHY) and v,
+        what="DevicesHealthy",
+    )
+    x = cond(vm, c.COND_DEVICES_HEALTHY)
+    assert x.status == "False" and d0 in x.message and c.REASON_AER_FATAL in x.message
+    ready = cond(vm, c.COND_READY)
+    assert ready.status == "False" and ready.reason == c.REASON_DEVICE_UNHEALTHY
+    assert (c.REASON_DEVICE_UNHEALTHY, x.message) in events_for(kube, world.namespace, "vm1")
+    # The VM keeps its device (the admin or tenant decides), and hears of recovery.
+    assert world.get_device(d0).spec.claim_ref is not None
+    health("Healthy", c.REASON_PRESENT, "found on the host")
+    wait_for(
+        lambda: cond(world.get_vm("vm1"), c.COND_DEVICES_HEALTHY).status == "True",
+        what="DevicesHealthy=True again",
+    )
+    reasons = [r for r, _ in events_for(kube, world.namespace, "vm1")]
+    assert c.REASON_DEVICES_HEALTHY in reasons
+    check_invariants(world)
