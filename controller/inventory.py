@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.scheduling import (
-    HELD_QUARANTINE,
     Device,
     NodeFacts,
     NodeRefusal,
@@ -26,6 +25,7 @@ from controller.scheduling import (
 )
 from pcipt.api.v1alpha1 import ComputeStatus, PassthroughVM, PciDevice, PciFlavor
 from pcipt.compute import NodeCompute
+from pcipt.release import HELD_QUARANTINE
 from pcipt.selectors import device_selector_matches
 
 VmKey = tuple[str, str]

@@ -6,6 +6,7 @@ from collections import Counter as Tally
 
 from controller.inventory import Inventory
 from pcipt import metrics as m
+from pcipt.release import HELD_QUARANTINE
 
 
 class ControllerMetrics:
@@ -65,6 +66,8 @@ class ControllerMetrics:
                     state = "cordoned"
                 elif d.reserved_after_use:
                     state = "reserved"
+                elif d.held_back is not None:
+                    state = "quarantined" if d.held_back == HELD_QUARANTINE else "scrubbing"
                 elif not inv.is_alive(d.node):
                     state = "node-not-alive"
                 else:

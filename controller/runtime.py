@@ -37,6 +37,7 @@ from controller.leader import LeaderElector
 from controller.ledger import ComputeLedger, QuotaLedger
 from controller.liveness import NodeLiveness
 from controller.metrics import ControllerMetrics
+from controller.migration import Migrator
 from controller.queue import SchedulingQueue
 from controller.scheduler import Scheduler, SchedulerSettings
 from controller.scheduling import ScoringPolicy, request_problems
@@ -153,6 +154,16 @@ class Runtime:
             reconsider=self._consider,
         )
         self.evacuator = Evacuator(
+            self.inventory,
+            self.binder,
+            self.status,
+            self.events,
+            compute_ledger=self.compute_ledger,
+            spawn=self._spawn,
+            in_flight=lambda: self.queue.binding,
+            reconsider=self._consider,
+        )
+        self.migrator = Migrator(
             self.inventory,
             self.binder,
             self.status,
@@ -343,6 +354,7 @@ class Runtime:
                     self.scheduler.wake.set()
                 await self.liveness.mark_vms()
                 await self.evacuator.check()
+                await self.migrator.check()
                 await self.device_health.mark_vms()
                 if time.monotonic() - last_flavors >= self.settings.flavor_status_interval:
                     last_flavors = time.monotonic()

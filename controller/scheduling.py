@@ -41,6 +41,7 @@ from pcipt.api.v1alpha1 import (
     parse_vlan_range,
 )
 from pcipt.compute import NodeCompute
+from pcipt.release import HELD_QUARANTINE, HELD_SCRUB_FAILED, HELD_SCRUBBING, held_back
 from pcipt.selectors import (
     DeviceFacts,
     describe_label_selector,
@@ -135,7 +136,7 @@ class Device:
             reserved_after_use=spec.reserved is not None,
             health=st.health,
             health_reason=_health_reason(dev),
-            held_back=_held_back(dev, time.time() if now is None else now),
+            held_back=held_back(dev, time.time() if now is None else now),
             quarantine_until=(
                 spec.release.quarantine_until.timestamp()
                 if spec.release is not None and spec.release.quarantine_until is not None
@@ -149,27 +150,6 @@ def _health_reason(dev: PciDevice) -> str:
         return ""
     cond = next((x for x in dev.status.conditions if x.type == "Healthy"), None)
     return f"{cond.reason}: {cond.message}" if cond is not None else dev.status.health
-
-
-def _held_back(dev: PciDevice, now: float) -> str | None:
-    """Why a released device is not offered yet, or None: the node plugin has not answered
-    its release with a scrub, its scrub failed, or its quarantine lasts."""
-    rel = dev.spec.release
-    if rel is None or dev.spec.claim_ref is not None:
-        return None
-    scrub = dev.status.scrub
-    if rel.scrub and (scrub is None or scrub.release_id != rel.id):
-        return HELD_SCRUBBING
-    if rel.scrub and scrub is not None and scrub.phase != "Done":
-        return HELD_SCRUB_FAILED
-    if rel.quarantine_until is not None and rel.quarantine_until.timestamp() > now:
-        return HELD_QUARANTINE
-    return None
-
-
-HELD_SCRUBBING = "being scrubbed after release"
-HELD_SCRUB_FAILED = "whose scrub after release failed"
-HELD_QUARANTINE = "in quarantine after release"
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,6 +505,18 @@ class _NodeView:
 
     def blocked_by_group(self, d: Device) -> bool:
         return self.group(d) is None
+
+
+def _migration_excludes(vm: PassthroughVM, node: str) -> str | None:
+    """A VM being placed again by a cold migration leaves its old node, for the target."""
+    mig = vm.status.migration
+    if mig is None or mig.phase != "Placing":
+        return None
+    if node == mig.from_node:
+        return "the VM is migrating away from it"
+    if mig.to_node and node != mig.to_node:
+        return "not the migration's target"
+    return None
 
 
 def _why_not(view: _NodeView, d: Device) -> str:
@@ -1038,6 +1030,8 @@ def schedule(inp: SchedulingInput) -> Result:
             refusals[name] = NodeRefusal(name, ("not alive",))
         elif facts.out_of_service:
             refusals[name] = NodeRefusal(name, ("out of service",))
+        elif (why := _migration_excludes(inp.vm, name)) is not None:
+            refusals[name] = NodeRefusal(name, (why,))
         elif any(facts.effective_labels().get(k) != v for k, v in selector.items()):
             refusals[name] = NodeRefusal(name, ("didn't match the VM's nodeSelector",))
         else:
@@ -1230,6 +1224,8 @@ REFUSAL_FORMS: dict[str, str] = {
     ),
     "not alive": r"not alive",
     "out of service": r"out of service",
+    "the VM is migrating away from it": r"the VM is migrating away from it",
+    "not the migration's target": r"not the migration's target",
     "didn't match the VM's nodeSelector": r"didn't match the VM's nodeSelector",
 }
 """Every form a node's refusal reason takes (as the tenant guide lists them) -> its pattern.

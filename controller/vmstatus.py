@@ -81,7 +81,17 @@ def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> 
         now=now,
     )
     conds = _with_ready(conds, vm, gen, now)
+    extra: dict[str, Any] = {}
+    mig = vm.status.migration
+    if mig is not None and mig.phase == "Placing":
+        extra["migration"] = {
+            **mig.to_dict(),
+            "phase": "Completed",
+            "completedAt": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "message": f"migrated from {mig.from_node} to {placement.node}",
+        }
     return {
+        **extra,
         "phase": "Scheduled",
         "nodeName": placement.node,
         "devices": [d.to_dict() for d in devices],
@@ -147,21 +157,13 @@ NODE_CONDITIONS = (
 """Conditions about the node a VM was on and the devices it had there."""
 
 
-def evacuated_status(
-    vm: PassthroughVM, node: str, why: str, devices: Sequence[str], now: datetime
-) -> dict[str, Any]:
-    """Status of a VM taken off a node that is down, to be placed again: nothing of the old
-    node stays (devices, CPUs, domain, its conditions); Scheduled and DevicesBound say why, and
-    status.evacuation keeps the record."""
+def unplaced_status(vm: PassthroughVM, reason: str, msg: str, now: datetime) -> dict[str, Any]:
+    """Status of a VM taken off its node to be placed again: nothing of the old node stays
+    (devices, CPUs, domain, the conditions about them); Scheduled and DevicesBound say why."""
     gen = vm.metadata.generation
-    msg = f"evacuated from {node}: {why}; released {len(devices)} device(s), placing it again"
     conds = [x for x in vm.status.conditions if x.type not in NODE_CONDITIONS]
-    conds = set_condition(
-        conds, c.COND_SCHEDULED, False, c.REASON_EVACUATED, msg, generation=gen, now=now
-    )
-    conds = set_condition(
-        conds, c.COND_DEVICES_BOUND, False, c.REASON_EVACUATED, msg, generation=gen, now=now
-    )
+    conds = set_condition(conds, c.COND_SCHEDULED, False, reason, msg, generation=gen, now=now)
+    conds = set_condition(conds, c.COND_DEVICES_BOUND, False, reason, msg, generation=gen, now=now)
     conds = _with_ready(conds, vm, gen, now)
     return {
         "phase": "Pending",
@@ -173,14 +175,25 @@ def evacuated_status(
         "numaNode": None,
         "compute": None,
         "domain": None,
+        "conditions": [x.to_dict() for x in conds],
+        "observedGeneration": gen,
+    }
+
+
+def evacuated_status(
+    vm: PassthroughVM, node: str, why: str, devices: Sequence[str], now: datetime
+) -> dict[str, Any]:
+    """Status of a VM taken off a node that is down, to be placed again, with status.evacuation
+    keeping the record."""
+    msg = f"evacuated from {node}: {why}; released {len(devices)} device(s), placing it again"
+    return {
+        **unplaced_status(vm, c.REASON_EVACUATED, msg, now),
         "evacuation": {
             "fromNode": node,
             "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "reason": why,
             "devices": sorted(devices),
         },
-        "conditions": [x.to_dict() for x in conds],
-        "observedGeneration": gen,
     }
 
 

@@ -42,6 +42,13 @@ def _deleting(vm: PassthroughVM) -> bool:
     return vm.metadata.deletion_timestamp is not None
 
 
+def _migrating_away(vm: PassthroughVM, node: str) -> bool:
+    """A cold migration asks this node to stop the VM for good (nodeplugin's half: remove the
+    domain and say DomainGone; the controller then releases and re-places)."""
+    mig = vm.status.migration
+    return mig is not None and mig.phase == "Stopping" and mig.from_node == node
+
+
 def _vm_addresses(vm: PassthroughVM) -> set[str]:
     return {d.address for d in vm.status.devices} | {n.address for n in vm.status.networks}
 
@@ -172,7 +179,11 @@ class DomainReconciler:
         in_use = set()
         for obj in self.vms.items.values():
             vm = PassthroughVM.model_validate(obj)
-            if not _deleting(vm) and vm.status.node_name == self.settings.node:
+            if (
+                not _deleting(vm)
+                and vm.status.node_name == self.settings.node
+                and not _migrating_away(vm, self.settings.node)
+            ):
                 in_use |= _vm_addresses(vm)
         return in_use
 
@@ -329,7 +340,11 @@ class DomainReconciler:
             if dom is not None and dom.vm is not None:
                 await self._remove_orphan(dom)
             return
-        if _deleting(vm) or vm.status.node_name != self.settings.node:
+        if (
+            _deleting(vm)
+            or vm.status.node_name != self.settings.node
+            or _migrating_away(vm, self.settings.node)
+        ):
             await self._teardown(vm, dom)
             return
         problem = self._check_claims(vm) or await self._check_in_use(vm)
@@ -511,7 +526,9 @@ class DomainReconciler:
         await self._restore(held)
         if held and self.settings.scrub:
             self.state.request_rescan()  # a release waiting for these can be scrubbed now
-        if _deleting(vm) and vm.status.node_name == self.settings.node:
+        if vm.status.node_name == self.settings.node and (
+            _deleting(vm) or _migrating_away(vm, self.settings.node)
+        ):
             await self._write_status(vm, self._gone_status)
 
     def _gone_status(self, vm: PassthroughVM) -> dict[str, Any] | None:

@@ -115,3 +115,10 @@ REASON_SCRUB_FAILED: Final = "ScrubFailed"
 # On a node Lease: the node plugin scrubs released devices (the controller then holds each
 # released device back until its scrub is reported).
 ANNOTATION_SCRUBS: Final = f"{GROUP}/scrubs-released-devices"
+
+# Cold migration: `kubectl pcipt migrate` writes this annotation on the VM, a JSON object
+# {"id": ..., "to": NODE or absent}; the controller answers in status.migration.
+ANNOTATION_MIGRATE: Final = f"{GROUP}/migrate"
+REASON_MIGRATING: Final = "Migrating"
+REASON_MIGRATED: Final = "Migrated"
+REASON_MIGRATION_FAILED: Final = "MigrationFailed"

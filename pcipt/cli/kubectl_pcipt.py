@@ -4,6 +4,7 @@
     kubectl pcipt explain VM [-n NS]              where a VM is and why (or why not)
     kubectl pcipt cordon|uncordon DEVICE          stop (or resume) giving a device to new VMs
     kubectl pcipt describe node NODE              what a host offers, and to whom
+    kubectl pcipt migrate VM [--to NODE] [-n NS]  stop a VM, place it elsewhere, start it there
 
 It finds the cluster as kubectl does (--kubeconfig, --context, $KUBECONFIG, ~/.kube/config).
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -24,6 +27,7 @@ from kubernetes import client, config
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
 from pcipt.compute import describe
+from pcipt.release import HELD_QUARANTINE, held_back
 from pcipt.selectors import DeviceFacts, device_selector_matches
 
 NOT_INSTALLED = (
@@ -99,6 +103,9 @@ def _state(d: PciDevice, alive: bool) -> str:
         return "cordoned"
     if d.spec.reserved is not None:
         return "reserved"
+    held = held_back(d, time.time())
+    if held is not None:
+        return "quarantined" if held == HELD_QUARANTINE else "scrubbing"
     if not alive:
         return "node-not-alive"
     return "free"
@@ -128,7 +135,17 @@ def inventory(args: argparse.Namespace) -> int:
         rows = {k: v for k, v in rows.items() if k[0] == args.node}
     if args.flavor:
         rows = {k: v for k, v in rows.items() if k[1] == args.flavor}
-    cols = ("total", "free", "allocated", "unhealthy", "cordoned", "reserved", "node-not-alive")
+    cols = (
+        "total",
+        "free",
+        "allocated",
+        "unhealthy",
+        "cordoned",
+        "reserved",
+        "scrubbing",
+        "quarantined",
+        "node-not-alive",
+    )
     records: list[dict[str, Any]] = [
         {
             "node": node,
@@ -151,6 +168,8 @@ def inventory(args: argparse.Namespace) -> int:
             "UNHEALTHY",
             "CORDONED",
             "RESERVED",
+            "SCRUBBING",
+            "QUARANTINED",
             "ALIVE",
         )
     ]
@@ -165,6 +184,8 @@ def inventory(args: argparse.Namespace) -> int:
                 str(r["unhealthy"]),
                 str(r["cordoned"]),
                 str(r["reserved"]),
+                str(r["scrubbing"]),
+                str(r["quarantined"]),
                 "yes" if r["alive"] else "no",
             )
         )
@@ -200,6 +221,19 @@ def explain(args: argparse.Namespace) -> int:
     ready = next((x for x in st.conditions if x.type == c.COND_READY), None)
     if ready is not None:
         out.append(f"  ready: {ready.status} ({ready.reason}): {ready.message}")
+    if st.migration is not None:
+        mg = st.migration
+        out.append(
+            f"  migration {mg.id}: {mg.phase}, from {mg.from_node} to {mg.to_node or 'any node'}"
+            + (f": {mg.message}" if mg.message else "")
+        )
+    if st.evacuation is not None:
+        ev = st.evacuation
+        when = ev.time.strftime("%Y-%m-%dT%H:%M:%SZ") if ev.time else "?"
+        out.append(
+            f"  evacuated from {ev.from_node} at {when}: {ev.reason}; released "
+            f"{', '.join(ev.devices) or 'no devices'}"
+        )
     if st.node_name:
         if st.compute is not None:
             out.append(f"  CPUs and memory: {describe(st.compute)}")
@@ -267,10 +301,11 @@ def cordon(args: argparse.Namespace, unschedulable: bool) -> int:
                 c.VERSION,
                 c.PLURAL_PCIDEVICE,
                 name,
-                # Uncordoning also frees a one-time-use device its last VM left reserved.
+                # Uncordoning also frees a one-time-use device its last VM left reserved, and
+                # ends the hold of its last release (the admin vouches for it: scrubbed or not).
                 {"spec": {"unschedulable": unschedulable}}
                 if unschedulable
-                else {"spec": {"unschedulable": False, "reserved": None}},
+                else {"spec": {"unschedulable": False, "reserved": None, "release": None}},
             )
         except client.ApiException as e:
             if e.status == 404:
@@ -278,6 +313,36 @@ def cordon(args: argparse.Namespace, unschedulable: bool) -> int:
                 raise PluginError(f"pcidevice {name} not found") from e
             raise
         print(f"pcidevice.pcipt.io/{name} {'cordoned' if unschedulable else 'uncordoned'}")
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    """Ask for a cold migration: the pcipt.io/migrate annotation, with a new ID; the controller
+    answers in status.migration (`kubectl pcipt explain` shows it)."""
+    api = _api(args)
+    ns = args.namespace or _current_namespace(args)
+    request: dict[str, str] = {"id": uuid.uuid4().hex[:12]}
+    if args.to:
+        request["to"] = args.to
+    try:
+        client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            c.GROUP,
+            c.VERSION,
+            ns,
+            c.PLURAL_PASSTHROUGHVM,
+            args.vm,
+            {"metadata": {"annotations": {c.ANNOTATION_MIGRATE: json.dumps(request)}}},
+        )
+    except client.ApiException as e:
+        if e.status == 404:
+            _list(api, c.PLURAL_PASSTHROUGHVM, ns)
+            raise PluginError(f"passthroughvm {ns}/{args.vm} not found") from e
+        raise
+    print(
+        f"passthroughvm.pcipt.io/{args.vm} migration {request['id']} requested"
+        + (f" to {args.to}" if args.to else "")
+        + f" (follow it with: kubectl pcipt explain {args.vm} -n {ns})"
+    )
     return 0
 
 
@@ -403,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         cp = sub.add_parser(verb, help=f"{verb} PciDevices (no new VM gets a cordoned device)")
         cp.add_argument("devices", nargs="*", metavar="DEVICE")
         cp.add_argument("--node", help="every device of this node")
+    mi = sub.add_parser(
+        "migrate", help="cold-migrate a VM: stop it, release its devices, start it elsewhere"
+    )
+    mi.add_argument("vm")
+    mi.add_argument("-n", "--namespace")
+    mi.add_argument("--to", help="the node to move it to (default: any other node)")
     de = sub.add_parser("describe", help="describe node NAME: what a host offers, and to whom")
     de.add_argument("what", choices=["node"])
     de.add_argument("name")
@@ -418,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             return explain(args)
         if args.cmd in ("cordon", "uncordon"):
             return cordon(args, args.cmd == "cordon")
+        if args.cmd == "migrate":
+            return migrate(args)
         return describe_node(args)
     except PluginError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -68,11 +68,13 @@ def test_inventory_per_node_and_flavor(lab: Lab) -> None:
         "UNHEALTHY",
         "CORDONED",
         "RESERVED",
+        "SCRUBBING",
+        "QUARANTINED",
         "ALIVE",
     ]
     rows = {tuple(line.split()[:2]): line.split()[2:] for line in lines[1:]}
-    assert rows[("node-a", "a100")] == ["3", "1", "2", "0", "0", "0", "yes"]
-    assert rows[("node-b", "a100")] == ["1", "1", "0", "0", "0", "0", "yes"]
+    assert rows[("node-a", "a100")] == ["3", "1", "2", "0", "0", "0", "0", "0", "yes"]
+    assert rows[("node-b", "a100")] == ["1", "1", "0", "0", "0", "0", "0", "0", "yes"]
     assert rows[("node-b", "e810-vf-physnet2")][:2] == ["8", "8"]
     assert rows[("node-a", "<none>")][0] == "1"  # the GPU's audio function: published, in no flavor
     as_json = json.loads(plugin(lab.kubectl_path, lab.kubeconfig, "inventory", "-o", "json").stdout)
@@ -117,7 +119,7 @@ def test_cordon_and_uncordon(lab: Lab) -> None:
     inv = plugin(
         lab.kubectl_path, lab.kubeconfig, "inventory", "--node", "node-b", "--flavor", "a100"
     ).stdout
-    assert inv.splitlines()[1].split()[2:] == ["1", "0", "0", "0", "1", "0", "yes"]
+    assert inv.splitlines()[1].split()[2:] == ["1", "0", "0", "0", "1", "0", "0", "0", "yes"]
     assert (
         plugin(lab.kubectl_path, lab.kubeconfig, "uncordon", "node-b.0000-3b-00-0").returncode == 0
     )

@@ -499,6 +499,10 @@ def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
         ).stdout.strip()
         if left:
             problems.append(f"VMs still there after delete: {left}")
+        # Released devices come back to their drivers through their scrub (reset on the real
+        # kernel, then the driver they had): wait for every release to be answered.
+        scrubs = _wait_scrubs(lab, 180)
+        (out / "scrubs.json").write_text(json.dumps(scrubs, indent=1))
         (out / "vms-gone").touch()
         boot = running.finish()
         running = None
@@ -515,6 +519,32 @@ def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
         lab.stop()
         cluster.down()
     return problems
+
+
+def _wait_scrubs(lab: Any, timeout: float) -> dict[str, Any]:
+    """address -> (release, scrub) of every released device, once each release that asks for a
+    scrub is answered (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    got: dict[str, Any] = {}
+    while True:
+        raw = lab.kubectl("get", "pcidev", "-o", "json", check=False).stdout
+        got = {}
+        for d in json.loads(raw or '{"items": []}')["items"]:
+            rel = (d.get("spec") or {}).get("release")
+            if rel:
+                got[d["spec"]["address"]] = {
+                    "release": rel,
+                    "scrub": (d.get("status") or {}).get("scrub"),
+                    "health": (d.get("status") or {}).get("health"),
+                }
+        answered = all(
+            (v["scrub"] or {}).get("releaseID") == v["release"]["id"]
+            for v in got.values()
+            if v["release"].get("scrub")
+        )
+        if (got and answered) or time.monotonic() > deadline:
+            return got
+        time.sleep(1)
 
 
 def wait_file(path: Path, running: hwlab.Running, timeout: float) -> None:
@@ -568,6 +598,16 @@ def check_e2e(out: Path, seen: dict[str, list[str]], phases: str) -> list[str]:
         want = "" if was.get(a, "none") == "none" else was[a]
         if after.get(a, "") != want:
             problems.append(f"{a} after the VM went: {after.get(a)!r}, not {want!r} as before")
+    scrubs = json.loads(_text(out / "scrubs.json") or "{}")
+    for a in vfio_during:
+        entry = scrubs.get(a)
+        scrub = (entry or {}).get("scrub") or {}
+        if entry is None or not entry["release"].get("scrub"):
+            problems.append(f"{a} was released without a scrub asked for: {entry}")
+        elif scrub.get("releaseID") != entry["release"]["id"] or scrub.get("phase") != "Done":
+            problems.append(f"{a}'s scrub did not answer its release: {entry}")
+        elif scrub.get("reset") in (None, "none"):
+            problems.append(f"{a} was scrubbed without a reset on the real kernel: {scrub}")
     virsh_after = _text(out / "virsh-after.txt")
     if "lab_" in virsh_after:
         problems.append(f"domains left after delete: {virsh_after!r}")

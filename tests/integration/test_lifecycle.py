@@ -5,6 +5,7 @@ them (tests/integration/test_nodeplugin.py and tests/e2e run the real node plugi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from kubernetes import client
 
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM
+from pcipt.cli import kubectl_pcipt
 from tests.integration.conftest import KubeCluster
 from tests.integration.ctlfix import (
     OPERATOR_NS,
@@ -379,4 +381,104 @@ def test_a_vm_hears_when_its_device_turns_unhealthy_and_when_it_recovers(
     )
     reasons = [r for r, _ in events_for(kube, world.namespace, "vm1")]
     assert c.REASON_DEVICES_HEALTHY in reasons
+    check_invariants(world)
+
+
+# --- cold migration -----------------------------------------------------------------------------
+
+
+def test_a_cold_migration_waits_for_the_old_domain_then_moves_the_vm(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    a, b, x = world.node("a"), world.node("b"), world.node("x")
+    leases(a, b, x)
+    d_a = world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+    uid = world.get_vm("vm1").metadata.uid
+    d_b = world.device("b", "0000:3b:00.0")
+    world.device("x", "0000:3b:00.0")
+    # What `kubectl pcipt migrate vm1 --to <b>` writes, through the plugin itself.
+    assert (
+        kubectl_pcipt.main(
+            [
+                "--kubeconfig",
+                str(kube.kubeconfig),
+                "migrate",
+                "vm1",
+                "-n",
+                world.namespace,
+                "--to",
+                b,
+            ]
+        )
+        == 0
+    )
+    vm = wait_for(
+        lambda: (v := world.get_vm("vm1")).status.migration and v, what="the migration taken"
+    )
+    assert vm.status.phase == "Migrating" and vm.status.migration.phase == "Stopping"
+    assert vm.status.migration.from_node == a and vm.status.migration.to_node == b
+    # The old domain may still run: nothing is released.
+    consistently(
+        lambda: (
+            world.get_device(d_a).spec.claim_ref is not None
+            and world.get_vm("vm1").status.node_name == a
+        ),
+        2.0,
+        what="the device stays claimed while the old domain may run",
+    )
+    world.domain_gone("vm1")  # what node a's plugin reports once it removed the domain
+    vm = wait_for(placed_on(world, "vm1", b), timeout=20, what="vm1 on b (the target, not x)")
+    assert vm.metadata.uid == uid and vm.status.devices[0].pci_device == d_b
+    assert vm.status.migration.phase == "Completed" and vm.status.migration.completed_at
+    assert cond(vm, c.COND_DOMAIN_GONE) is None  # about the old node: a later delete waits anew
+    old = world.get_device(d_a)
+    assert old.spec.claim_ref is None and old.spec.release is not None
+    assert old.spec.release.reason == c.REASON_MIGRATED
+    reasons = [r for r, _ in events_for(kube, world.namespace, "vm1")]
+    assert c.REASON_MIGRATING in reasons
+    check_invariants(world)
+
+
+def test_a_migration_that_cannot_be_taken_is_failed_with_the_reason(
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    a = world.node("a")
+    leases(a)
+    world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+
+    def ask(value: str) -> Any:
+        world.custom.patch_namespaced_custom_object(
+            c.GROUP, c.VERSION, world.namespace, c.PLURAL_PASSTHROUGHVM, "vm1",
+            {"metadata": {"annotations": {c.ANNOTATION_MIGRATE: value}}},
+        )  # fmt: skip
+        return wait_for(
+            lambda: (
+                (m := world.get_vm("vm1").status.migration)
+                and m.phase == "Failed"
+                and m.message != (last.message if last else None)
+                and m
+            ),
+            what=f"the refusal of {value}",
+        )
+
+    last = None
+    last = ask(json.dumps({"id": "m1", "to": a}))
+    assert f"on {a} already" in last.message
+    last = ask(json.dumps({"id": "m2", "to": "nowhere"}))
+    assert "no node nowhere is known" in last.message
+    last = ask("not json")
+    assert "is not JSON" in last.message
+    vm = world.get_vm("vm1")
+    assert vm.status.node_name == a and vm.status.phase == "Scheduled"
     check_invariants(world)

@@ -5,6 +5,7 @@ test the way the controller makes them; tests/e2e runs the real controller with 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -20,7 +21,7 @@ from kubernetes import client
 from nodeplugin.agent import AgentSettings, NodeAgent
 from nodeplugin.domain.build import domain_name
 from nodeplugin.domain.render import passthrough_addresses
-from nodeplugin.simulate import SimulatedKernel, SysfsTree, build_host
+from nodeplugin.simulate import SIM_STATE, SimulatedKernel, SysfsTree, aer_counters, build_host
 from nodeplugin.sriov import RecordingRunner
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, pcidevice_name
@@ -631,6 +632,161 @@ async def _condition_reason(rig: Rig, name: str, type_: str, reason: str) -> Pas
     if vm is not None and any(x.type == type_ and x.reason == reason for x in vm.status.conditions):
         return vm
     return None
+
+
+def test_a_migration_stops_the_domain_here_and_says_it_is_gone(rig: Rig) -> None:
+    async def scenario() -> None:
+        await rig.start()
+        assert rig.api is not None
+        try:
+            await rig.schedule_vm("gpu-vm", [GPU, AUDIO])
+            name = domain_name(rig.namespace, "gpu-vm")
+            await until(lambda: _phase(rig, "gpu-vm", "Running"), what="Running")
+            # What the controller writes when it takes `kubectl pcipt migrate gpu-vm`.
+            await rig.api.patch(
+                crd_path(
+                    c.PLURAL_PASSTHROUGHVM, "gpu-vm", namespace=rig.namespace, subresource="status"
+                ),
+                {
+                    "status": {
+                        "phase": "Migrating",
+                        "migration": {"id": "m1", "fromNode": rig.node, "phase": "Stopping"},
+                    }
+                },
+            )
+            gone = await until(
+                lambda: _condition(rig, "gpu-vm", c.COND_DOMAIN_GONE), what="DomainGone"
+            )
+            assert gone.metadata.deletion_timestamp is None and gone.status.domain is None
+            assert libvirt_domain(name) is None
+            # No scrub on this host: the devices go back to their drivers with the domain.
+            assert driver(rig, GPU) == "nvidia" and driver(rig, AUDIO) == "snd_hda_intel"
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+# --- health and scrubbing ---------------------------------------------------------------------
+
+
+def _health(obj: dict[str, Any] | None) -> tuple[str, str]:
+    st = (obj or {}).get("status") or {}
+    reason = next((x["reason"] for x in st.get("conditions", []) if x["type"] == "Healthy"), "")
+    return st.get("health", ""), reason
+
+
+def test_fatal_errors_make_a_device_unhealthy_and_a_scrub_resets_and_returns_it(
+    rig: Rig, kube: KubeCluster
+) -> None:
+    rig.settings.scrub = True
+
+    async def scenario() -> None:
+        agent = await rig.start()
+        assert rig.api is not None
+        try:
+            lease = await rig.api.get(
+                f"/apis/coordination.k8s.io/v1/namespaces/{OPERATOR_NS}/leases/"
+                f"{c.NODE_LEASE_PREFIX}{rig.node}"
+            )
+            assert lease["metadata"]["annotations"][c.ANNOTATION_SCRUBS] == "true"
+            vm = await rig.schedule_vm("gpu-vm", [GPU, AUDIO])
+            await until(lambda: _phase(rig, "gpu-vm", "Running"), what="Running")
+            assert (await rig.device(GPU) or {})["status"]["aerFatal"] == 0
+            # The kernel counts two fatal PCIe errors on the GPU.
+            (rig.root / "bus/pci/devices" / GPU / "aer_dev_fatal").write_text(aer_counters(2))
+            await agent.rescan()
+            dev = await rig.device(GPU)
+            assert _health(dev) == ("Unhealthy", c.REASON_AER_FATAL)
+            assert dev is not None and dev["status"]["aerFatal"] == 2
+            await agent.rescan()  # no new rise, still held down
+            assert _health(await rig.device(GPU)) == ("Unhealthy", c.REASON_AER_FATAL)
+
+            await rig.api.delete(
+                crd_path(c.PLURAL_PASSTHROUGHVM, "gpu-vm", namespace=rig.namespace)
+            )
+            await until(lambda: _condition(rig, "gpu-vm", c.COND_DOMAIN_GONE), what="DomainGone")
+            # Still claimed: it waits on vfio-pci for the release and its scrub.
+            assert driver(rig, GPU) == driver(rig, AUDIO) == "vfio-pci"
+            for a in (GPU, AUDIO):  # what the controller writes when it releases them
+                await rig.api.patch(
+                    crd_path(c.PLURAL_PCIDEVICE, rig.name(a)),
+                    [
+                        {"op": "test", "path": "/spec/claimRef/uid", "value": vm.metadata.uid},
+                        {
+                            "op": "add",
+                            "path": "/spec/release",
+                            "value": {
+                                "id": f"rel-{a[-1]}",
+                                "vm": f"{rig.namespace}/gpu-vm",
+                                "uid": vm.metadata.uid,
+                                "scrub": True,
+                            },
+                        },
+                        {"op": "remove", "path": "/spec/claimRef"},
+                    ],
+                    patch_type="json",
+                )
+
+            async def scrubbed() -> dict[str, Any] | None:
+                dev = await rig.device(GPU)
+                sc = ((dev or {}).get("status") or {}).get("scrub") or {}
+                return dev if sc.get("releaseID") == "rel-0" else None
+
+            dev = await until(scrubbed, what="the GPU's scrub")
+            sc = dev["status"]["scrub"]
+            assert sc["phase"] == "Done" and sc["reset"] == "flr" and sc["driver"] == "nvidia"
+            assert "reset (flr)" in sc["message"] and "returned to nvidia" in sc["message"]
+            assert driver(rig, GPU) == "nvidia"
+            resets = json.loads((rig.root / SIM_STATE).read_text())["resets"]
+            assert resets[GPU] == 1
+            # The reset re-checked it: healthy again before the hold-down ran out.
+            assert _health(dev) == ("Healthy", c.REASON_PRESENT)
+            await until(
+                lambda: _driver_is(rig, AUDIO, "snd_hda_intel"), what="the audio function back"
+            )
+            await agent.rescan()  # a quiet rescan keeps the record
+            assert (await scrubbed()) is not None
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+async def _driver_is(rig: Rig, address: str, want: str) -> bool:
+    return driver(rig, address) == want
+
+
+def test_a_failed_reset_leaves_the_device_held_and_unhealthy(rig: Rig) -> None:
+    rig.settings.scrub = True
+
+    async def scenario() -> None:
+        agent = await rig.start()
+        assert rig.api is not None
+        try:
+            state = json.loads((rig.root / SIM_STATE).read_text())
+            state["resetFails"] = {GPU: True}
+            (rig.root / SIM_STATE).write_text(json.dumps(state))
+            agent.preparer.bind_vfio([GPU])  # as a VM had it
+            await rig.api.patch(
+                crd_path(c.PLURAL_PCIDEVICE, rig.name(GPU)),
+                {"spec": {"release": {"id": "r9", "vm": "t/x", "uid": "x", "scrub": True}}},
+            )
+
+            async def answered() -> dict[str, Any] | None:
+                dev = await rig.device(GPU)
+                sc = ((dev or {}).get("status") or {}).get("scrub") or {}
+                return dev if sc.get("releaseID") == "r9" else None
+
+            dev = await until(answered, what="the scrub's answer")
+            assert dev["status"]["scrub"]["phase"] == "Failed"
+            assert "the kernel said" in dev["status"]["scrub"]["message"]
+            assert _health(dev) == ("Unhealthy", c.REASON_SCRUB_FAILED)
+            assert driver(rig, GPU) == "vfio-pci"  # not handed to the host half-done
+        finally:
+            await rig.stop()
+
+    run(scenario())
 
 
 # --- the API server going away ----------------------------------------------------------------

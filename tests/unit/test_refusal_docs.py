@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from controller.scheduling import REFUSAL_FORMS, NodeFacts, Placement, Refusal, schedule
-from pcipt.api.v1alpha1 import HugepagesSpec
+from pcipt.api.v1alpha1 import HugepagesSpec, Migration, PassthroughVM
 from pcipt.compute import NodeCompute, NumaCompute
 from tests.conftest import REPO_ROOT
 from tests.unit.schedfix import dev, flavor, inp, nic_flavor, other_claim, vf, vm
@@ -73,6 +73,8 @@ def refusing_scenarios() -> list[Refusal]:
         ),
         schedule(inp(vm(g), [dev(A, "0000:3b:00.0")], nodes=[NodeFacts(A, alive=False)])),
         schedule(inp(vm(g), [dev(A, "0000:3b:00.0")], nodes=[NodeFacts(A, out_of_service=True)])),
+        schedule(inp(migrating(vm(g), to="b"), [dev(A, "0000:3b:00.0")])),
+        schedule(inp(migrating(vm(g), from_="a-node"), [dev(A, "0000:3b:00.0")])),
         schedule(inp(vm(g, node_selector={"zone": "b"}), [dev(A, "0000:3b:00.0")])),
         schedule(
             inp(
@@ -85,6 +87,20 @@ def refusing_scenarios() -> list[Refusal]:
     out += compute_scenarios()
     assert all(isinstance(r, Refusal) for r in out)
     return [r for r in out if isinstance(r, Refusal)]
+
+
+def migrating(
+    the_vm: PassthroughVM, from_: str = "elsewhere", to: str | None = None
+) -> PassthroughVM:
+    the_vm.status.migration = Migration.model_validate(
+        {
+            "id": "m1",
+            "fromNode": A if from_ == "a-node" else from_,
+            "toNode": to,
+            "phase": "Placing",
+        }
+    )
+    return the_vm
 
 
 def compute_scenarios() -> list[Refusal | Placement]:

@@ -9,9 +9,6 @@ from typing import Any
 from controller.evacuation import Evacuator, evacuate_after
 from controller.inventory import Inventory
 from controller.scheduling import (
-    HELD_QUARANTINE,
-    HELD_SCRUB_FAILED,
-    HELD_SCRUBBING,
     Device,
     Placement,
     Refusal,
@@ -20,6 +17,7 @@ from controller.scheduling import (
 from controller.vmstatus import evacuated_status
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice
+from pcipt.release import HELD_QUARANTINE, HELD_SCRUB_FAILED, HELD_SCRUBBING
 from tests.unit.schedfix import flavor, inp, vm
 
 NODE = "node-a"

@@ -328,7 +328,9 @@ class PassthroughVMSpec(ApiModel):
         return [d.name for d in self.devices] + [n.name for n in self.networks]
 
 
-Phase = Literal["Pending", "Scheduled", "Starting", "Running", "Stopped", "Failed", "Terminating"]
+Phase = Literal[
+    "Pending", "Scheduled", "Starting", "Running", "Stopped", "Failed", "Terminating", "Migrating"
+]
 
 
 class DeviceBinding(ApiModel):
@@ -452,11 +454,33 @@ class Evacuation(ApiModel):
     """The PciDevices it held there, released."""
 
 
+class Migration(ApiModel):
+    """A cold migration (`kubectl pcipt migrate`, i.e. the pcipt.io/migrate annotation): the
+    VM is stopped on its node, its devices released once the domain is gone, and it is placed
+    again on the target (or any other node) and started there."""
+
+    id: str = Field(min_length=1, max_length=64)
+    """The request's ID, from the annotation."""
+    from_node: str
+    """The node it leaves."""
+    to_node: str | None = None
+    """The node asked for; absent: any node but from_node."""
+    phase: Literal["Stopping", "Placing", "Completed", "Failed"] = "Stopping"
+    """Stopping: waiting for the old domain to go; Placing: released there, being placed
+    again; Completed: placed on the new node; Failed: refused (message says why)."""
+    started_at: datetime | None = None
+    """When the controller took the request."""
+    completed_at: datetime | None = None
+    """When it was placed again (or refused)."""
+    message: str = ""
+    """What happened, in words."""
+
+
 class PassthroughVMStatus(ApiModel):
     """Where the VM is, what it was given, and why it is not running yet."""
 
     phase: Phase = "Pending"
-    """Pending, Scheduled, Starting, Running, Stopped, Failed or Terminating."""
+    """Pending, Scheduled, Starting, Running, Stopped, Failed, Terminating or Migrating."""
     node_name: str | None = None
     """The node the VM is placed on."""
     devices: list[DeviceBinding] = Field(default_factory=list)
@@ -480,6 +504,8 @@ class PassthroughVMStatus(ApiModel):
     """The libvirt domain."""
     evacuation: Evacuation | None = None
     """The last evacuation from a node that was down, if any."""
+    migration: Migration | None = None
+    """The last cold migration, if any."""
     conditions: Conditions
     """Scheduled, DevicesBound, DomainReady and Ready, each with reason and message."""
     observed_generation: int | None = None
