@@ -761,12 +761,13 @@ def test_a_failed_reset_leaves_the_device_held_and_unhealthy(rig: Rig) -> None:
     rig.settings.scrub = True
 
     async def scenario() -> None:
+        sim = rig.root / SIM_STATE
+        state = json.loads(sim.read_text()) if sim.exists() else {}
+        state["resetFails"] = {GPU: True}  # this host's kernel fails every reset of the GPU
+        sim.write_text(json.dumps(state))
         agent = await rig.start()
         assert rig.api is not None
         try:
-            state = json.loads((rig.root / SIM_STATE).read_text())
-            state["resetFails"] = {GPU: True}
-            (rig.root / SIM_STATE).write_text(json.dumps(state))
             agent.preparer.bind_vfio([GPU])  # as a VM had it
             await rig.api.patch(
                 crd_path(c.PLURAL_PCIDEVICE, rig.name(GPU)),
