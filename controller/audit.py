@@ -104,10 +104,11 @@ class Auditor:
             if self._vm_holds(vm, claim.uid, d.name) or claim.uid in self.in_flight():
                 continue
             gone = vm is None or vm.metadata.uid != claim.uid
-            # A VM that went without its finalizer may have used the device: scrub it. One that
-            # does not list it never had it (the node plugin starts only listed devices).
+            # Released as used: a VM that went without its finalizer, or a crash after a
+            # detach was confirmed, may have had it in its guest (a crashed bind's device, that
+            # no guest had, is only scrubbed once more than it needs).
             if await self.binder.release(
-                d.name, claim.uid, claim.bind_id, used=gone, reason="Orphaned"
+                d.name, claim.uid, claim.bind_id, used=True, reason="Orphaned"
             ):
                 repaired["orphans"] += 1
                 why = "its VM is gone" if gone else "its VM does not list it"

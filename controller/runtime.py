@@ -32,6 +32,7 @@ from controller.evacuation import Evacuator
 from controller.finalizer import Finalizer
 from controller.flavorwriter import FlavorStatusWriter
 from controller.health import DeviceHealth
+from controller.hotplug import Hotplugger
 from controller.inventory import Inventory
 from controller.leader import LeaderElector
 from controller.ledger import ComputeLedger, QuotaLedger
@@ -172,6 +173,15 @@ class Runtime:
             spawn=self._spawn,
             in_flight=lambda: self.queue.binding,
             reconsider=self._consider,
+        )
+        self.hotplug = Hotplugger(
+            api,
+            self.inventory,
+            self.binder,
+            self.status,
+            self.events,
+            scoring=settings.scoring,
+            in_flight=lambda: self.queue.binding,
         )
         self.device_health = DeviceHealth(self.inventory, self.status, self.events)
         self.flavor_status = FlavorStatusWriter(api, self.inventory)
@@ -355,6 +365,7 @@ class Runtime:
                 await self.liveness.mark_vms()
                 await self.evacuator.check()
                 await self.migrator.check()
+                await self.hotplug.check()
                 await self.device_health.mark_vms()
                 if time.monotonic() - last_flavors >= self.settings.flavor_status_interval:
                     last_flavors = time.monotonic()

@@ -171,6 +171,7 @@ def unplaced_status(vm: PassthroughVM, reason: str, msg: str, now: datetime) -> 
         "devices": [],
         "networks": [],
         "skipped": [],
+        "detaching": [],
         "deviceSummary": None,
         "numaNode": None,
         "compute": None,
@@ -233,8 +234,12 @@ def condition_status(  # noqa: PLR0917 - one condition's fields, in their usual 
 
 
 def listed_devices(vm: PassthroughVM) -> set[str]:
-    """The PciDevices a VM's status says it has."""
-    return {d.pci_device for d in vm.status.devices} | {n.pci_device for n in vm.status.networks}
+    """The PciDevices a VM's status says it has (those being detached included)."""
+    return (
+        {d.pci_device for d in vm.status.devices}
+        | {n.pci_device for n in vm.status.networks}
+        | {d.pci_device for d in vm.status.detaching}
+    )
 
 
 def is_deleting(vm: PassthroughVM) -> bool:

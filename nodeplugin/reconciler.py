@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 from nodeplugin.discovery import discover
 from nodeplugin.domain.build import BuildError, HostFacts, build_domain, domain_name
-from nodeplugin.domain.render import passthrough_addresses, render
+from nodeplugin.domain.model import Domain
+from nodeplugin.domain.render import (
+    device_xml,
+    live_device_xml,
+    macvtap_netdevs,
+    passthrough_addresses,
+    render,
+)
 from nodeplugin.hoststate import HostState
 from nodeplugin.metrics import NodeMetrics
 from nodeplugin.settings import AgentSettings
@@ -47,6 +54,20 @@ def _migrating_away(vm: PassthroughVM, node: str) -> bool:
     domain and say DomainGone; the controller then releases and re-places)."""
     mig = vm.status.migration
     return mig is not None and mig.phase == "Stopping" and mig.from_node == node
+
+
+def _wanted_keys(vm: PassthroughVM) -> set[str]:
+    """What the VM's domain should pass through: PCI addresses of its devices and hostdev
+    networks, `netdev:<name>` of its macvtap networks (as render.device_xml names them)."""
+    macvtap = {n.name for n in vm.spec.networks if n.mode == "macvtap"}
+    keys = {d.address for d in vm.status.devices}
+    for n in vm.status.networks:
+        keys.add(f"netdev:{n.netdev}" if n.name in macvtap and n.netdev else n.address)
+    return keys
+
+
+def _live_keys(xml: str) -> set[str]:
+    return set(passthrough_addresses(xml)) | {f"netdev:{n}" for n in macvtap_netdevs(xml)}
 
 
 def _vm_addresses(vm: PassthroughVM) -> set[str]:
@@ -83,6 +104,10 @@ class DomainReconciler:
             name="passthroughvms",
         )
         self._dirty: set[str] = set()
+        self._attach_said: dict[str, tuple[bool, str, str]] = {}
+        """VM uid -> the outcome of its last hot-plug (DevicesAttached)."""
+        self._no_hotplug: set[str] = set()
+        """VMs whose running domain the hypervisor cannot hot-plug: changed at restart."""
         self._running: dict[str, asyncio.Task[None]] = {}
         self._health = Health(log, "reconciling VMs with domains")
 
@@ -483,21 +508,20 @@ class DomainReconciler:
             console_log_dir=self.settings.console_log_dir,
         )
         want = build_domain(vm, facts)
-        wanted_addresses = sorted(_vm_addresses(vm))
+        wanted = _wanted_keys(vm)
+        if dom is not None and dom.active and _live_keys(dom.xml) != wanted:
+            # Requests added or removed while it runs: attached and detached live.
+            dom = await self._hotplug(vm, dom, want, wanted)
         stale = dom is not None and (
-            passthrough_addresses(dom.xml) != wanted_addresses
+            _live_keys(dom.xml) != wanted
             or (dom.vm is not None and dom.vm.generation != want.vm.generation)
         )
-        if dom is not None and dom.active and passthrough_addresses(dom.xml) != wanted_addresses:
-            # The devices it holds are no longer all this VM's: stop it before anything else.
-            log.warning("stopping domain=%s: its devices changed", dom.name)
-            await self._virt("stop", self.hyper.stop, dom.uuid, self.settings.stop_grace)
-            dom = await self._virt("lookup", self.hyper.lookup, dom.uuid)
         if dom is None or (stale and not dom.active):
             await self._prepare(vm)
             dom = await self._virt("define", self.hyper.define, render(want))
             self._keep_xml(dom)
-            log.info("defined domain=%s devices=%d", dom.name, len(wanted_addresses))
+            self._no_hotplug.discard(vm.metadata.uid or "")
+            log.info("defined domain=%s devices=%d", dom.name, len(wanted))
         if vm.spec.running and not dom.active:
             await self._prepare(vm)
             dom = await self._virt("start", self.hyper.start, dom.uuid)
@@ -508,6 +532,72 @@ class DomainReconciler:
             )
             log.info("stopped domain=%s", dom.name)
         return dom
+
+    async def _hotplug(
+        self, vm: PassthroughVM, dom: DomainInfo, want: Domain, wanted: set[str]
+    ) -> DomainInfo:
+        """Detach what the VM no longer has and attach what it gained, live and in the
+        definition; what happened is said in DevicesAttached (see _report)."""
+        uid = vm.metadata.uid or ""
+        live = _live_keys(dom.xml)
+        removed, added = sorted(live - wanted), sorted(wanted - live)
+        if uid in self._no_hotplug:
+            return dom  # the hypervisor cannot: applied when the VM restarts
+        try:
+            for key in removed:
+                xml = live_device_xml(dom.xml, key)
+                if xml is not None:
+                    dom = await self._virt(
+                        "detach",
+                        self.hyper.detach,
+                        dom.uuid,
+                        xml,
+                        lambda x, k=key: k not in _live_keys(x),
+                    )
+                    log.info("detached device=%s from domain=%s", key, dom.name)
+            await self._restore({k for k in removed if not k.startswith("netdev:")})
+            if added:
+                await self._prepare(vm)
+                for key in added:
+                    xml = device_xml(want, key)
+                    if xml is not None:
+                        dom = await self._virt("attach", self.hyper.attach, dom.uuid, xml)
+                        log.info("attached device=%s to domain=%s", key, dom.name)
+            self._attach_said[uid] = (
+                True,
+                c.REASON_ATTACHED,
+                "hot-plugged live: "
+                + "; ".join(
+                    x
+                    for x in (
+                        f"attached {', '.join(added)}" if added else "",
+                        f"detached {', '.join(removed)}" if removed else "",
+                    )
+                    if x
+                ),
+            )
+        except (PrepareError, SriovError) as e:
+            if isinstance(e, PrepareError):
+                self._failed(e, added)
+            self._attach_said[uid] = (False, c.REASON_HOTPLUG_FAILED, f"preparing failed: {e}")
+        except VirtError as e:
+            if e.unsupported:
+                self._no_hotplug.add(uid)
+                self._attach_said[uid] = (
+                    False,
+                    c.REASON_HOTPLUG_UNSUPPORTED,
+                    f"libvirt at {self.settings.libvirt_uri} cannot hot-plug ({e}): the domain "
+                    "keeps its devices; the change applies when the VM restarts "
+                    "(spec.running false, then true)",
+                )
+            else:
+                self._attach_said[uid] = (
+                    False,
+                    c.REASON_HOTPLUG_FAILED,
+                    f"libvirt said: {e}; tried again at the next resync",
+                )
+            log.warning("hot-plug of domain=%s: %s", dom.name, e)
+        return await self._virt("lookup", self.hyper.lookup, dom.uuid) or dom
 
     def _keep_xml(self, dom: DomainInfo) -> None:
         """The defined domain's XML, as libvirt holds it, in <state-dir>/domains/ for people."""
@@ -567,6 +657,11 @@ class DomainReconciler:
                 generation=gen,
                 now=clock.now(),
             )
+            attached = self._attached(v, dom)
+            if attached is not None:
+                conds = set_condition(
+                    conds, c.COND_DEVICES_ATTACHED, *attached, generation=gen, now=clock.now()
+                )
             ok, r, m = ready_condition(conds, running=v.spec.running)
             conds = set_condition(conds, c.COND_READY, ok, r, m, generation=gen, now=clock.now())
             domain = None
@@ -575,7 +670,7 @@ class DomainReconciler:
                     "name": dom.name,
                     "uuid": dom.uuid,
                     "state": dom.state,
-                    "devices": passthrough_addresses(dom.xml),
+                    "devices": self._domain_devices(dom.xml),
                 }
             have_dom = v.status.domain.to_dict() if v.status.domain else None
             if (
@@ -592,6 +687,31 @@ class DomainReconciler:
             }
 
         await self._write_status(vm, compute)
+
+    def _domain_devices(self, xml: str) -> list[str]:
+        """PCI addresses the domain has: passed through, or behind its macvtap interfaces."""
+        by_netdev = self.state.host.by_netdev()
+        behind = {f.address for n in macvtap_netdevs(xml) if (f := by_netdev.get(n)) is not None}
+        return sorted(set(passthrough_addresses(xml)) | behind)
+
+    def _attached(self, vm: PassthroughVM, dom: DomainInfo | None) -> tuple[bool, str, str] | None:
+        """DevicesAttached, once a hot-plug was tried or while the domain's devices differ
+        from the bound ones; None otherwise (most VMs never carry it)."""
+        uid = vm.metadata.uid or ""
+        said = self._attach_said.get(uid)
+        if dom is None:
+            return None
+        if _live_keys(dom.xml) == _wanted_keys(vm):
+            if said is None:
+                return None
+            return (
+                True,
+                said[1] if said[0] else c.REASON_ATTACHED,
+                (said[2] if said[0] else "the domain has exactly the VM's bound devices"),
+            )
+        if said is not None and not said[0]:
+            return said
+        return False, c.REASON_DETACHING, "the domain's devices are being changed to the bound ones"
 
     async def _write_status(self, vm: PassthroughVM, compute: Any) -> None:
         """Conditional status write; on a conflict, recompute from the fresh object once."""

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import libvirt
@@ -36,7 +37,16 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
 class VirtError(RuntimeError):
-    """libvirt refused; str() is libvirt's message."""
+    """libvirt refused; str() is libvirt's message. `unsupported`: the driver cannot do it at
+    all (the test driver has no hot-plug, say)."""
+
+    def __init__(self, message: str, *, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
+
+
+def _virt_error(e: libvirt.libvirtError) -> VirtError:
+    return VirtError(str(e), unsupported=e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT)
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,39 @@ class Hypervisor:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise VirtError(str(e)) from e
+
+    def attach(self, uuid: str, xml: str) -> DomainInfo:
+        """Attach a device to the running guest and to its definition (live and config)."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            dom = self._c().lookupByUUIDString(uuid)
+            dom.attachDeviceFlags(
+                xml, flags if dom.isActive() else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            )
+            return self._info(dom)
+        except libvirt.libvirtError as e:
+            raise _virt_error(e) from e
+
+    def detach(
+        self, uuid: str, xml: str, gone: Callable[[str], bool], wait: float = 10.0
+    ) -> DomainInfo:
+        """Ask the guest to release a device and drop it from the definition; returns once
+        `gone(domain XML)` says the live domain no longer has it. A guest that has not let go
+        within `wait` seconds raises (the caller asks again later)."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            dom = self._c().lookupByUUIDString(uuid)
+            dom.detachDeviceFlags(
+                xml, flags if dom.isActive() else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            )
+            deadline = time.monotonic() + wait
+            while not gone(dom.XMLDesc(0)):
+                if time.monotonic() > deadline:
+                    raise VirtError(f"the guest has not released the device after {wait:.0f}s")
+                time.sleep(0.2)
+            return self._info(dom)
+        except libvirt.libvirtError as e:
+            raise _virt_error(e) from e
 
     def remove(self, uuid: str) -> None:
         """Destroy (if running) and undefine; a domain already gone is fine."""

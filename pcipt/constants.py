@@ -122,3 +122,17 @@ ANNOTATION_MIGRATE: Final = f"{GROUP}/migrate"
 REASON_MIGRATING: Final = "Migrating"
 REASON_MIGRATED: Final = "Migrated"
 REASON_MIGRATION_FAILED: Final = "MigrationFailed"
+
+# Hot-plug. The controller places requests added to a running VM on its node and writes
+# RestartRequired for changes it cannot apply live; the node plugin attaches and detaches, and
+# says how that went in DevicesAttached.
+COND_RESTART_REQUIRED: Final = "RestartRequired"
+COND_DEVICES_ATTACHED: Final = "DevicesAttached"
+REASON_SPEC_CHANGED: Final = "SpecChanged"
+REASON_SPEC_APPLIED: Final = "SpecApplied"
+REASON_HOTPLUG_REFUSED: Final = "HotplugRefused"
+REASON_HOTPLUGGED: Final = "Hotplugged"
+REASON_DETACHING: Final = "Detaching"
+REASON_ATTACHED: Final = "Attached"
+REASON_HOTPLUG_FAILED: Final = "HotplugFailed"
+REASON_HOTPLUG_UNSUPPORTED: Final = "HotplugUnsupported"

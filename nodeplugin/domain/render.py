@@ -4,6 +4,7 @@ to the few facts a running domain is checked for. PURE."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from urllib.parse import urlparse
 
 from nodeplugin.domain.model import (
@@ -245,3 +246,61 @@ def passthrough_addresses(xml: str) -> list[str]:
         except ValueError:
             continue
     return sorted(out)
+
+
+def macvtap_netdevs(xml: str) -> list[str]:
+    """Host netdevs a domain's macvtap interfaces sit on (`<interface type='direct'>`)."""
+    root = ET.fromstring(xml)
+    return sorted(
+        dev
+        for el in root.iterfind(".//devices/interface[@type='direct']/source")
+        if (dev := el.get("dev"))
+    )
+
+
+def device_xml(d: Domain, key: str) -> str | None:
+    """One passthrough device of the domain model as libvirt's attach takes it: `key` is a PCI
+    address (hostdev, hostdev interface) or `netdev:<name>` (macvtap). Without a guest address:
+    libvirt puts a hot-plugged device in a free slot."""
+    holder = ET.Element("devices")
+    for h in d.hostdevs:
+        if str(h.address) == key:
+            _hostdev(holder, replace(h, guest_bus=None))
+    for i in d.interfaces:
+        if isinstance(i, DirectInterface):
+            if f"netdev:{i.netdev}" == key:
+                _interface(holder, i)
+        elif str(i.address) == key:
+            _interface(holder, replace(i, guest_bus=None))
+    if not len(holder):
+        return None
+    return ET.tostring(holder[0], encoding="unicode")
+
+
+def live_device_xml(xml: str, key: str) -> str | None:
+    """The element of a defined domain that passes `key` through (as device_xml names it), as
+    libvirt's detach takes it."""
+    root = ET.fromstring(xml)
+    for el in root.iterfind(".//devices/*"):
+        src = el.find("source")
+        if src is None:
+            continue
+        if el.tag == "interface" and el.get("type") == "direct":
+            if f"netdev:{src.get('dev')}" == key:
+                return ET.tostring(el, encoding="unicode")
+            continue
+        a = src.find("address")
+        if a is None:
+            continue
+        try:
+            addr = PciAddress(
+                int(a.get("domain", "0"), 16),
+                int(a.get("bus", "0"), 16),
+                int(a.get("slot", "0"), 16),
+                int(a.get("function", "0"), 16),
+            )
+        except ValueError:
+            continue
+        if str(addr) == key:
+            return ET.tostring(el, encoding="unicode")
+    return None

@@ -392,9 +392,11 @@ def check_invariants(world: World) -> dict[str, int]:
     listed: Counter[str] = Counter()
     problems = []
     for vm in vms:
-        names = [d.pci_device for d in vm.status.devices] + [
-            n.pci_device for n in vm.status.networks
-        ]
+        names = (
+            [d.pci_device for d in vm.status.devices]
+            + [n.pci_device for n in vm.status.networks]
+            + [d.pci_device for d in vm.status.detaching]
+        )
         listed.update(names)
         for n in names:
             ref = devices[n].spec.claim_ref if n in devices else None
@@ -417,6 +419,7 @@ def check_invariants(world: World) -> dict[str, int]:
             else (
                 {x.pci_device for x in vm.status.devices}
                 | {x.pci_device for x in vm.status.networks}
+                | {x.pci_device for x in vm.status.detaching}
             )
         )
         if d.metadata.name not in names:

@@ -482,3 +482,138 @@ def test_a_migration_that_cannot_be_taken_is_failed_with_the_reason(
     vm = world.get_vm("vm1")
     assert vm.status.node_name == a and vm.status.phase == "Scheduled"
     check_invariants(world)
+
+
+# --- hot-plug ----------------------------------------------------------------------------------
+
+
+def set_requests(world: World, name: str, devices: list[dict[str, Any]]) -> None:
+    world.custom.patch_namespaced_custom_object(
+        c.GROUP, c.VERSION, world.namespace, c.PLURAL_PASSTHROUGHVM, name,
+        {"spec": {"devices": devices}},
+    )  # fmt: skip
+
+
+def report_domain(world: World, name: str, addresses: list[str]) -> None:
+    """What the node plugin writes after a (de)attach: the devices libvirt says it has."""
+    world.custom.patch_namespaced_custom_object_status(
+        c.GROUP, c.VERSION, world.namespace, c.PLURAL_PASSTHROUGHVM, name,
+        {"status": {"domain": {"name": f"{world.namespace}_{name}", "state": "running",
+                               "devices": addresses}}},
+    )  # fmt: skip
+
+
+def test_requests_added_and_removed_on_a_running_vm_are_bound_and_released_in_place(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    a, b = world.node("a"), world.node("b")
+    leases(a, b)
+    world.device("a", "0000:3b:00.0")
+    world.device("a", "0000:3c:00.0")
+    world.device("b", "0000:3b:00.0")
+    world.device("b", "0000:3c:00.0")
+    gpu = world.flavor("a100")
+    one = [{"name": "gpu", "flavor": gpu}]
+    world.vm("vm1", one, nodeSelector={"kubernetes.io/hostname": a})
+    wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+    first = world.get_vm("vm1").status.devices[0]
+    report_domain(world, "vm1", [first.address])
+
+    # Added: placed on the VM's own node, next to what it has.
+    set_requests(world, "vm1", [*one, {"name": "gpu2", "flavor": gpu}])
+    vm = wait_for(
+        lambda: (v := world.get_vm("vm1")) and len(v.status.devices) == 2 and v,
+        what="gpu2 hot-plugged",
+    )
+    assert vm.status.node_name == a and vm.status.device_summary == "2/2"
+    second = next(d for d in vm.status.devices if d.request == "gpu2")
+    assert second.pci_device.startswith(a) and second.pci_device != first.pci_device
+    ref = world.get_device(second.pci_device).spec.claim_ref
+    assert ref is not None and ref.uid == vm.metadata.uid and ref.request == "gpu2"
+    bound = cond(vm, c.COND_DEVICES_BOUND)
+    assert bound.status == "True" and bound.reason == c.REASON_HOTPLUGGED
+    assert c.REASON_HOTPLUGGED in [r for r, _ in events_for(kube, world.namespace, "vm1")]
+    report_domain(world, "vm1", [first.address, second.address])
+
+    # Nothing left on the node: refused, and the VM runs on with what it has.
+    set_requests(
+        world, "vm1", [*one, {"name": "gpu2", "flavor": gpu}, {"name": "gpu3", "flavor": gpu}]
+    )
+    vm = wait_for(
+        lambda: (
+            (v := world.get_vm("vm1"))
+            and (x := cond(v, c.COND_DEVICES_BOUND))
+            and x.reason == c.REASON_HOTPLUG_REFUSED
+            and v
+        ),
+        what="the refusal",
+    )
+    msg = cond(vm, c.COND_DEVICES_BOUND).message
+    assert "cannot hot-plug gpu3" in msg and "have no free" in msg, msg
+    assert vm.status.node_name == a and len(vm.status.devices) == 2
+
+    # Removed: detached first; released only once the domain no longer has it.
+    set_requests(world, "vm1", one)
+    vm = wait_for(lambda: (v := world.get_vm("vm1")) and v.status.detaching and v, what="detaching")
+    assert [d.pci_device for d in vm.status.detaching] == [second.pci_device]
+    assert [d.request for d in vm.status.devices] == ["gpu"]
+    consistently(
+        lambda: world.get_device(second.pci_device).spec.claim_ref is not None,
+        2.0,
+        what="claimed while the domain may still have it",
+    )
+    check_invariants(world)
+    report_domain(world, "vm1", [first.address])
+    wait_for(
+        lambda: world.get_device(second.pci_device).spec.claim_ref is None,
+        what="released after the detach",
+    )
+    dev = world.get_device(second.pci_device)
+    assert dev.spec.release is not None and dev.spec.release.reason == "Detached"
+    wait_for(lambda: not world.get_vm("vm1").status.detaching, what="detaching emptied")
+    check_invariants(world)
+
+
+def test_a_changed_request_is_restart_required_and_an_optional_one_waits_for_a_device(
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    a = world.node("a")
+    leases(a)
+    world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    one = [{"name": "gpu", "flavor": gpu}]
+    later = {"name": "spare", "flavor": gpu, "optional": True, "attachWhenFree": True}
+    world.vm("vm1", [*one, later])
+    vm = wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+    assert [s.request for s in vm.status.skipped] == ["spare"]
+    # A count change cannot be applied live: said, named.
+    set_requests(world, "vm1", [{**one[0], "count": 2}, later])
+    vm = wait_for(
+        lambda: (
+            (v := world.get_vm("vm1"))
+            and (x := cond(v, c.COND_RESTART_REQUIRED))
+            and x.status == "True"
+            and v
+        ),
+        what="RestartRequired",
+    )
+    assert "spec.devices[gpu].count: 1 -> 2" in cond(vm, c.COND_RESTART_REQUIRED).message
+    set_requests(world, "vm1", [*one, later])
+    wait_for(
+        lambda: cond(world.get_vm("vm1"), c.COND_RESTART_REQUIRED).status == "False",
+        what="RestartRequired cleared",
+    )
+    # A device frees up (here: appears) on its node: the optional request gets it.
+    spare = world.device("a", "0000:3c:00.0")
+    vm = wait_for(
+        lambda: (v := world.get_vm("vm1")) and len(v.status.devices) == 2 and v,
+        what="the optional request attached",
+    )
+    assert not vm.status.skipped
+    assert next(d for d in vm.status.devices if d.request == "spare").pci_device == spare
+    check_invariants(world)

@@ -113,7 +113,13 @@ class DeviceRequest(ApiModel):
                 "!has(self.address) || self.count == 1",
                 "address pins one device, so count must be 1",
                 field_path=".address",
-            )
+            ),
+            cel(
+                "!has(self.attachWhenFree) || !self.attachWhenFree || "
+                "(has(self.optional) && self.optional)",
+                "attachWhenFree is for optional requests",
+                field_path=".attachWhenFree",
+            ),
         )
     )
 
@@ -126,6 +132,9 @@ class DeviceRequest(ApiModel):
     optional: bool = False
     """Boot without the devices when none are free, instead of staying Pending; status.skipped
     says so."""
+    attach_when_free: bool = False
+    """With optional: a request the VM was placed without is hot-plugged into the running VM
+    once a device for it is free on its node."""
     numa_policy: NumaPolicy | None = None
     """Overrides the flavor's NUMA policy for this request: none, preferred or required."""
     selector: DeviceSelector | None = None
@@ -142,6 +151,8 @@ class DeviceRequest(ApiModel):
     def _pin_is_single(self) -> Self:
         if self.address is not None and self.count != 1:
             raise ValueError("address pins one device, so count must be 1")
+        if self.attach_when_free and not self.optional:
+            raise ValueError("attachWhenFree is for optional requests")
         return self
 
 
@@ -367,6 +378,18 @@ class NetworkBinding(ApiModel):
     """VLAN ID the VF is on."""
 
 
+class DetachingDevice(ApiModel):
+    """A device of a request removed from the running VM's spec: the node plugin detaches it
+    live; the controller releases it once the domain no longer has it."""
+
+    request: str
+    """The request it was bound for."""
+    pci_device: str
+    """Name of the PciDevice object."""
+    address: str
+    """PCI address on the node."""
+
+
 class SkippedRequest(ApiModel):
     """An optional request the VM booted without."""
 
@@ -489,6 +512,9 @@ class PassthroughVMStatus(ApiModel):
     """VFs bound for the network requests."""
     skipped: list[SkippedRequest] = Field(default_factory=list)
     """Optional requests the VM was placed without."""
+    detaching: list[DetachingDevice] = Field(default_factory=list)
+    """Devices of requests removed from the spec, being detached from the running domain;
+    still claimed until the domain no longer has them."""
     device_summary: str | None = None
     """Bound/requested device count, e.g. 2/2, for kubectl get."""
     numa_node: int | None = None

@@ -1,0 +1,400 @@
+"""Changes to a placed VM's requests: hot-plug, hot-unplug, and what needs a restart.
+
+For a VM placed on a node (not being deleted or migrated), its spec's device and network
+requests are compared with what is bound (status.devices, status.networks, status.skipped):
+- a request added to the spec is placed on the VM's own node, by the same scheduler with the
+  VM's other devices counted as taken, and bound with conditional claims; the node plugin then
+  attaches it live. A refusal says why in DevicesBound=False (HotplugRefused); the VM keeps
+  running with what it has. Devices of a flavor with a per-namespace limit are not hot-plugged
+  (their ledger is written only by a full placement): migrate the VM to apply it.
+- a request removed from the spec moves its devices to status.detaching; the node plugin
+  detaches them; each is released (scrubbed, quarantined) only once the domain the node
+  reports no longer has it, so a device is never freed while a guest may still use it.
+- a changed request (flavor, count, pinned address, a network's VLAN or MAC) cannot be
+  applied live: RestartRequired=True names each field, until the spec and what is bound agree
+  again (`kubectl pcipt migrate` re-places the VM with its whole spec).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from controller.binding import Binder, LostRace, vm_path
+from controller.inventory import Inventory
+from controller.scheduling import Placement, Refusal, ScoringPolicy, schedule
+from controller.statuswriter import VmStatusWriter
+from controller.vmstatus import is_deleting, scheduled_status
+from pcipt import clock
+from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM
+from pcipt.conditions import get_condition
+from pcipt.events import EventRecorder
+from pcipt.kubeclient import Conflict, KubeClient, NotFound
+
+log = logging.getLogger("pcipt.controller.hotplug")
+
+
+@dataclass
+class Delta:
+    """How a placed VM's spec differs from what is bound to it."""
+
+    added: list[str] = field(default_factory=list)
+    """Requests in the spec with nothing bound (and not skipped)."""
+    removed: list[str] = field(default_factory=list)
+    """Requests bound but no longer in the spec."""
+    changed: list[str] = field(default_factory=list)
+    """Fields of bound requests that changed, as `spec.devices[gpu].count: 2 -> 1`."""
+
+
+def delta(vm: PassthroughVM, claim_flavor: Callable[[str], str | None]) -> Delta:
+    """`claim_flavor(device name)`: the flavor its claim was made for (None: unknown)."""
+    st = vm.status
+    bound_devices: Counter[str] = Counter(d.request for d in st.devices if not d.companion)
+    device_names = {d.request for d in st.devices}
+    network_names = {n.name for n in st.networks}
+    skipped = {s.request for s in st.skipped}
+    detaching = {d.request for d in st.detaching}
+    out = Delta()
+    for r in vm.spec.devices:
+        if r.name in detaching:
+            continue  # re-added while its old devices go: added once they are gone
+        if r.name not in device_names and (r.name not in skipped or r.attach_when_free):
+            out.added.append(r.name)
+            continue
+        if r.name in skipped:
+            continue
+        flavors = {
+            f for d in st.devices if d.request == r.name and (f := claim_flavor(d.pci_device))
+        }
+        if flavors and flavors != {r.flavor}:
+            out.changed.append(
+                f"spec.devices[{r.name}].flavor: {', '.join(sorted(flavors))} -> {r.flavor}"
+            )
+        if bound_devices[r.name] != r.count:
+            out.changed.append(
+                f"spec.devices[{r.name}].count: {bound_devices[r.name]} -> {r.count}"
+            )
+        addresses = {d.address for d in st.devices if d.request == r.name and not d.companion}
+        if r.address is not None and addresses != {r.address}:
+            out.changed.append(
+                f"spec.devices[{r.name}].address: {', '.join(sorted(addresses))} -> {r.address}"
+            )
+    for n in vm.spec.networks:
+        if n.name in detaching:
+            continue
+        binding = next((b for b in st.networks if b.name == n.name), None)
+        if binding is None:
+            if n.name not in skipped:
+                out.added.append(n.name)
+            continue
+        flavor = claim_flavor(binding.pci_device)
+        if flavor is not None and flavor != n.flavor:
+            out.changed.append(f"spec.networks[{n.name}].flavor: {flavor} -> {n.flavor}")
+        if binding.vlan != n.vlan:
+            out.changed.append(f"spec.networks[{n.name}].vlan: {binding.vlan} -> {n.vlan}")
+        if n.mac is not None and binding.mac != n.mac:
+            out.changed.append(f"spec.networks[{n.name}].mac: {binding.mac} -> {n.mac}")
+    wanted = set(vm.spec.request_names())
+    out.removed = sorted((device_names | network_names) - wanted)
+    return out
+
+
+def delta_vm(vm: PassthroughVM, names: list[str]) -> PassthroughVM:
+    """The VM as the scheduler should see it to place only `names` on its own node: its other
+    devices are another VM's (its UID differs), its CPUs and memory are counted already."""
+    spec = vm.spec.model_copy(
+        update={
+            "devices": [r for r in vm.spec.devices if r.name in names],
+            "networks": [n for n in vm.spec.networks if n.name in names],
+            "placement": None,
+            "node_selector": {"kubernetes.io/hostname": vm.status.node_name or ""},
+        }
+    )
+    if vm.spec.placement and vm.spec.placement.same_numa:
+        same = [r for r in vm.spec.placement.same_numa if r in names]
+        if len(same) > 1:
+            spec.placement = vm.spec.placement.model_copy(update={"same_numa": same})
+    meta = vm.metadata.model_copy(update={"uid": f"{vm.metadata.uid}-hotplug"})
+    status = vm.status.model_copy(update={"migration": None})
+    return vm.model_copy(update={"metadata": meta, "spec": spec, "status": status})
+
+
+class Hotplugger:
+    def __init__(
+        self,
+        api: KubeClient,
+        inventory: Inventory,
+        binder: Binder,
+        status: VmStatusWriter,
+        events: EventRecorder,
+        *,
+        scoring: ScoringPolicy,
+        in_flight: Callable[[], set[str]],
+    ) -> None:
+        self.api = api
+        self.inventory = inventory
+        self.binder = binder
+        self.status = status
+        self.events = events
+        self.scoring = scoring
+        self.in_flight = in_flight
+        self._refused: dict[str, tuple[int, str]] = {}
+        """VM uid -> (node version, message) of its last refusal: not tried again until the
+        node changes."""
+
+    def _claim_flavor(self, name: str) -> str | None:
+        d = self.inventory.devices.get(name)
+        return d.claim.flavor if d is not None and d.claim is not None else None
+
+    async def check(self) -> None:
+        busy = self.in_flight()
+        for vm in list(self.inventory.vms.values()):
+            node, uid = vm.status.node_name, vm.metadata.uid or ""
+            mig = vm.status.migration
+            if (
+                not node
+                or is_deleting(vm)
+                or uid in busy
+                or (mig is not None and mig.phase in ("Stopping", "Placing"))
+            ):
+                continue
+            d = delta(vm, self._claim_flavor)
+            current = await self._restart_required(vm, d.changed)
+            if current is None:
+                continue
+            if d.removed:
+                await self._detach(current, d.removed)
+            elif current.status.detaching:
+                await self._release_detached(current)
+            elif d.added:
+                await self._attach(current, d.added)
+
+    async def _restart_required(
+        self, vm: PassthroughVM, changed: list[str]
+    ) -> PassthroughVM | None:
+        cond = get_condition(vm.status.conditions, c.COND_RESTART_REQUIRED)
+        if changed:
+            msg = (
+                "; ".join(changed) + ": a change of a bound request is not applied to a running "
+                "VM; `kubectl pcipt migrate` places it again with its whole spec"
+            )
+            if cond is not None and cond.status == "True" and cond.message == msg:
+                return vm
+            got = await self.status.patch(
+                vm, {}, cond=(c.COND_RESTART_REQUIRED, True, c.REASON_SPEC_CHANGED, msg)
+            )
+            if got is not None:
+                self.events.record(vm, "Warning", c.REASON_SPEC_CHANGED, msg)
+            return got
+        if cond is not None and cond.status == "True":
+            return await self.status.patch(
+                vm,
+                {},
+                cond=(
+                    c.COND_RESTART_REQUIRED,
+                    False,
+                    c.REASON_SPEC_APPLIED,
+                    "the spec's requests are what is bound",
+                ),
+            )
+        return vm
+
+    async def _detach(self, vm: PassthroughVM, removed: list[str]) -> None:
+        st = vm.status
+        going = [
+            {"request": d.request, "pciDevice": d.pci_device, "address": d.address}
+            for d in st.devices
+            if d.request in removed
+        ] + [
+            {"request": n.name, "pciDevice": n.pci_device, "address": n.address}
+            for n in st.networks
+            if n.name in removed
+        ]
+        body = {
+            "devices": [d.to_dict() for d in st.devices if d.request not in removed],
+            "networks": [n.to_dict() for n in st.networks if n.name not in removed],
+            "detaching": [d.to_dict() for d in st.detaching] + going,
+            "deviceSummary": _summary(
+                vm,
+                [d for d in st.devices if d.request not in removed],
+                [n for n in st.networks if n.name not in removed],
+            ),
+        }
+        msg = f"detaching {', '.join(x['address'] for x in going)} ({', '.join(removed)} removed)"
+        if await self.status.write(vm, body) is not None:
+            log.info("hot-unplug vm=%s/%s %s", vm.metadata.namespace, vm.metadata.name, msg)
+            self.events.record(vm, "Normal", c.REASON_DETACHING, msg)
+
+    async def _release_detached(self, vm: PassthroughVM) -> None:
+        """Release what the node reports gone from the domain."""
+        dom = vm.status.domain
+        if dom is None or dom.name is None:
+            return
+        gone = [d for d in vm.status.detaching if d.address not in dom.devices]
+        if not gone:
+            return
+        keep = [d.to_dict() for d in vm.status.detaching if d not in gone]
+        if await self.status.write(vm, {"detaching": keep}) is None:
+            return
+        uid = vm.metadata.uid or ""
+        released = await self.binder.release_all(uid, [d.pci_device for d in gone], "Detached")
+        msg = f"released {released} device(s) the domain no longer has: " + ", ".join(
+            d.address for d in gone
+        )
+        log.info("hot-unplug vm=%s/%s %s", vm.metadata.namespace, vm.metadata.name, msg)
+        self.events.record(vm, "Normal", c.REASON_RELEASED, msg)
+
+    async def _attach(self, vm: PassthroughVM, added: list[str]) -> None:
+        uid = vm.metadata.uid or ""
+        node = vm.status.node_name or ""
+        version = self.inventory.node_versions.get(node, 0)
+        if self._refused.get(uid, (None, ""))[0] == version:
+            return
+        requested = {r.name: r.flavor for r in vm.spec.devices} | {
+            n.name: n.flavor for n in vm.spec.networks
+        }
+        limited = [
+            flavor
+            for name, flavor in requested.items()
+            if name in added
+            and (f := self.inventory.flavors.get(flavor)) is not None
+            and f.spec.limits is not None
+            and f.spec.limits.max_per_namespace is not None
+        ]
+        result: Placement | Refusal | None = None
+        if limited:
+            why = (
+                f"flavor {limited[0]} has a per-namespace limit: its devices are not "
+                "hot-plugged; `kubectl pcipt migrate` places the VM again with them"
+            )
+        else:
+            result = self._place(vm, added)
+            why = result.message if isinstance(result, Refusal) else ""
+        if isinstance(result, Placement) and not any(
+            a.request in added and not a.companion for a in result.assignments
+        ):
+            # Only optional requests, none placed: they wait, like a refusal.
+            why = "; ".join(f"{r}: {w}" for r, w in result.skipped) or "nothing free"
+            result = None
+        if not isinstance(result, Placement):
+            self._refused[uid] = (version, why)
+            await self._refuse(vm, added, why)
+            return
+        self._refused.pop(uid, None)
+        try:
+            await self._bind(vm, result, added)
+        except LostRace as e:
+            log.info(
+                "hot-plug vm=%s/%s lost a race: %s", vm.metadata.namespace, vm.metadata.name, e
+            )
+
+    def _place(self, vm: PassthroughVM, added: list[str]) -> Placement | Refusal:
+        node = vm.status.node_name or ""
+        part = delta_vm(vm, added)
+        inp = self.inventory.scheduling_input(part, self.scoring)
+        facts = dict(inp.nodes)
+        if node in facts:
+            facts[node] = replace(facts[node], compute=None)  # CPUs and memory: counted already
+        devices = list(self.inventory.by_node.get(node, {}).values())
+        pinned = vm.status.numa_node
+        flavors = self.inventory.flavors
+        if pinned is not None and any(
+            (
+                r.numa_policy
+                or (flavors[r.flavor].spec.numa_policy if r.flavor in flavors else "none")
+            )
+            == "required"
+            for r in part.spec.devices
+        ):
+            # Locality is to the NUMA node the VM's vCPUs and memory are bound to.
+            devices = [d for d in devices if d.numa == pinned]
+        inp = replace(
+            inp,
+            nodes={node: facts[node]} if node in facts else {},
+            by_node={node: devices},
+            free=None,
+            refusal_memo=None,
+        )
+        return schedule(inp)
+
+    async def _bind(self, vm: PassthroughVM, placement: Placement, added: list[str]) -> None:
+        uid = vm.metadata.uid or ""
+        bind_id = uuid.uuid4().hex[:16]
+        fresh: list[str] = []
+        by_device = {a.device: a for a in placement.assignments}
+        try:
+            for name in sorted(by_device):
+                dev = self.inventory.devices.get(name)
+                if dev is None or dev.claim is not None:
+                    raise LostRace(f"device {name} is gone or claimed")
+                await self.binder.claim(dev, vm, by_device[name], bind_id)
+                fresh.append(name)
+            # The new bindings, as a full bind writes them, appended to the VM's.
+            full = scheduled_status(vm, placement, clock.now())
+            devices = [d.to_dict() for d in vm.status.devices] + full["devices"]
+            networks = [n.to_dict() for n in vm.status.networks] + full["networks"]
+            skipped = [s.to_dict() for s in vm.status.skipped if s.request not in added]
+            skipped += [s for s in full["skipped"] if s["request"] in added]
+            summary = _summary(vm, devices, networks)
+            msg = "hot-plugged " + ", ".join(
+                f"{a.request}={a.address}" for a in placement.assignments if not a.companion
+            )
+            body: dict[str, Any] = {
+                "metadata": {"resourceVersion": vm.metadata.resource_version},
+                "status": {
+                    "devices": devices,
+                    "networks": networks,
+                    "skipped": skipped,
+                    "deviceSummary": summary,
+                },
+            }
+            try:
+                got = await self.api.patch(
+                    vm_path(vm.metadata.namespace or "", vm.metadata.name, status=True), body
+                )
+            except (Conflict, NotFound) as e:
+                raise LostRace(f"VM changed while hot-plugging ({e.status})") from e
+            bound = PassthroughVM.model_validate(got)
+            self.inventory.upsert_vm(bound)
+            await self.status.patch(
+                bound,
+                {},
+                cond=(c.COND_DEVICES_BOUND, True, c.REASON_HOTPLUGGED, f"{msg}; {summary} bound"),
+            )
+            log.info("hot-plug vm=%s/%s %s", vm.metadata.namespace, vm.metadata.name, msg)
+            self.events.record(vm, "Normal", c.REASON_HOTPLUGGED, msg)
+        except LostRace:
+            for name in fresh:
+                await self.binder.release(name, uid, bind_id)
+            raise
+
+    async def _refuse(self, vm: PassthroughVM, added: list[str], why: str) -> None:
+        optional = {r.name for r in vm.spec.devices if r.optional}
+        if set(added) <= optional:
+            return  # optional requests wait quietly, like at placement
+        msg = (
+            f"cannot hot-plug {', '.join(added)} on {vm.status.node_name}: {why}; the VM keeps "
+            "running with its other devices"
+        )
+        cond = get_condition(vm.status.conditions, c.COND_DEVICES_BOUND)
+        if cond is not None and cond.message == msg:
+            return
+        got = await self.status.patch(
+            vm, {}, cond=(c.COND_DEVICES_BOUND, False, c.REASON_HOTPLUG_REFUSED, msg)
+        )
+        if got is not None:
+            self.events.record(vm, "Warning", c.REASON_HOTPLUG_REFUSED, msg)
+
+
+def _summary(vm: PassthroughVM, devices: list[Any], networks: list[Any]) -> str:
+    def companion(d: Any) -> bool:
+        return bool(d.get("companion")) if isinstance(d, dict) else bool(d.companion)
+
+    requested = sum(d.count for d in vm.spec.devices) + len(vm.spec.networks)
+    bound = sum(1 for d in devices if not companion(d)) + len(networks)
+    return f"{bound}/{requested}"
