@@ -667,6 +667,71 @@ def test_a_migration_stops_the_domain_here_and_says_it_is_gone(rig: Rig) -> None
     run(scenario())
 
 
+def test_a_device_added_to_a_running_vm_waits_for_a_restart_where_libvirt_cannot_hot_plug(
+    rig: Rig,
+) -> None:
+    async def scenario() -> None:
+        await rig.start()
+        assert rig.api is not None
+        try:
+            vm = await rig.schedule_vm("gpu-vm", [GPU, AUDIO])
+            name = domain_name(rig.namespace, "gpu-vm")
+            await until(lambda: _phase(rig, "gpu-vm", "Running"), what="Running")
+            nvme = "0000:af:00.0"
+            rig.config.write_text(CONFIG + '  - name: nvme\n    match: {vendorID: "144d"}\n')
+            await until(lambda: rig.device(nvme), what="the NVMe drive published")
+            # What the controller writes when it hot-plugs a request: a claim, a binding.
+            await rig.api.patch(
+                crd_path(c.PLURAL_PCIDEVICE, rig.name(nvme)),
+                {"spec": {"claimRef": {"namespace": rig.namespace, "name": "gpu-vm",
+                                       "uid": vm.metadata.uid, "request": "disk"}}},
+            )  # fmt: skip
+            current = await rig.vm("gpu-vm")
+            assert current is not None
+            devices = [d.to_dict() for d in current.status.devices]
+            devices.append({"request": "disk", "pciDevice": rig.name(nvme), "address": nvme})
+            await rig.api.patch(
+                crd_path(
+                    c.PLURAL_PASSTHROUGHVM, "gpu-vm", namespace=rig.namespace, subresource="status"
+                ),
+                {"status": {"devices": devices}},
+            )
+            got = await until(
+                lambda: _condition_reason(
+                    rig, "gpu-vm", c.COND_DEVICES_ATTACHED, c.REASON_HOTPLUG_UNSUPPORTED
+                ),
+                what="DevicesAttached=False (HotplugUnsupported)",
+            )
+            attached = next(x for x in got.status.conditions if x.type == c.COND_DEVICES_ATTACHED)
+            assert attached.status == "False" and "applies when the VM restarts" in attached.message
+            dom = libvirt_domain(name)
+            assert dom is not None and dom.isActive()
+            assert passthrough_addresses(dom.XMLDesc()) == [GPU, AUDIO]  # left running as is
+            assert got.status.domain is not None and got.status.domain.devices == [GPU, AUDIO]
+            # The restart applies it.
+            await rig.patch_vm("gpu-vm", {"spec": {"running": False}})
+            await until(lambda: _phase(rig, "gpu-vm", "Stopped"), what="Stopped")
+            stopped = await rig.vm("gpu-vm")
+            assert stopped is not None
+            assert stopped.status.domain is not None and nvme in stopped.status.domain.devices
+            await rig.patch_vm("gpu-vm", {"spec": {"running": True}})
+            await until(lambda: _phase(rig, "gpu-vm", "Running"), what="Running again")
+            got = await until(
+                lambda: _condition_reason(
+                    rig, "gpu-vm", c.COND_DEVICES_ATTACHED, c.REASON_ATTACHED
+                ),
+                what="DevicesAttached=True after the restart",
+            )
+            dom = libvirt_domain(name)
+            assert dom is not None and dom.isActive()
+            assert passthrough_addresses(dom.XMLDesc()) == [GPU, AUDIO, nvme]
+            assert driver(rig, nvme) == "vfio-pci"
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
 # --- health and scrubbing ---------------------------------------------------------------------
 
 

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from nodeplugin.domain.build import BuildError, HostFacts, build_domain, domain_name
-from nodeplugin.domain.render import passthrough_addresses, render, vm_ref_of
+from nodeplugin.domain.render import (
+    device_xml,
+    live_device_xml,
+    macvtap_netdevs,
+    passthrough_addresses,
+    render,
+    vm_ref_of,
+)
 from pcipt.api.v1alpha1 import PassthroughVM
 
 GOLDEN = Path(__file__).resolve().parent.parent / "data" / "domains"
@@ -313,3 +320,24 @@ def test_a_numa_node_the_host_lacks_is_refused() -> None:
     v.status.numa_node = 5
     with pytest.raises(BuildError, match="NUMA node 5 has no CPUs on this host"):
         build_domain(v, HOST)
+
+
+@pytest.mark.parametrize(
+    "case", ["sriov-vf-on-vlan", "macvtap-and-http-image", "two-gpus-numa-pinned"]
+)
+def test_each_passthrough_device_renders_alone_for_attach_and_is_found_for_detach(
+    case: str, tmp_path: Path
+) -> None:
+    d = build_domain(CASES[case], HOST)
+    xml = render(d)
+    keys = set(passthrough_addresses(xml)) | {f"netdev:{n}" for n in macvtap_netdevs(xml)}
+    assert keys
+    for key in keys:
+        alone = device_xml(d, key)
+        assert alone is not None and "<address type" not in alone.split("</source>")[-1]
+        found = live_device_xml(xml, key)
+        assert found is not None and (key.removeprefix("netdev:") in found or "address" in found)
+        # Wrapped in a domain of its own, the attach XML is valid libvirt XML.
+        one = xml.split("<devices>")[0] + "<devices>" + alone + "</devices>\n</domain>\n"
+        validate(one, tmp_path)
+    assert device_xml(d, "0000:ff:1f.7") is None and live_device_xml(xml, "0000:ff:1f.7") is None
