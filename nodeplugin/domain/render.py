@@ -195,6 +195,8 @@ def render(d: Domain) -> str:
         _disk(devices, disk)
     if d.placement is not None:
         _numa_buses(devices, d.placement.buses)
+    for _ in range(d.hotplug_ports):
+        _sub(devices, "controller", type_="pci", model="pcie-root-port")
     for h in d.hostdevs:
         _hostdev(devices, h)
     for i in d.interfaces:

@@ -190,14 +190,22 @@ def build_initramfs(dest: Path, release: str) -> Path:
 
 
 GUEST_INIT = r"""#!/bin/busybox sh
-# A nested guest's init: say which PCI functions it sees, on its serial console, then idle.
+# A nested guest's init: say which PCI functions it sees, on its serial console, and again
+# whenever that changes (a device hot-plugged or unplugged).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-echo PCIPT-GUEST-LSPCI-BEGIN
-/usr/bin/lspci -nn
-echo PCIPT-GUEST-LSPCI-END
-while :; do sleep 3600; done
+last=""
+while :; do
+  now=$(/usr/bin/lspci -nn)
+  if [ "$now" != "$last" ]; then
+    echo PCIPT-GUEST-LSPCI-BEGIN
+    echo "$now"
+    echo PCIPT-GUEST-LSPCI-END
+    last=$now
+  fi
+  sleep 2
+done
 """
 
 

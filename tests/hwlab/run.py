@@ -286,7 +286,7 @@ mkdir -p /lab/consoles
   --lease-interval 10 > /lab/agent.log 2>&1 &
 agent=$!
 # The outer side says when the guests have shown their devices, and when the VMs are gone.
-for i in $(seq 1 900); do [ -e /lab/guests-seen ] && break; sleep 1; done
+for i in $(seq 1 1100); do [ -e /lab/guests-seen ] && break; sleep 1; done
 igb=$(for d in /sys/bus/pci/devices/*; do [ "$(cat $d/device)" = 0x10c9 ] && ls $d/net; done)
 ip -d link show dev $igb > /lab/iplink.txt
 drivers > /lab/drivers-running.txt
@@ -403,6 +403,77 @@ def _guest_lspci(console: str) -> list[str]:
     return [line.strip() for line in body.splitlines() if line.strip()]
 
 
+def _guest_lspci_last(console: str) -> list[str]:
+    """The guest's latest listing (it prints one again whenever its devices change)."""
+    if "PCIPT-GUEST-LSPCI-END" not in console:
+        return []
+    body = console.rsplit("PCIPT-GUEST-LSPCI-END", 1)[0].rsplit("PCIPT-GUEST-LSPCI-BEGIN", 1)[1]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def _hotplug(out: Path, lab: Any, running: hwlab.Running, log: Callable[[str], None]) -> list[str]:
+    """Add a second igb VF network to the running `vf` VM, see the guest get it, remove it,
+    see the guest lose it and the VF released."""
+    problems: list[str] = []
+    console = out / "consoles" / "lab_vf.log"
+
+    def vfs_in_guest() -> int:
+        lines = _guest_lspci_last(console.read_text(errors="replace"))
+        return sum("[8086:10ca]" in line for line in lines)
+
+    def networks(extra: list[dict[str, Any]]) -> None:
+        base = {"name": "uplink", "flavor": "lab-igb-vf", "physicalNetwork": "labnet",
+                "vlan": 100, "mac": "52:54:00:aa:00:01", "mode": "hostdev"}  # fmt: skip
+        lab.kubectl(
+            "patch", "passthroughvm", "vf", "-n", "lab", "--type", "merge",
+            "-p", json.dumps({"spec": {"networks": [base, *extra]}}),
+        )  # fmt: skip
+
+    def wait(pred: Callable[[], bool], seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and running.alive():
+            if pred():
+                return True
+            time.sleep(2)
+        return False
+
+    started = time.monotonic()
+    networks([{"name": "second", "flavor": "lab-igb-vf", "physicalNetwork": "labnet",
+               "vlan": 101, "mac": "52:54:00:aa:00:02", "mode": "hostdev"}])  # fmt: skip
+    if wait(lambda: vfs_in_guest() == 2, 240):
+        log(f"hwlab: the guest sees the hot-plugged VF ({time.monotonic() - started:.0f} s)")
+    else:
+        problems.append(
+            f"the guest never saw a second igb VF: {_guest_lspci_last(console.read_text(errors='replace'))}"
+        )
+    vm = json.loads(lab.kubectl("get", "passthroughvm", "vf", "-n", "lab", "-o", "json").stdout)
+    (out / "hotplug-vm.json").write_text(json.dumps(vm, indent=1))
+    added = next((n for n in vm["status"].get("networks", []) if n["name"] == "second"), None)
+    conds = {x["type"]: x for x in vm["status"].get("conditions", [])}
+    attached = conds.get("DevicesAttached", {})
+    if added is None or attached.get("status") != "True":
+        problems.append(f"hot-plug not reported: networks {vm['status'].get('networks')}, "
+                        f"DevicesAttached {attached}")  # fmt: skip
+    started = time.monotonic()
+    networks([])
+    if wait(lambda: vfs_in_guest() == 1, 240):
+        log(f"hwlab: the guest lost the unplugged VF ({time.monotonic() - started:.0f} s)")
+    else:
+        problems.append("the guest still has two igb VFs after the unplug")
+    if added is not None:
+
+        def released() -> bool:
+            dev = json.loads(
+                lab.kubectl("get", "pcidev", added["pciDevice"], "-o", "json").stdout or "{}"
+            )
+            rel = (dev.get("spec") or {}).get("release") or {}
+            return not (dev.get("spec") or {}).get("claimRef") and rel.get("reason") == "Detached"
+
+        if not wait(released, 120):
+            problems.append(f"{added['pciDevice']} was not released after the unplug")
+    return problems
+
+
 def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
     """The outer side: a real API server and the controller here, the node plugin in the lab
     host (through guestfwd); two PassthroughVMs; the guests' lspci read from their consoles."""
@@ -435,7 +506,7 @@ def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
         host = hwlab.LabHost(
             name="e2e",
             devices=hwlab.default_devices(),
-            timeout=900,
+            timeout=1200,
             forwards={
                 6443: [sys.executable, str(REPO / "tests/hwlab/relay.py"), "127.0.0.1", str(port)]
             },
@@ -480,6 +551,8 @@ def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
         (out / "vms.json").write_text(
             lab.kubectl("get", "passthroughvms", "-A", "-o", "json", check=False).stdout
         )
+        if not problems and len(seen) == 2:
+            problems += _hotplug(out, lab, running, log)
         (out / "guests-seen").touch()
         wait_file(out / "inside-read", running, 120)
         started = time.monotonic()
