@@ -143,6 +143,8 @@ class Hotplugger:
         self.events = events
         self.scoring = scoring
         self.in_flight = in_flight
+        self._quiet: dict[str, tuple[str | None, int]] = {}
+        """VM uid -> (resourceVersion, node version) when it last needed nothing."""
         self._refused: dict[str, tuple[int, str]] = {}
         """VM uid -> (node version, message) of its last refusal: not tried again until the
         node changes."""
@@ -153,6 +155,9 @@ class Hotplugger:
 
     async def check(self) -> None:
         busy = self.in_flight()
+        if len(self._quiet) > 2 * len(self.inventory.vms) + 64:
+            known = {vm.metadata.uid for vm in self.inventory.vms.values()}
+            self._quiet = {u: k for u, k in self._quiet.items() if u in known}
         for vm in list(self.inventory.vms.values()):
             node, uid = vm.status.node_name, vm.metadata.uid or ""
             mig = vm.status.migration
@@ -163,7 +168,23 @@ class Hotplugger:
                 or (mig is not None and mig.phase in ("Stopping", "Placing"))
             ):
                 continue
+            # Looked at again only when it changed, or (for a request waiting to be attached
+            # when free) when its node's devices did.
+            waits = any(r.attach_when_free for r in vm.spec.devices)
+            key = (
+                vm.metadata.resource_version,
+                self.inventory.node_versions.get(node, 0) if waits else 0,
+            )
+            if self._quiet.get(uid) == key:
+                continue
             d = delta(vm, self._claim_flavor)
+            restart = get_condition(vm.status.conditions, c.COND_RESTART_REQUIRED)
+            if not (d.added or d.removed or d.changed or vm.status.detaching) and (
+                restart is None or restart.status != "True"
+            ):
+                self._quiet[uid] = key
+                continue
+            self._quiet.pop(uid, None)
             current = await self._restart_required(vm, d.changed)
             if current is None:
                 continue

@@ -93,3 +93,13 @@ def test_schedule_benchmark_times_every_kind_of_decision(tmp_path: Path) -> None
     for key in ("one_gpu_indexed", "one_gpu_every_node", "packing", "dedicated"):
         assert 0 < f[key]["p50_ms"] <= f[key]["p99_ms"], (key, f[key])
     assert f["refusal_from_memo"]["p50_ms"] > 0 and f["refusal_every_node"]["p50_ms"] > 0
+
+
+def test_lifecycle_benchmark_evacuates_every_vm(tmp_path: Path) -> None:
+    f = run_bench(tmp_path, "lifecycle.py", "--vms", "4")
+    ev = f["evacuation"]
+    assert f["vms"] == 4 and positive(ev["all_placed_again_s"], ev["vms_per_s"])
+    assert 0 < ev["taint_to_placed_s"]["p50"] <= ev["taint_to_placed_s"]["max"]
+    # Per VM: its unplaced status, the release, and the new bind's claim, metadata and status.
+    assert ev["writes_by_kind"]["PATCH/pcidevices"] >= 8, ev["writes_by_kind"]
+    assert ev["writes_per_vm"] >= 5
