@@ -61,6 +61,14 @@ def request_of(vm: PassthroughVM) -> MigrationRequest | str | None:
     return MigrationRequest(data["id"][:64], to)
 
 
+def migration_problems(vm: PassthroughVM) -> list[str]:
+    """For admission: a malformed migration request, named by its field."""
+    req = request_of(vm)
+    if isinstance(req, str):
+        return [f"metadata.annotations[{c.ANNOTATION_MIGRATE}]: {req}"]
+    return []
+
+
 def _stamp() -> str:
     return clock.timestamp()
 

@@ -38,7 +38,7 @@ from controller.leader import LeaderElector
 from controller.ledger import ComputeLedger, QuotaLedger
 from controller.liveness import NodeLiveness
 from controller.metrics import ControllerMetrics
-from controller.migration import Migrator
+from controller.migration import Migrator, migration_problems
 from controller.queue import SchedulingQueue
 from controller.scheduler import Scheduler, SchedulerSettings
 from controller.scheduling import ScoringPolicy, request_problems
@@ -411,7 +411,7 @@ class Runtime:
         """Cross-object checks of a VM for the validating webhook; [] when fine."""
         vm = PassthroughVM.model_validate(body)
         ns_labels = self.inventory.namespaces.get(vm.metadata.namespace or "", {})
-        return request_problems(vm, self.inventory.flavors, ns_labels)
+        return migration_problems(vm) + request_problems(vm, self.inventory.flavors, ns_labels)
 
     async def confirmed_admission_problems(self, body: dict[str, Any]) -> list[str]:
         """admission_problems, but a refusal only when the API server's own flavors and
@@ -431,7 +431,7 @@ class Runtime:
             return []
         fresh = {f["metadata"]["name"]: PciFlavor.model_validate(f) for f in flavors["items"]}
         labels = ns["metadata"].get("labels") or {}
-        return request_problems(vm, fresh, labels)
+        return migration_problems(vm) + request_problems(vm, fresh, labels)
 
 
 def _log_task_error(task: asyncio.Task[Any]) -> None:

@@ -617,3 +617,40 @@ def test_a_changed_request_is_restart_required_and_an_optional_one_waits_for_a_d
     assert not vm.status.skipped
     assert next(d for d in vm.status.devices if d.request == "spare").pci_device == spare
     check_invariants(world)
+
+
+def test_the_webhook_refuses_a_malformed_migration_request_naming_the_annotation(
+    kube: KubeCluster, world: World, leases: Callable[..., LeaseKeeper], tmp_path: Path
+) -> None:
+    ctl = start_controller(kube, tmp_path, "--webhook", "dev")
+    admission = client.AdmissionregistrationV1Api(kube.api)
+    try:
+        leases(world.node("a"))
+        world.device("a", "0000:3b:00.0")
+        gpu = world.flavor("a100")
+        world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+        wait_for(
+            lambda: any(
+                w.metadata.name == f"validate.{c.GROUP}"
+                for w in admission.list_validating_webhook_configuration().items
+            ),
+            what="webhook configuration",
+        )
+
+        def refusal() -> str:
+            try:
+                world.custom.patch_namespaced_custom_object(
+                    c.GROUP, c.VERSION, world.namespace, c.PLURAL_PASSTHROUGHVM, "vm1",
+                    {"metadata": {"annotations": {c.ANNOTATION_MIGRATE: "{not json"}}},
+                )  # fmt: skip
+            except client.ApiException as e:
+                return str(e.body)
+            return ""
+
+        msg = wait_for(refusal, what="the webhook's refusal")
+        assert f"metadata.annotations[{c.ANNOTATION_MIGRATE}]" in msg and "is not JSON" in msg
+    finally:
+        ctl.stop()
+        for w in admission.list_validating_webhook_configuration().items:
+            if w.metadata.name == f"validate.{c.GROUP}":
+                admission.delete_validating_webhook_configuration(w.metadata.name)
