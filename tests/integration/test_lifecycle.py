@@ -129,12 +129,13 @@ def placed_on(world: World, name: str, node: str) -> Callable[[], Any]:
 # --- evacuation ------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("controller")
 def test_a_dead_node_is_not_evacuated_until_it_is_declared_out_of_service(
     kube: KubeCluster,
     world: World,
     leases: Callable[..., LeaseKeeper],
     nodes: Callable[..., str],
-    controller: ControllerProcess,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     a, b = nodes(world.node("a")), nodes(world.node("b"))
     keeper_a = leases(a)
@@ -175,6 +176,16 @@ def test_a_dead_node_is_not_evacuated_until_it_is_declared_out_of_service(
     assert old.spec.release.uid == uid
     reasons = [r for r, _ in events_for(kube, world.namespace, "vm1")]
     assert c.REASON_EVACUATED in reasons
+    # kubectl pcipt explain tells the story.
+    assert (
+        kubectl_pcipt.main(
+            ["--kubeconfig", str(kube.kubeconfig), "explain", "vm1", "-n", world.namespace]
+        )
+        == 0
+    )
+    told = capsys.readouterr().out
+    assert f"evacuated from {a} at " in told and c.TAINT_OUT_OF_SERVICE in told, told
+    assert f"released {d_a}" in told, told
     # The tainted node takes nothing new, even once it renews again.
     leases(a)
     world.vm("vm2", [{"name": "gpu", "flavor": gpu}])
