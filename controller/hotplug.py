@@ -28,7 +28,7 @@ from controller.binding import Binder, LostRace, vm_path
 from controller.inventory import Inventory
 from controller.scheduling import Placement, Refusal, ScoringPolicy, schedule
 from controller.statuswriter import VmStatusWriter
-from controller.vmstatus import is_deleting, scheduled_status
+from controller.vmstatus import is_deleting, is_placed, scheduled_status
 from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM
@@ -163,6 +163,7 @@ class Hotplugger:
             mig = vm.status.migration
             if (
                 not node
+                or not is_placed(vm)
                 or is_deleting(vm)
                 or uid in busy
                 or (mig is not None and mig.phase in ("Stopping", "Placing"))

@@ -18,7 +18,7 @@ from pcipt.api.v1alpha1 import (
     SchedulingStatus,
     SkippedRequest,
 )
-from pcipt.conditions import ready_condition, same_conditions, set_condition
+from pcipt.conditions import is_true, ready_condition, same_conditions, set_condition
 from pcipt.pci import generated_mac
 
 MAX_NODES_IN_STATUS = 20
@@ -240,6 +240,11 @@ def listed_devices(vm: PassthroughVM) -> set[str]:
         | {n.pci_device for n in vm.status.networks}
         | {d.pci_device for d in vm.status.detaching}
     )
+
+
+def is_placed(vm: PassthroughVM) -> bool:
+    """Bound to a node by this controller (not only a nodeName someone wrote)."""
+    return bool(vm.status.node_name) and is_true(vm.status.conditions, c.COND_SCHEDULED)
 
 
 def is_deleting(vm: PassthroughVM) -> bool:
