@@ -107,12 +107,19 @@ def test_examples_run_on_the_right_nodes_with_exactly_their_devices(lab: Lab) ->
     )
     lab.wait_for("{.status.phase}", "Running", "ptvm", "trainer", "-n", NS)
 
-    # Delete: the devices come back free, and go back to their own drivers.
+    # Delete: the devices are released, scrubbed (reset, back to their own drivers: the node
+    # plugin answers the release), and only then free again.
     uid = trainer["metadata"]["uid"]
     lab.kubectl("delete", "ptvm", "trainer", "-n", NS, "--wait=true", "--timeout=60s")
     assert claimed(lab, uid) == []
-    assert driver(lab, "node-a", "0000:3b:00.0") == "nvidia"
     assert not (lab.state_dir("node-a") / "domains" / f"{NS}_trainer.xml").exists()
+    dev = "node-a.0000-3b-00-0"
+    release = get(lab, "pcidev", dev)["spec"]["release"]
+    assert release["uid"] == uid and release["scrub"] is True and release["reason"] == "Deleted"
+    lab.wait_for("{.status.scrub.releaseID}", release["id"], "pcidev", dev, timeout=30)
+    scrub = get(lab, "pcidev", dev)["status"]["scrub"]
+    assert scrub["phase"] == "Done" and scrub["reset"] == "flr" and scrub["driver"] == "nvidia"
+    assert driver(lab, "node-a", "0000:3b:00.0") == "nvidia"
     lab.kubectl("delete", "ptvm", "router", "-n", NS, "--wait=true", "--timeout=60s")
     lab.wait_for("{.status.free}", "4", "pciflavor", "a100", timeout=30)
 
