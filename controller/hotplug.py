@@ -35,6 +35,7 @@ from pcipt.api.v1alpha1 import PassthroughVM
 from pcipt.conditions import get_condition
 from pcipt.events import EventRecorder
 from pcipt.kubeclient import Conflict, KubeClient, NotFound
+from pcipt.quantity import quantity_bytes
 
 log = logging.getLogger("pcipt.controller.hotplug")
 
@@ -101,6 +102,29 @@ def delta(vm: PassthroughVM, claim_flavor: Callable[[str], str | None]) -> Delta
             out.changed.append(f"spec.networks[{n.name}].mac: {binding.mac} -> {n.mac}")
     wanted = set(vm.spec.request_names())
     out.removed = sorted((device_names | network_names) - wanted)
+    out.changed += _compute_changes(vm)
+    return out
+
+
+def _compute_changes(vm: PassthroughVM) -> list[str]:
+    """Edits of the CPUs and memory counted for the VM on its node: the domain keeps what was
+    counted until the VM is placed again."""
+    counted = vm.status.compute
+    if counted is None:
+        return []
+    spec, out = vm.spec, []
+    if counted.vcpus and spec.cpu.cores != counted.vcpus:
+        out.append(f"spec.cpu.cores: {counted.vcpus} -> {spec.cpu.cores}")
+    if spec.cpu.policy != counted.policy:
+        out.append(f"spec.cpu.policy: {counted.policy} -> {spec.cpu.policy}")
+    memory_mib = -(-quantity_bytes(spec.memory) // (1024 * 1024))
+    if counted.memory_mib and memory_mib != counted.memory_mib:
+        out.append(f"spec.memory: {counted.memory_mib}Mi -> {spec.memory}")
+    page = quantity_bytes(spec.hugepages.page_size) // 1024 if spec.hugepages else None
+    if page != counted.page_size_kib:
+        was = f"{counted.page_size_kib}Ki pages" if counted.page_size_kib else "none"
+        now = f"{spec.hugepages.page_size} pages" if spec.hugepages else "none"
+        out.append(f"spec.hugepages: {was} -> {now}")
     return out
 
 
@@ -202,8 +226,9 @@ class Hotplugger:
         cond = get_condition(vm.status.conditions, c.COND_RESTART_REQUIRED)
         if changed:
             msg = (
-                "; ".join(changed) + ": a change of a bound request is not applied to a running "
-                "VM; `kubectl pcipt migrate` places it again with its whole spec"
+                "; ".join(changed) + ": not applied to the VM as placed (a bound request, or "
+                "the CPUs and memory counted for it); `kubectl pcipt migrate` places it again "
+                "with its whole spec"
             )
             if cond is not None and cond.status == "True" and cond.message == msg:
                 return vm

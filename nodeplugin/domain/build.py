@@ -111,8 +111,8 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
     return Domain(
         name=name,
         uuid=uid,
-        memory_kib=-(-quantity_bytes(spec.memory) // 1024),
-        vcpus=spec.cpu.cores,
+        memory_kib=_memory_kib(vm),
+        vcpus=_vcpus(vm),
         vm=VmRef(ns, vm.metadata.name, uid, vm.metadata.generation or 0),
         domain_type=host.domain_type,
         machine=host.machine,
@@ -134,6 +134,20 @@ def _shared_cpus(host: HostFacts, node: int) -> tuple[int, ...]:
         raise BuildError(f"NUMA node {node} has no CPUs on this host")
     keep_off = set(host.reserved_cpus) | host.dedicated_elsewhere
     return tuple(c for c in cpus if c not in keep_off) or tuple(cpus)
+
+
+def _vcpus(vm: PassthroughVM) -> int:
+    """What the controller counted when it placed the VM (a later edit of the spec takes effect
+    when the VM is placed again: RestartRequired says so); the spec where nothing was counted."""
+    c = vm.status.compute
+    return c.vcpus if c is not None and c.vcpus else vm.spec.cpu.cores
+
+
+def _memory_kib(vm: PassthroughVM) -> int:
+    c = vm.status.compute
+    if c is not None and c.memory_mib:
+        return c.memory_mib * 1024
+    return -(-quantity_bytes(vm.spec.memory) // 1024)
 
 
 def _placement(vm: PassthroughVM, host: HostFacts) -> Placement | None:
@@ -161,11 +175,12 @@ def _placement(vm: PassthroughVM, host: HostFacts) -> Placement | None:
             pool = _shared_cpus(host, share.node)
             for v in share.vcpus:
                 vcpu_cpus[v] = pool
-    if sorted(vcpu_cpus) != list(range(spec.cpu.cores)):
+    vcpus = _vcpus(vm)
+    if sorted(vcpu_cpus) != list(range(vcpus)):
         raise BuildError(
-            f"status.compute places vCPUs {sorted(vcpu_cpus)}, not the {spec.cpu.cores} asked for"
+            f"status.compute places vCPUs {sorted(vcpu_cpus)}, not the {vcpus} it counted"
         )
-    ordered = tuple(vcpu_cpus[v] for v in range(spec.cpu.cores))
+    ordered = tuple(vcpu_cpus[v] for v in range(vcpus))
     own = tuple(sorted({x for cpus in ordered for x in cpus}))
     emulator = tuple(host.reserved_cpus) if c.policy == "dedicated" and host.reserved_cpus else own
     cells: tuple[GuestCell, ...] = ()

@@ -95,3 +95,17 @@ def test_the_partial_vm_asks_only_for_the_added_requests_on_the_vms_node() -> No
     assert part.spec.node_selector == {"kubernetes.io/hostname": "node-a"}
     assert part.spec.placement is None  # one request left: no cross-request rule
     assert part.metadata.uid != vm.metadata.uid  # its own devices count as another VM's
+
+
+def test_edits_of_the_counted_cpus_and_memory_are_named_too() -> None:
+    vm = placed(
+        {"cpu": {"cores": 4, "policy": "dedicated"}, "memory": "2Gi"},
+        {"compute": {"policy": "shared", "vcpus": 2, "memoryMiB": 1024}},
+    )
+    assert delta(vm, flavor_of).changed == [
+        "spec.cpu.cores: 2 -> 4",
+        "spec.cpu.policy: shared -> dedicated",
+        "spec.memory: 1024Mi -> 2Gi",
+    ]
+    same = placed({"cpu": {"cores": 2}}, {"compute": {"vcpus": 2, "memoryMiB": 1024}})
+    assert delta(same, flavor_of).changed == []
