@@ -341,3 +341,20 @@ def test_each_passthrough_device_renders_alone_for_attach_and_is_found_for_detac
         one = xml.split("<devices>")[0] + "<devices>" + alone + "</devices>\n</domain>\n"
         validate(one, tmp_path)
     assert device_xml(d, "0000:ff:1f.7") is None and live_device_xml(xml, "0000:ff:1f.7") is None
+
+
+def test_a_placed_vm_keeps_the_cpus_and_memory_counted_for_it_after_an_edit() -> None:
+    placed = CASES["dedicated-on-hugepages"]
+    edited = placed.model_copy(
+        update={
+            "spec": placed.spec.model_copy(
+                update={
+                    "memory": "8Gi",
+                    "cpu": placed.spec.cpu.model_copy(update={"cores": 6}),
+                }
+            )
+        }
+    )
+    d = build_domain(edited, HOST)
+    assert d.vcpus == 4 and d.memory_kib == 4096 * 1024  # what status.compute counted
+    assert render(d) == render(build_domain(placed, HOST))
