@@ -89,7 +89,9 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
     for nb in status.networks:
         req = requests.get(nb.name)
         if req is None:
-            raise BuildError(f"status lists network {nb.name}, which the spec no longer asks for")
+            # Removed from the spec, and about to be detached (the controller moves it to
+            # status.detaching): a domain defined now does without it.
+            continue
         mac = nb.mac or req.mac or generated_mac(uid, nb.name)
         alias = f"ua-net-{nb.name}"
         if req.mode == "macvtap":
