@@ -48,10 +48,6 @@ def _host_path(url: str) -> str:
     return url[len("file://") :]
 
 
-HOTPLUG_PORTS = 2
-"""Empty root ports each q35 domain gets, so that devices can be hot-plugged into it."""
-
-
 def domain_name(namespace: str, name: str) -> str:
     """`<namespace>_<name>`: unique per cluster, and '_' cannot occur in either part."""
     return f"{namespace}_{name}"
@@ -126,7 +122,6 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
         console_log=f"{host.console_log_dir.rstrip('/')}/{name}.log"
         if host.console_log_dir
         else None,
-        hotplug_ports=HOTPLUG_PORTS if host.machine and "q35" in host.machine else 0,
     )
 
 

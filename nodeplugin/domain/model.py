@@ -134,7 +134,4 @@ class Domain:
     kernel_boot: KernelBoot | None = None
     console_log: str | None = None
     """A host file the serial console is copied to (libvirt's `<serial><log file=...>`)."""
-    hotplug_ports: int = 0
-    """Empty PCIe root ports for devices hot-plugged later (q35 hot-plugs only into a root
-    port, and libvirt adds ports only for the devices defined)."""
     extra: dict[str, str] = field(default_factory=dict)

@@ -89,19 +89,6 @@ def _numa_buses(devices: ET.Element, buses: tuple[NumaBus, ...]) -> None:
             )
 
 
-def _hotplug_ports(devices: ET.Element, d: Domain) -> None:
-    """Empty root ports to hot-plug into, with explicit indexes after every other controller
-    pcipt writes: libvirt would give an unindexed port index 0, which q35 keeps for its
-    pcie-root (written explicitly before them)."""
-    used = {0}
-    for b in d.placement.buses if d.placement is not None else ():
-        used |= {b.index, *b.ports}
-    for i in range(d.hotplug_ports):
-        _sub(
-            devices, "controller", type_="pci", index=str(max(used) + 1 + i), model="pcie-root-port"
-        )
-
-
 def _hostdev(devices: ET.Element, h: HostdevPci) -> None:
     el = _sub(devices, "hostdev", mode="subsystem", type_="pci", managed="no")
     src = _sub(el, "source")
@@ -206,11 +193,8 @@ def render(d: Domain) -> str:
     devices = _sub(root, "devices")
     for disk in d.disks:
         _disk(devices, disk)
-    if d.hotplug_ports:
-        _sub(devices, "controller", type_="pci", index="0", model="pcie-root")
     if d.placement is not None:
         _numa_buses(devices, d.placement.buses)
-    _hotplug_ports(devices, d)
     for h in d.hostdevs:
         _hostdev(devices, h)
     for i in d.interfaces:
