@@ -20,6 +20,7 @@ from kubernetes import client, config
 
 from pcipt.devcluster import LocalCluster, binaries
 from pcipt.devcluster.crds import apply_crds
+from tests.integration.ctlfix import OPERATOR_NS, LeaseKeeper, World
 
 
 @dataclass
@@ -85,3 +86,42 @@ def custom(kube: KubeCluster) -> client.CustomObjectsApi:
 def unique() -> Callable[[str], str]:
     """Unique names for cluster-scoped objects, so tests never collide."""
     return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --- the controller's tests: the operator namespace, a test's objects, node Leases ----------
+
+
+@pytest.fixture(scope="session")
+def operator_namespace(kube: KubeCluster) -> str:
+    """The operator's namespace (node Leases live there), created once."""
+    try:
+        client.CoreV1Api(kube.api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS))
+        )
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+    return OPERATOR_NS
+
+
+@pytest.fixture
+def world(kube: KubeCluster, namespace: str, operator_namespace: str) -> Iterator[World]:
+    """The cluster-scoped objects of one test (devices, flavors) and its VMs, cleaned up after."""
+    w = World(kube.api, namespace)
+    yield w
+    w.cleanup()
+
+
+@pytest.fixture
+def leases(kube: KubeCluster, operator_namespace: str) -> Iterator[Callable[..., LeaseKeeper]]:
+    """Start renewing nodes' Leases as their plugins would; stopped (and deleted) after."""
+    keepers: list[LeaseKeeper] = []
+
+    def start(*nodes: str, compute: str | None = None) -> LeaseKeeper:
+        k = LeaseKeeper(kube.api, nodes, compute).start()
+        keepers.append(k)
+        return k
+
+    yield start
+    for k in keepers:
+        k.stop()

@@ -27,36 +27,7 @@ from tests.integration.ctlfix import (
     wait_for,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def operator_namespace(kube: KubeCluster) -> None:
-    core = client.CoreV1Api(kube.api)
-    try:
-        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS)))
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
-
-
-@pytest.fixture
-def world(kube: KubeCluster, namespace: str) -> Iterator[World]:
-    w = World(kube.api, namespace)
-    yield w
-    w.cleanup()
-
-
-@pytest.fixture
-def leases(kube: KubeCluster) -> Iterator[Callable[..., LeaseKeeper]]:
-    keepers: list[LeaseKeeper] = []
-
-    def start(*nodes: str, compute: str | None = None) -> LeaseKeeper:
-        k = LeaseKeeper(kube.api, nodes, compute).start()
-        keepers.append(k)
-        return k
-
-    yield start
-    for k in keepers:
-        k.stop()
+pytestmark = pytest.mark.usefixtures("operator_namespace")
 
 
 @pytest.fixture

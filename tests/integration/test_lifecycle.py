@@ -18,7 +18,6 @@ from pcipt.api.v1alpha1 import PassthroughVM
 from pcipt.cli import kubectl_pcipt
 from tests.integration.conftest import KubeCluster
 from tests.integration.ctlfix import (
-    OPERATOR_NS,
     ControllerProcess,
     LeaseKeeper,
     World,
@@ -28,37 +27,7 @@ from tests.integration.ctlfix import (
     wait_for,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def operator_namespace(kube: KubeCluster) -> None:
-    try:
-        client.CoreV1Api(kube.api).create_namespace(
-            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS))
-        )
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
-
-
-@pytest.fixture
-def world(kube: KubeCluster, namespace: str) -> Iterator[World]:
-    w = World(kube.api, namespace)
-    yield w
-    w.cleanup()
-
-
-@pytest.fixture
-def leases(kube: KubeCluster) -> Iterator[Callable[..., LeaseKeeper]]:
-    keepers: list[LeaseKeeper] = []
-
-    def start(*nodes: str) -> LeaseKeeper:
-        k = LeaseKeeper(kube.api, nodes).start()
-        keepers.append(k)
-        return k
-
-    yield start
-    for k in keepers:
-        k.stop()
+pytestmark = pytest.mark.usefixtures("operator_namespace")
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ from pcipt.kubeclient import KubeClient, crd_path, load_credentials
 from tests.integration.conftest import KubeCluster
 from tests.unit.hosts import lab_host
 
+pytestmark = pytest.mark.usefixtures("operator_namespace")
+
 GPU, AUDIO = "0000:3b:00.0", "0000:3b:00.1"
 CONFIG = """
 devices:
@@ -41,17 +43,6 @@ devices:
     physicalNetwork: physnet2
 """
 OPERATOR_NS = "pcipt-system"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def operator_namespace(kube: KubeCluster) -> None:
-    try:
-        client.CoreV1Api(kube.api).create_namespace(
-            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS))
-        )
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
 
 
 class Rig:
