@@ -126,16 +126,18 @@ class Evacuator:
     async def _evacuate(self, vm: PassthroughVM, node: str, why: str) -> None:
         uid = vm.metadata.uid or ""
         try:
-            held = sorted(
-                {d.name for d in self.inventory.claimed_by(uid) if d.node == node}
-                | listed_devices(vm)
+            fresh, released = await take_off_node(
+                vm,
+                node,
+                lambda held: evacuated_status(vm, node, why, held, clock.now()),
+                c.REASON_EVACUATED,
+                inventory=self.inventory,
+                binder=self.binder,
+                status=self.status,
+                compute_ledger=self.compute_ledger,
             )
-            fresh = await self.status.write(vm, evacuated_status(vm, node, why, held, clock.now()))
             if fresh is None:
                 return  # the VM changed meanwhile: the next tick decides again
-            released = await self.binder.release_all(uid, held, reason=c.REASON_EVACUATED)
-            if vm.status.compute is not None:
-                await self.compute_ledger.release(node, uid)
             log.warning(
                 "evacuated vm=%s/%s from node=%s released=%d: %s",
                 vm.metadata.namespace,
@@ -153,3 +155,31 @@ class Evacuator:
             self.reconsider(fresh)
         finally:
             self.running.discard(uid)
+
+
+async def take_off_node(
+    vm: PassthroughVM,
+    node: str,
+    status_of: Callable[[list[str]], dict[str, Any]],
+    reason: str,
+    *,
+    inventory: Inventory,
+    binder: Binder,
+    status: VmStatusWriter,
+    compute_ledger: ComputeLedger,
+) -> tuple[PassthroughVM | None, int]:
+    """Unplace a VM from `node` (evacuation, migration): its status first, as `status_of(the
+    devices it held there)` says, conditionally on the version decided from; then those
+    devices released as used (scrubbed and quarantined before reuse) with `reason`, and its
+    CPUs and memory there. (None, 0) when the VM changed meanwhile."""
+    uid = vm.metadata.uid or ""
+    held = sorted(
+        {d.name for d in inventory.claimed_by(uid) if d.node == node} | listed_devices(vm)
+    )
+    fresh = await status.write(vm, status_of(held))
+    if fresh is None:
+        return None, 0
+    released = await binder.release_all(uid, held, reason=reason)
+    if vm.status.compute is not None:
+        await compute_ledger.release(node, uid)
+    return fresh, released

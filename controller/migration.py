@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.binding import Binder
+from controller.evacuation import take_off_node
 from controller.inventory import Inventory
 from controller.ledger import ComputeLedger
 from controller.statuswriter import VmStatusWriter
-from controller.vmstatus import is_deleting, listed_devices, unplaced_status
+from controller.vmstatus import is_deleting, unplaced_status
 from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM
@@ -193,23 +194,30 @@ class Migrator:
         node = vm.status.node_name or ""
         try:
             assert mig is not None
-            held = sorted(
-                {d.name for d in self.inventory.claimed_by(uid) if d.node == node}
-                | listed_devices(vm)
-            )
             where = mig.to_node or "another node"
-            msg = (
-                f"migrating from {node} to {where}: the domain is gone from {node}, "
-                f"released {len(held)} device(s), placing it again"
+
+            def placing(held: list[str]) -> dict[str, Any]:
+                msg = (
+                    f"migrating from {node} to {where}: the domain is gone from {node}, "
+                    f"released {len(held)} device(s), placing it again"
+                )
+                st = unplaced_status(vm, c.REASON_MIGRATING, msg, clock.now())
+                st["migration"] = {**mig.to_dict(), "phase": "Placing", "message": msg}
+                return st
+
+            fresh, released = await take_off_node(
+                vm,
+                node,
+                placing,
+                c.REASON_MIGRATED,
+                inventory=self.inventory,
+                binder=self.binder,
+                status=self.status,
+                compute_ledger=self.compute_ledger,
             )
-            st = unplaced_status(vm, c.REASON_MIGRATING, msg, clock.now())
-            st["migration"] = {**mig.to_dict(), "phase": "Placing", "message": msg}
-            fresh = await self.status.write(vm, st)
-            if fresh is None:
+            if fresh is None or fresh.status.migration is None:
                 return
-            released = await self.binder.release_all(uid, held, reason=c.REASON_MIGRATED)
-            if vm.status.compute is not None:
-                await self.compute_ledger.release(node, uid)
+            msg = fresh.status.migration.message
             self.events.record(vm, "Normal", c.REASON_MIGRATING, msg)
             log.info(
                 "migration vm=%s/%s left=%s released=%d",
