@@ -172,9 +172,12 @@ class Auditor:
 
     def _still_holds(self, ledger: Ledger, key: str, vm: PassthroughVM) -> bool:
         """A quota entry holds while its VM is placed or has claims; a compute entry while its
-        VM is placed on that very node."""
+        VM is placed on that very node, or a live migration to it holds it."""
         if isinstance(ledger, ComputeLedger):
-            return vm.status.node_name == key
+            mig = vm.status.migration
+            return vm.status.node_name == key or (
+                mig is not None and mig.to_node == key and mig.compute is not None
+            )
         return bool(vm.status.node_name or self.inventory.claims_by_uid.get(vm.metadata.uid or ""))
 
     async def _prune(self, ledger: Ledger) -> int:

@@ -176,10 +176,25 @@ async def take_off_node(
     held = sorted(
         {d.name for d in inventory.claimed_by(uid) if d.node == node} | listed_devices(vm)
     )
-    fresh = await status.write(vm, status_of(held))
+    st = status_of(held)
+    mig = vm.status.migration
+    live = mig is not None and mig.live and mig.phase in c.LIVE_PHASES
+    if live and "migration" not in st:
+        # A live migration under way ends here: what it claimed on its target goes too.
+        st["migration"] = {
+            "phase": "Failed",
+            "networks": None,
+            "compute": None,
+            "tuning": None,
+            "completedAt": clock.timestamp(),
+            "message": f"the VM was taken off {node} ({reason}) during the live migration",
+        }
+    fresh = await status.write(vm, st)
     if fresh is None:
         return None, 0
     released = await binder.release_all(uid, held, reason=reason)
     if vm.status.compute is not None:
         await compute_ledger.release(node, uid)
+    if live and mig is not None and mig.to_node and mig.compute is not None:
+        await compute_ledger.release(mig.to_node, uid)
     return fresh, released

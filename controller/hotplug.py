@@ -28,7 +28,7 @@ from controller.binding import Binder, LostRace, vm_path
 from controller.inventory import Inventory
 from controller.scheduling import Placement, Refusal, ScoringPolicy, schedule
 from controller.statuswriter import VmStatusWriter
-from controller.vmstatus import is_deleting, is_placed, scheduled_status
+from controller.vmstatus import is_deleting, is_placed, migration_under_way, scheduled_status
 from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM
@@ -184,13 +184,12 @@ class Hotplugger:
             self._quiet = {u: k for u, k in self._quiet.items() if u in known}
         for vm in list(self.inventory.vms.values()):
             node, uid = vm.status.node_name, vm.metadata.uid or ""
-            mig = vm.status.migration
             if (
                 not node
                 or not is_placed(vm)
                 or is_deleting(vm)
                 or uid in busy
-                or (mig is not None and mig.phase in ("Stopping", "Placing"))
+                or migration_under_way(vm)
             ):
                 continue
             # Looked at again only when it changed, or (for a request waiting to be attached

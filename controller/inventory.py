@@ -123,6 +123,8 @@ class Inventory:
     out_of_service: dict[str, str] = field(default_factory=dict)
     """node -> its out-of-service taint, as key=value:effect"""
     scrubbing_nodes: set[str] = field(default_factory=set)
+    migration_uris: dict[str, str] = field(default_factory=dict)
+    """Node -> the libvirt URI its plugin receives live migrations at (its Lease says)."""
     """nodes whose plugin scrubs released devices (their Lease says so)"""
     quarantined: dict[str, float] = field(default_factory=dict)
     """device name -> when its quarantine after release ends, for those held back by one"""

@@ -65,6 +65,11 @@ class NodeLiveness:
             self.inventory.scrubbing_nodes.add(node)
         else:
             self.inventory.scrubbing_nodes.discard(node)
+        uri = annotations.get(c.ANNOTATION_MIGRATION_URI)
+        if uri:
+            self.inventory.migration_uris[node] = uri
+        else:
+            self.inventory.migration_uris.pop(node, None)
         self.inventory.set_compute(node, NodeCompute.from_json(annotations.get(COMPUTE_ANNOTATION)))
         renew = (lease.get("spec") or {}).get("renewTime")
         if renew:

@@ -1,9 +1,10 @@
 """Cold migration: stop a VM on its node, release its devices there once its domain is gone,
-and place and start it elsewhere (`kubectl pcipt migrate VM [--to NODE]`).
+and place and start it elsewhere (`kubectl pcipt migrate VM [--to NODE]`). Live migration
+(`--live`) is controller/livemigration.py's; this module takes both kinds of request.
 
-The request is the VM's `pcipt.io/migrate` annotation, `{"id": "...", "to": "node-b"}` ("to"
-optional), so it travels through GitOps and RBAC like any edit of the VM; status.migration
-answers it by ID:
+The request is the VM's `pcipt.io/migrate` annotation, `{"id": "...", "to": "node-b",
+"live": false}` ("to" and "live" optional), so it travels through GitOps and RBAC like any
+edit of the VM; status.migration answers it by ID:
 1. Stopping: the controller records the request (phase Migrating); the node plugin of the old
    node removes the domain and reports DomainGone, as for a deletion.
 2. Placing: only then are the devices released (with a release record: scrubbed and
@@ -28,6 +29,7 @@ from controller.binding import Binder
 from controller.evacuation import take_off_node
 from controller.inventory import Inventory
 from controller.ledger import ComputeLedger
+from controller.livemigration import LiveMigrator
 from controller.statuswriter import VmStatusWriter
 from controller.vmstatus import is_deleting, unplaced_status
 from pcipt import clock
@@ -43,6 +45,7 @@ log = logging.getLogger("pcipt.controller.migration")
 class MigrationRequest:
     id: str
     to: str | None
+    live: bool = False
 
 
 def request_of(vm: PassthroughVM) -> MigrationRequest | str | None:
@@ -59,7 +62,10 @@ def request_of(vm: PassthroughVM) -> MigrationRequest | str | None:
     to = data.get("to")
     if to is not None and (not isinstance(to, str) or not to):
         return f"the {c.ANNOTATION_MIGRATE} annotation's 'to' must be a node name"
-    return MigrationRequest(data["id"][:64], to)
+    live = data.get("live", False)
+    if not isinstance(live, bool):
+        return f"the {c.ANNOTATION_MIGRATE} annotation's 'live' must be true or false"
+    return MigrationRequest(data["id"][:64], to, live)
 
 
 def migration_problems(vm: PassthroughVM) -> list[str]:
@@ -74,6 +80,18 @@ def _stamp() -> str:
     return clock.timestamp()
 
 
+FRESH: dict[str, Any] = {
+    "toNode": None,
+    "live": None,
+    "networks": None,
+    "compute": None,
+    "targetURI": None,
+    "tuning": None,
+    "completedAt": None,
+}
+"""Fields of the last migration a new request's record (a merge into status.migration) clears."""
+
+
 class Migrator:
     def __init__(
         self,
@@ -86,6 +104,7 @@ class Migrator:
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         in_flight: Callable[[], set[str]],
         reconsider: Callable[[PassthroughVM], None],
+        live: LiveMigrator | None = None,
     ) -> None:
         self.inventory = inventory
         self.binder = binder
@@ -95,6 +114,7 @@ class Migrator:
         self.spawn = spawn
         self.in_flight = in_flight
         self.reconsider = reconsider
+        self.live = live
         self.running: set[str] = set()
 
     async def check(self) -> None:
@@ -105,7 +125,14 @@ class Migrator:
                 continue
             req = request_of(vm)
             mig = vm.status.migration
-            under_way = mig is not None and mig.phase in ("Stopping", "Placing")
+            under_way = mig is not None and mig.phase in ("Stopping", "Placing", *c.LIVE_PHASES)
+            if mig is not None and mig.live and self.live is not None:
+                if mig.phase == "Transferred" and vm.status.node_name == mig.from_node:
+                    await self.live.complete(vm)
+                    continue
+                if mig.phase == "Failed" and (mig.networks or mig.compute):
+                    await self.live.roll_back(vm)
+                    continue
             if (
                 req is not None
                 and not under_way
@@ -124,9 +151,11 @@ class Migrator:
                 self.running.add(uid)
                 self.spawn(self._move(vm))
 
-    async def _fail(self, vm: PassthroughVM, req_id: str, why: str) -> None:
+    async def _fail(self, vm: PassthroughVM, req_id: str, why: str, live: bool = False) -> None:
         st = {
             "migration": {
+                **FRESH,
+                **({"live": True} if live else {}),
                 "id": req_id,
                 "fromNode": vm.status.node_name or "",
                 "phase": "Failed",
@@ -154,6 +183,15 @@ class Migrator:
                 vm, req.id, f"no node {req.to} is known (it publishes no devices and no Lease)"
             )
             return
+        if req.live:
+            why = (
+                await self.live.start(vm, req.id, req.to)
+                if self.live is not None
+                else "this controller does not do live migration"
+            )
+            if why is not None:
+                await self._fail(vm, req.id, f"cannot migrate live: {why}", live=True)
+            return
         where = req.to or "another node"
         msg = f"migrating from {node} to {where}: waiting for the domain to stop on {node}"
         gen = vm.metadata.generation
@@ -169,6 +207,7 @@ class Migrator:
         st = {
             "phase": "Migrating",
             "migration": {
+                **FRESH,
                 "id": req.id,
                 "fromNode": node,
                 **({"toNode": req.to} if req.to else {}),

@@ -36,6 +36,7 @@ from controller.hotplug import Hotplugger
 from controller.inventory import Inventory
 from controller.leader import LeaderElector
 from controller.ledger import ComputeLedger, QuotaLedger
+from controller.livemigration import LiveMigrator
 from controller.liveness import NodeLiveness
 from controller.metrics import ControllerMetrics
 from controller.migration import Migrator, migration_problems
@@ -173,6 +174,16 @@ class Runtime:
             spawn=self._spawn,
             in_flight=lambda: self.queue.binding,
             reconsider=self._consider,
+            live=LiveMigrator(
+                api,
+                self.inventory,
+                self.binder,
+                self.status,
+                self.events,
+                compute_ledger=self.compute_ledger,
+                scoring=settings.scoring,
+                cpu_allocation_ratio=settings.cpu_allocation_ratio,
+            ),
         )
         self.hotplug = Hotplugger(
             api,

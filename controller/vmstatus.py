@@ -234,12 +234,21 @@ def condition_status(  # noqa: PLR0917 - one condition's fields, in their usual 
 
 
 def listed_devices(vm: PassthroughVM) -> set[str]:
-    """The PciDevices a VM's status says it has (those being detached included)."""
+    """The PciDevices a VM's status says it has (those being detached, and those claimed on a
+    live migration's target, included)."""
+    mig = vm.status.migration
     return (
         {d.pci_device for d in vm.status.devices}
         | {n.pci_device for n in vm.status.networks}
         | {d.pci_device for d in vm.status.detaching}
+        | ({n.pci_device for n in mig.networks} if mig is not None else set())
     )
+
+
+def migration_under_way(vm: PassthroughVM) -> bool:
+    """A cold or live migration is running: nothing else changes the VM's placement."""
+    mig = vm.status.migration
+    return mig is not None and mig.phase in ("Stopping", "Placing", *c.LIVE_PHASES)
 
 
 def is_placed(vm: PassthroughVM) -> bool:

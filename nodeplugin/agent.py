@@ -114,6 +114,7 @@ class NodeAgent:
         self._tasks = [
             loop.create_task(self.devices.run(), name="devices"),
             loop.create_task(self.reconciler.vms.run(), name="vms"),
+            loop.create_task(self.reconciler.arriving.run(), name="vms-arriving"),
             loop.create_task(self.publisher.lease_loop(), name="lease"),
             loop.create_task(self.publisher.rescan_loop(), name="rescan"),
             loop.create_task(self.reconciler.resync_loop(), name="resync"),

@@ -71,6 +71,12 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
 RUN_SETTINGS: tuple[Setting, ...] = (
     KUBECONFIG,
     Setting("--libvirt-uri", D("libvirt_uri"), "libvirt connection URI"),
+    Setting(
+        "--migration-uri",
+        "",
+        "the libvirt URI other nodes' libvirt migrates running domains to this node at "
+        "(qemu+tls://HOST/system); '' takes part in no live migration",
+    ),
     Setting("--namespace", D("namespace"), "where the node Lease lives"),
     Setting("--state-dir", D("state_dir"), "the agent's state folder", Path),
     Setting("--rescan-interval", D("rescan_interval"), "seconds between sysfs rescans", float),
@@ -275,6 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config=args.config,
         nova_conf=args.nova_conf,
         libvirt_uri=args.libvirt_uri,
+        migration_uri=args.migration_uri or None,
         namespace=args.namespace,
         state_dir=args.state_dir,
         pci_ids=args.pci_ids,

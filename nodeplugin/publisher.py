@@ -399,6 +399,13 @@ class DevicePublisher:
                     ),
                     # The controller holds released devices back until this plugin scrubs them.
                     c.ANNOTATION_SCRUBS: "true" if self.settings.scrub else "false",
+                    # Where this node's libvirt takes live migrations (none: it takes part in
+                    # none, and the controller refuses live migrations from and to it).
+                    **(
+                        {c.ANNOTATION_MIGRATION_URI: self.settings.migration_uri}
+                        if self.settings.migration_uri
+                        else {}
+                    ),
                 },
             },
             "spec": {

@@ -26,6 +26,8 @@ from nodeplugin.domain.render import (
     macvtap_netdevs,
     passthrough_addresses,
     render,
+    retarget,
+    tuning_of,
 )
 from nodeplugin.hoststate import HostState
 from nodeplugin.metrics import NodeMetrics
@@ -35,7 +37,7 @@ from nodeplugin.vfio import PrepareError, Preparer, is_vfio_driver
 from nodeplugin.virt import DomainInfo, Hypervisor, VirtError
 from pcipt import clock
 from pcipt import constants as c
-from pcipt.api.v1alpha1 import PassthroughVM, pcidevice_name
+from pcipt.api.v1alpha1 import Migration, NetworkBinding, PassthroughVM, pcidevice_name
 from pcipt.backoff import Health, is_transient
 from pcipt.conditions import ready_condition, same_conditions, set_condition
 from pcipt.informer import Informer
@@ -54,6 +56,35 @@ def _migrating_away(vm: PassthroughVM, node: str) -> bool:
     domain and say DomainGone; the controller then releases and re-places)."""
     mig = vm.status.migration
     return mig is not None and mig.phase == "Stopping" and mig.from_node == node
+
+
+def _live_migration(vm: PassthroughVM) -> Migration | None:
+    mig = vm.status.migration
+    return mig if mig is not None and mig.live and mig.phase in c.LIVE_PHASES else None
+
+
+def _arriving(vm: PassthroughVM, node: str) -> bool:
+    """A live migration brings the VM to this node (it is still placed on its old one)."""
+    mig = _live_migration(vm)
+    return (
+        mig is not None
+        and mig.to_node == node
+        and vm.status.node_name != node
+        and not _deleting(vm)
+    )
+
+
+def _leaving_live(vm: PassthroughVM, node: str) -> bool:
+    """A live migration takes the VM's running domain from this node (once the target is
+    ready)."""
+    mig = _live_migration(vm)
+    return (
+        mig is not None
+        and mig.from_node == node
+        and vm.status.node_name == node
+        and mig.phase != "Preparing"
+        and not _deleting(vm)
+    )
 
 
 def _wanted_keys(vm: PassthroughVM) -> set[str]:
@@ -108,6 +139,17 @@ class DomainReconciler:
         """VM uid -> the outcome of its last hot-plug (DevicesAttached)."""
         self._no_hotplug: set[str] = set()
         """VMs whose running domain the hypervisor cannot hot-plug: changed at restart."""
+        self.arriving = Informer(
+            api,
+            crd_path(c.PLURAL_PASSTHROUGHVM),
+            label_selector=f"{c.LABEL_MIGRATION_TARGET}={settings.node}",
+            on_event=self._vm_event,
+            name="passthroughvms-arriving",
+        )
+        """VMs a live migration brings here (still placed on their old node)."""
+        self._left: dict[str, set[str]] = {}
+        """VM uid -> VFs unplugged from a domain that migrated away: given back once the VM
+        is no longer placed here (scrubbed first, where the node scrubs)."""
         self._running: dict[str, asyncio.Task[None]] = {}
         self._health = Health(log, "reconciling VMs with domains")
 
@@ -155,8 +197,16 @@ class DomainReconciler:
         finally:
             self._running.pop(uid, None)
 
+    def _objects(self) -> list[dict[str, Any]]:
+        """Every VM this node looks after: placed here, or arriving by a live migration."""
+        placed = list(self.vms.items.values())
+        uids = {o["metadata"].get("uid") for o in placed}
+        return placed + [
+            o for o in self.arriving.items.values() if o["metadata"].get("uid") not in uids
+        ]
+
     def _vm(self, uid: str) -> PassthroughVM | None:
-        for obj in self.vms.items.values():
+        for obj in self._objects():
             if obj["metadata"].get("uid") == uid:
                 return PassthroughVM.model_validate(obj)
         return None
@@ -165,12 +215,14 @@ class DomainReconciler:
         """Look at every VM and domain now and then: guests that stopped by themselves, domains
         that vanished (a host reboot), domains whose VM is gone."""
         await self.vms.synced.wait()
+        await self.arriving.synced.wait()
         await self.devices.synced.wait()
         while True:
             try:
-                for obj in list(self.vms.items.values()):
+                objects = self._objects()
+                for obj in objects:
                     self.request(obj["metadata"]["uid"])
-                known = {o["metadata"]["uid"] for o in self.vms.items.values()}
+                known = {o["metadata"]["uid"] for o in objects}
                 ours = await self._virt("ours", self.hyper.ours)
                 states: dict[tuple[str, ...], float] = {}
                 for dom in ours:
@@ -188,11 +240,31 @@ class DomainReconciler:
             await asyncio.sleep(self.settings.resync_interval)
 
     async def _remove_orphan(self, dom: DomainInfo) -> None:
+        if await self._still_wanted(dom):
+            return
         log.info("removing domain=%s: its VM is no longer scheduled here", dom.name)
         await self._virt("remove", self.hyper.remove, dom.uuid)
         await self._restore(set(passthrough_addresses(dom.xml)))
         if self.settings.scrub:
             self.state.request_rescan()
+
+    async def _still_wanted(self, dom: DomainInfo) -> bool:
+        """Asked of the API server before a domain whose VM this node no longer sees is
+        destroyed: the VM exists and is placed here, or is arriving here (its move between
+        this plugin's two watches, at the end of a live migration, is not a deletion)."""
+        ref = dom.vm
+        if ref is None:
+            return False
+        try:
+            got = await self.api.get(
+                crd_path(c.PLURAL_PASSTHROUGHVM, ref.name, namespace=ref.namespace)
+            )
+        except NotFound:
+            return False
+        vm = PassthroughVM.model_validate(got)
+        if vm.metadata.uid != ref.uid or _deleting(vm):
+            return False
+        return vm.status.node_name == self.settings.node or _arriving(vm, self.settings.node)
 
     def _claimed_by(self, address: str) -> dict[str, Any] | None:
         name = pcidevice_name(self.settings.node, address)
@@ -202,7 +274,7 @@ class DomainReconciler:
     def _in_use(self) -> set[str]:
         """Addresses some live VM scheduled to this node lists."""
         in_use = set()
-        for obj in self.vms.items.values():
+        for obj in self._objects():
             vm = PassthroughVM.model_validate(obj)
             if (
                 not _deleting(vm)
@@ -210,6 +282,8 @@ class DomainReconciler:
                 and not _migrating_away(vm, self.settings.node)
             ):
                 in_use |= _vm_addresses(vm)
+            elif _arriving(vm, self.settings.node) and vm.status.migration is not None:
+                in_use |= {n.address for n in vm.status.migration.networks}
         return in_use
 
     async def _restore(self, addresses: set[str]) -> None:
@@ -364,6 +438,16 @@ class DomainReconciler:
         if vm is None:
             if dom is not None and dom.vm is not None:
                 await self._remove_orphan(dom)
+            if uid in self._left:
+                await self._restore(self._left.pop(uid))
+            return
+        if _arriving(vm, self.settings.node):
+            await self._arrive(vm)
+            return
+        if uid in self._left and vm.status.node_name != self.settings.node:
+            await self._restore(self._left.pop(uid))
+        if _leaving_live(vm, self.settings.node):
+            await self._leave(vm, dom)
             return
         if (
             _deleting(vm)
@@ -450,11 +534,17 @@ class DomainReconciler:
                 )
         return None
 
-    async def _prepare(self, vm: PassthroughVM) -> None:
+    async def _prepare(
+        self, vm: PassthroughVM, networks: list[NetworkBinding] | None = None
+    ) -> None:
+        """Bind the VM's devices to vfio-pci and set up its VFs (MAC, VLAN, spoof check,
+        trust); `networks`: only these VFs (a live migration's, on its target)."""
         macvtap = {n.name for n in vm.spec.networks if n.mode == "macvtap"}
-        vfio = [d.address for d in vm.status.devices] + [
-            n.address for n in vm.status.networks if n.name not in macvtap
-        ]
+        if networks is None:
+            devices, networks = [d.address for d in vm.status.devices], vm.status.networks
+        else:
+            devices = []
+        vfio = devices + [n.address for n in networks if n.name not in macvtap]
         await asyncio.to_thread(self.preparer.bind_vfio, vfio, frozenset(self.state.unmanaged))
         self._cleared(vfio)
         by_addr = (
@@ -462,7 +552,7 @@ class DomainReconciler:
             or (await asyncio.to_thread(discover, self.settings.sysfs_root)).by_address()
         )
         requests = {n.name: n for n in vm.spec.networks}
-        for nb in vm.status.networks:
+        for nb in networks:
             f, req = by_addr.get(nb.address), requests.get(nb.name)
             if f is None or req is None or f.phys_fn is None or f.vf_index is None:
                 continue
@@ -486,20 +576,17 @@ class DomainReconciler:
     def _dedicated_elsewhere(self, uid: str) -> frozenset[int]:
         """Host CPUs dedicated to the other VMs of this node: shared vCPUs keep off them."""
         out: set[int] = set()
-        for obj in self.vms.items.values():
+        for obj in self._objects():
             other = PassthroughVM.model_validate(obj)
-            c = other.status.compute
-            if (
-                other.metadata.uid != uid
-                and other.status.node_name == self.settings.node
-                and c is not None
-                and c.policy == "dedicated"
-            ):
-                out.update(x for share in c.numa for x in share.cpus or ())
+            here = other.status.compute if other.status.node_name == self.settings.node else None
+            if _arriving(other, self.settings.node) and other.status.migration is not None:
+                here = other.status.migration.compute
+            if other.metadata.uid != uid and here is not None and here.policy == "dedicated":
+                out.update(x for share in here.numa for x in share.cpus or ())
         return frozenset(out)
 
-    async def _ensure_domain(self, vm: PassthroughVM, dom: DomainInfo | None) -> DomainInfo:
-        facts = HostFacts(
+    def _facts(self, vm: PassthroughVM) -> HostFacts:
+        return HostFacts(
             self.state.host.numa_cpus,
             reserved_cpus=self.settings.reserved_cpus,
             dedicated_elsewhere=self._dedicated_elsewhere(vm.metadata.uid or ""),
@@ -507,7 +594,9 @@ class DomainReconciler:
             machine=self.settings.machine,
             console_log_dir=self.settings.console_log_dir,
         )
-        want = build_domain(vm, facts)
+
+    async def _ensure_domain(self, vm: PassthroughVM, dom: DomainInfo | None) -> DomainInfo:
+        want = build_domain(vm, self._facts(vm))
         wanted = _wanted_keys(vm)
         if dom is not None and dom.active and _live_keys(dom.xml) != wanted:
             # Requests added or removed while it runs: attached and detached live.
@@ -598,6 +687,191 @@ class DomainReconciler:
                 )
             log.warning("hot-plug of domain=%s: %s", dom.name, e)
         return await self._virt("lookup", self.hyper.lookup, dom.uuid) or dom
+
+    # --- live migration -----------------------------------------------------------------------
+
+    async def _migration_phase(
+        self, vm: PassthroughVM, was: str, phase: str, message: str, **fields: Any
+    ) -> bool:
+        """Move this VM's live migration from phase `was` to `phase` (conditional: only if it
+        is still in `was`, same ID); True when written."""
+        mig = vm.status.migration
+        assert mig is not None
+        wrote = False
+
+        def body(v: PassthroughVM) -> dict[str, Any] | None:
+            nonlocal wrote
+            m = v.status.migration
+            if m is None or m.id != mig.id or m.phase != was:
+                return None
+            wrote = True
+            return {
+                "migration": {
+                    "phase": phase,
+                    "message": message,
+                    **fields,
+                    **({"completedAt": clock.timestamp()} if phase == "Failed" else {}),
+                }
+            }
+
+        await self._write_status(vm, body)
+        if wrote:
+            log.info(
+                "live migration vm=%s/%s %s -> %s: %s",
+                vm.metadata.namespace,
+                vm.metadata.name,
+                was,
+                phase,
+                message,
+            )
+        return wrote
+
+    async def _arrive(self, vm: PassthroughVM) -> None:
+        """The target's half before the domain comes: prepare the VFs claimed here and say how
+        the domain will be pinned here (Preparing -> Ready). Later phases: the domain may be
+        arriving or running here already; it is left alone until the VM is placed here."""
+        mig = vm.status.migration
+        node = self.settings.node
+        if mig is None or mig.phase != "Preparing":
+            return
+        for nb in mig.networks:
+            ref = self._claimed_by(nb.address)
+            if ref is None or ref.get("uid") != vm.metadata.uid:
+                return  # the claim has not reached this node's watch yet: the next event does
+        here = vm.model_copy(
+            update={
+                "status": vm.status.model_copy(
+                    update={
+                        "node_name": node,
+                        "networks": mig.networks,
+                        "compute": mig.compute,
+                        "devices": [],
+                    }
+                )
+            }
+        )
+        try:
+            await self._prepare(here, mig.networks)
+            tuning = tuning_of(render(build_domain(here, self._facts(here))))
+        except (PrepareError, SriovError, BuildError) as e:
+            if isinstance(e, PrepareError):
+                self._failed(e, [n.address for n in mig.networks])
+            await self._migration_phase(
+                vm, "Preparing", "Failed", f"{node} could not prepare the VM's VFs: {e}"
+            )
+            return
+        await self._migration_phase(
+            vm,
+            "Preparing",
+            "Ready",
+            f"{node} prepared {len(mig.networks)} VF(s); waiting for {mig.from_node} to move "
+            "the domain",
+            tuning=tuning,
+        )
+
+    async def _leave(self, vm: PassthroughVM, dom: DomainInfo | None) -> None:
+        """The old node's half: unplug the VFs passed through, have libvirt move the running
+        domain to the target (macvtap interfaces and pinning rewritten for it), say
+        Transferred; on a failure plug the VFs back and say Failed with libvirt's words."""
+        mig = vm.status.migration
+        assert mig is not None and mig.to_node
+        uid = vm.metadata.uid or ""
+        if mig.phase == "Transferred":
+            return  # the controller places it on the target
+        if mig.phase == "Transferring" and dom is None:
+            # Moved by an earlier attempt whose answer was lost (libvirt undefines the source
+            # only once the target runs it).
+            await self._migration_phase(
+                vm, "Transferring", "Transferred", f"the domain left {self.settings.node}"
+            )
+            return
+        if dom is None or not dom.active:
+            await self._migration_phase(
+                vm,
+                mig.phase,
+                "Failed",
+                f"the domain is not running on {self.settings.node}: nothing to move live",
+            )
+            return
+        if not mig.target_uri:
+            await self._migration_phase(vm, mig.phase, "Failed", "no target libvirt URI")
+            return
+        if mig.phase == "Ready" and not await self._migration_phase(
+            vm, "Ready", "Transferring", f"unplugging VFs and moving the domain to {mig.to_node}"
+        ):
+            return
+        macvtap = {n.name for n in vm.spec.networks if n.mode == "macvtap"}
+        unplug = sorted(
+            n.address
+            for n in vm.status.networks
+            if n.name not in macvtap and n.address in _live_keys(dom.xml)
+        )
+        targets = {n.name: n.netdev for n in mig.networks}
+        netdevs = {
+            n.netdev: t
+            for n in vm.status.networks
+            if n.name in macvtap and n.netdev and (t := targets.get(n.name))
+        }
+        unplugged: list[str] = []
+        try:
+            for key in unplug:
+                xml = live_device_xml(dom.xml, key)
+                if xml is None:
+                    continue
+                dom = await self._virt(
+                    "detach",
+                    self.hyper.detach,
+                    dom.uuid,
+                    xml,
+                    lambda x, k=key: k not in _live_keys(x),
+                )
+                unplugged.append(key)
+                log.info("unplugged device=%s from domain=%s to migrate it", key, dom.name)
+            took = await self._virt(
+                "migrate",
+                self.hyper.migrate,
+                dom.uuid,
+                mig.target_uri,
+                lambda x: retarget(x, netdevs, mig.tuning),
+            )
+        except VirtError as e:
+            replugged = await self._replug(vm, dom, unplugged)
+            why = (
+                f"libvirt at {self.settings.libvirt_uri} cannot migrate live ({e})"
+                if e.unsupported
+                else f"libvirt said: {e}"
+            )
+            await self._migration_phase(
+                vm,
+                "Transferring",
+                "Failed",
+                f"{why}; the VM keeps running on {self.settings.node}"
+                + (f" with its VFs plugged back ({replugged})" if unplugged else ""),
+            )
+            return
+        self._left[uid] = set(unplugged)
+        await self._migration_phase(
+            vm,
+            "Transferring",
+            "Transferred",
+            f"the domain runs on {mig.to_node}: moved live in {took:.1f}s"
+            + (f" after unplugging {', '.join(unplugged)}" if unplugged else ""),
+        )
+
+    async def _replug(self, vm: PassthroughVM, dom: DomainInfo, keys: list[str]) -> str:
+        """Put back VFs unplugged for a migration that failed; says how that went."""
+        if not keys:
+            return ""
+        want = build_domain(vm, self._facts(vm))
+        try:
+            for key in keys:
+                xml = device_xml(want, key)
+                if xml is not None:
+                    await self._virt("attach", self.hyper.attach, dom.uuid, xml)
+            return ", ".join(keys)
+        except VirtError as e:
+            # The resync's hot-plug tries again (the VM's status still lists them).
+            return f"not yet: {e}"
 
     def _keep_xml(self, dom: DomainInfo) -> None:
         """The defined domain's XML, as libvirt holds it, in <state-dir>/domains/ for people."""

@@ -21,6 +21,10 @@ class AgentSettings:
     """A nova.conf whose [pci] device_spec entries are read too."""
     libvirt_uri: str = "qemu:///system"
     """Where domains are defined and run (test:///default for tests)."""
+    migration_uri: str | None = None
+    """The libvirt URI other nodes' libvirt reaches this node's at, to migrate running domains
+    here (qemu+tls://<node address>/system, say); None: this node takes no live migrations
+    (and starts none)."""
     namespace: str = c.DEFAULT_NAMESPACE
     """Where the node Lease lives."""
     state_dir: Path = Path("/var/lib/pcipt")

@@ -171,6 +171,32 @@ class Hypervisor:
         except libvirt.libvirtError as e:
             raise _virt_error(e) from e
 
+    def migrate(self, uuid: str, dest_uri: str, edit: Callable[[str], str]) -> float:
+        """Move the running domain to the libvirt at `dest_uri`, live, peer to peer (this
+        host's libvirt talks to the target's), its definition persisted there and removed
+        here; `edit(migratable XML)` gives the XML the target runs (only host-side parts may
+        differ). Returns the seconds it took; raises VirtError with libvirt's words (the
+        domain then still runs here)."""
+        flags = (
+            libvirt.VIR_MIGRATE_LIVE
+            | libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+            | libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        )
+        try:
+            dom = self._c().lookupByUUIDString(uuid)
+            xml = edit(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+            params = {
+                libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
+                libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml,
+            }
+            started = time.monotonic()
+            dom.migrateToURI3(dest_uri, params, flags)
+            return time.monotonic() - started
+        except libvirt.libvirtError as e:
+            raise _virt_error(e) from e
+
     def remove(self, uuid: str) -> None:
         """Destroy (if running) and undefine; a domain already gone is fine."""
         try:

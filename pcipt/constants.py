@@ -122,6 +122,14 @@ ANNOTATION_MIGRATE: Final = f"{GROUP}/migrate"
 REASON_MIGRATING: Final = "Migrating"
 REASON_MIGRATED: Final = "Migrated"
 REASON_MIGRATION_FAILED: Final = "MigrationFailed"
+# Live migration: the VM carries this label while a live migration to that node runs, so the
+# target's node plugin sees it (it watches VMs labelled with its node, and this); a node
+# plugin that can receive live migrations says where on its Lease.
+LABEL_MIGRATION_TARGET: Final = f"{GROUP}/migration-target"
+ANNOTATION_MIGRATION_URI: Final = f"{GROUP}/migration-uri"
+REASON_LIVE_MIGRATED: Final = "LiveMigrated"
+LIVE_PHASES: Final = ("Preparing", "Ready", "Transferring", "Transferred")
+"""A live migration in these phases holds devices (and CPUs, memory) on two nodes."""
 
 # Hot-plug. The controller places requests added to a running VM on its node and writes
 # RestartRequired for changes it cannot apply live; the node plugin attaches and detaches, and

@@ -304,3 +304,44 @@ def live_device_xml(xml: str, key: str) -> str | None:
         if str(addr) == key:
             return ET.tostring(el, encoding="unicode")
     return None
+
+
+TUNING = ("cputune", "numatune")
+"""The elements that pin a domain to a host's CPUs and NUMA nodes: host-specific, rewritten
+when a running domain moves to another host."""
+
+
+def tuning_of(xml: str) -> str:
+    """A rendered domain's host-specific pinning, as `<tuning>` holding its cputune and
+    numatune elements (empty when it floats): what a live migration's target writes for the
+    source to put in the domain it sends."""
+    root = ET.fromstring(xml)
+    holder = ET.Element("tuning")
+    for tag in TUNING:
+        el = root.find(tag)
+        if el is not None:
+            holder.append(el)
+    return ET.tostring(holder, encoding="unicode")
+
+
+def retarget(xml: str, netdevs: dict[str, str], tuning: str | None) -> str:
+    """A running domain's XML as its target host should run it: each macvtap interface on the
+    target's VF (`netdevs`: this host's netdev -> the target's), and the target's pinning
+    (`tuning`, from tuning_of) instead of this host's. Nothing the guest sees changes."""
+    root = ET.fromstring(xml)
+    for src in root.iterfind(".//devices/interface[@type='direct']/source"):
+        dev = src.get("dev")
+        if dev in netdevs:
+            src.set("dev", netdevs[dev])
+    if tuning is not None:
+        for tag in TUNING:
+            for el in root.findall(tag):
+                root.remove(el)
+        # libvirt's schema wants them after <vcpu> (and any <iothreads>).
+        anchor = next((i for i, el in enumerate(root) if el.tag in ("iothreads", "vcpu")), None)
+        at = 0 if anchor is None else anchor + 1
+        while at < len(root) and root[at].tag == "iothreads":
+            at += 1
+        for el in reversed(list(ET.fromstring(tuning))):
+            root.insert(at, el)
+    return ET.tostring(root, encoding="unicode")

@@ -5,6 +5,7 @@
     kubectl pcipt cordon|uncordon DEVICE          stop (or resume) giving a device to new VMs
     kubectl pcipt describe node NODE              what a host offers, and to whom
     kubectl pcipt migrate VM [--to NODE] [-n NS]  stop a VM, place it elsewhere, start it there
+    kubectl pcipt migrate VM --live [--to NODE]   move a running VM (SR-IOV networks only)
 
 It finds the cluster as kubectl does (--kubeconfig, --context, $KUBECONFIG, ~/.kube/config).
 """
@@ -224,8 +225,8 @@ def explain(args: argparse.Namespace) -> int:
     if st.migration is not None:
         mg = st.migration
         out.append(
-            f"  migration {mg.id}: {mg.phase}, from {mg.from_node} to {mg.to_node or 'any node'}"
-            + (f": {mg.message}" if mg.message else "")
+            f"  {'live ' if mg.live else ''}migration {mg.id}: {mg.phase}, from {mg.from_node} "
+            f"to {mg.to_node or 'any node'}" + (f": {mg.message}" if mg.message else "")
         )
     if st.evacuation is not None:
         ev = st.evacuation
@@ -317,13 +318,15 @@ def cordon(args: argparse.Namespace, unschedulable: bool) -> int:
 
 
 def migrate(args: argparse.Namespace) -> int:
-    """Ask for a cold migration: the pcipt.io/migrate annotation, with a new ID; the controller
-    answers in status.migration (`kubectl pcipt explain` shows it)."""
+    """Ask for a cold (or live) migration: the pcipt.io/migrate annotation, with a new ID; the
+    controller answers in status.migration (`kubectl pcipt explain` shows it)."""
     api = _api(args)
     ns = args.namespace or _current_namespace(args)
-    request: dict[str, str] = {"id": uuid.uuid4().hex[:12]}
+    request: dict[str, Any] = {"id": uuid.uuid4().hex[:12]}
     if args.to:
         request["to"] = args.to
+    if args.live:
+        request["live"] = True
     try:
         client.CustomObjectsApi(api).patch_namespaced_custom_object(
             c.GROUP,
@@ -339,7 +342,8 @@ def migrate(args: argparse.Namespace) -> int:
             raise PluginError(f"passthroughvm {ns}/{args.vm} not found") from e
         raise
     print(
-        f"passthroughvm.pcipt.io/{args.vm} migration {request['id']} requested"
+        f"passthroughvm.pcipt.io/{args.vm} {'live ' if args.live else ''}migration "
+        f"{request['id']} requested"
         + (f" to {args.to}" if args.to else "")
         + f" (follow it with: kubectl pcipt explain {args.vm} -n {ns})"
     )
@@ -469,11 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
         cp.add_argument("devices", nargs="*", metavar="DEVICE")
         cp.add_argument("--node", help="every device of this node")
     mi = sub.add_parser(
-        "migrate", help="cold-migrate a VM: stop it, release its devices, start it elsewhere"
+        "migrate",
+        help="cold-migrate a VM: stop it, release its devices, start it elsewhere; --live: "
+        "move it while it runs",
     )
     mi.add_argument("vm")
     mi.add_argument("-n", "--namespace")
     mi.add_argument("--to", help="the node to move it to (default: any other node)")
+    mi.add_argument(
+        "--live",
+        action="store_true",
+        help="keep the guest running (VMs whose only passthrough devices are SR-IOV networks)",
+    )
     de = sub.add_parser("describe", help="describe node NAME: what a host offers, and to whom")
     de.add_argument("what", choices=["node"])
     de.add_argument("name")

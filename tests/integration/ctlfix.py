@@ -21,6 +21,7 @@ from typing import Any
 
 from kubernetes import client
 
+from controller.vmstatus import listed_devices
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, pcidevice_name
 from tests.conftest import REPO_ROOT
@@ -385,18 +386,15 @@ class World:
 
 def check_invariants(world: World) -> dict[str, int]:
     """No device doubly owned, no VM listing a device not claimed for it, no claim whose VM is
-    gone or does not list the device. Returns counts."""
+    gone or does not list the device (a VM lists what it holds, is detaching, and what a live
+    migration claimed on its target). Returns counts."""
     devices = {d.metadata.name: d for d in world.devices()}
     vms = world.vms()
     by_uid = {vm.metadata.uid: vm for vm in vms}
     listed: Counter[str] = Counter()
     problems = []
     for vm in vms:
-        names = (
-            [d.pci_device for d in vm.status.devices]
-            + [n.pci_device for n in vm.status.networks]
-            + [d.pci_device for d in vm.status.detaching]
-        )
+        names = sorted(listed_devices(vm))
         listed.update(names)
         for n in names:
             ref = devices[n].spec.claim_ref if n in devices else None
@@ -413,15 +411,7 @@ def check_invariants(world: World) -> dict[str, int]:
         if ref is None:
             continue
         vm = by_uid.get(ref.uid)
-        names = (
-            set()
-            if vm is None
-            else (
-                {x.pci_device for x in vm.status.devices}
-                | {x.pci_device for x in vm.status.networks}
-                | {x.pci_device for x in vm.status.detaching}
-            )
-        )
+        names = set() if vm is None else listed_devices(vm)
         if d.metadata.name not in names:
             leaked += 1
             problems.append(

@@ -470,6 +470,182 @@ def test_a_migration_that_cannot_be_taken_is_failed_with_the_reason(
     check_invariants(world)
 
 
+def vf(world: World, node: str, netdev: str) -> str:
+    return world.device(
+        node,
+        "0000:5e:02.1",
+        vendor="8086",
+        product="1889",
+        cls="020000",
+        phys_fn="0000:5e:00.0",
+        physnet="physnet1",
+        netdev=netdev,
+    )
+
+
+def set_status(world: World, name: str, status: dict[str, Any]) -> None:
+    world.custom.patch_namespaced_custom_object_status(
+        c.GROUP, c.VERSION, world.namespace, c.PLURAL_PASSTHROUGHVM, name, {"status": status}
+    )
+
+
+def running(world: World, name: str) -> None:
+    """What a node plugin reports once the VM's domain runs."""
+    vm = world.get_vm(name)
+    conds = [x.to_dict() for x in vm.status.conditions if x.type != c.COND_DOMAIN_READY]
+    conds.append(
+        {
+            "type": c.COND_DOMAIN_READY,
+            "status": "True",
+            "reason": "Running",
+            "message": "test",
+            "lastTransitionTime": iso_now()[:19] + "Z",
+        }
+    )
+    set_status(world, name, {"phase": "Running", "conditions": conds})
+
+
+def migrate_live(kube: KubeCluster, world: World, name: str, to: str | None = None) -> None:
+    argv = ["--kubeconfig", str(kube.kubeconfig), "migrate", name, "-n", world.namespace, "--live"]
+    assert kubectl_pcipt.main(argv + (["--to", to] if to else [])) == 0
+
+
+def migration_in(world: World, name: str, *phases: str) -> Callable[[], Any]:
+    def check() -> Any:
+        m = world.get_vm(name).status.migration
+        return m if m is not None and m.phase in phases else None
+
+    return check
+
+
+def test_a_live_migration_holds_both_nodes_until_the_domain_runs_on_the_target(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    a, b = world.node("a"), world.node("b")
+    keeper = leases(a, b)
+    keeper.annotations[c.ANNOTATION_MIGRATION_URI] = "qemu+tls://somewhere/system"
+    keeper.renew(a)
+    keeper.renew(b)
+    old = vf(world, "a", "ens1f0v1")
+    nic = world.flavor("vf", "nic", selector={"vendorIDs": ["8086"], "sriovRoles": ["VF"]})
+    world.vm("vm1", networks=[{"name": "net", "flavor": nic, "physicalNetwork": "physnet1"}])
+    wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+    uid, mac = world.get_vm("vm1").metadata.uid, world.get_vm("vm1").status.networks[0].mac
+    new = vf(world, "b", "ens2f0v1")
+    running(world, "vm1")
+    migrate_live(kube, world, "vm1")
+    mig = wait_for(migration_in(world, "vm1", "Preparing"), what="the target claimed")
+    vm = world.get_vm("vm1")
+    # The VM runs on a with a's VF; b's VF is claimed for it and listed in the migration.
+    assert mig.live and mig.from_node == a and mig.to_node == b
+    assert mig.target_uri == "qemu+tls://somewhere/system"
+    assert [n.pci_device for n in mig.networks] == [new] and mig.networks[0].mac == mac
+    assert vm.status.node_name == a and vm.status.networks[0].pci_device == old
+    assert vm.metadata.labels[c.LABEL_MIGRATION_TARGET] == b
+    assert world.get_device(new).spec.claim_ref.uid == uid
+    assert world.get_device(old).spec.claim_ref.uid == uid
+    check_invariants(world)
+    # The nodes' plugins answer in turn: the target is ready, the old node moves the domain.
+    set_status(world, "vm1", {"migration": {"phase": "Ready", "tuning": "<tuning/>"}})
+    set_status(world, "vm1", {"migration": {"phase": "Transferring"}})
+    consistently(
+        lambda: world.get_device(old).spec.claim_ref is not None,
+        1.5,
+        what="a's VF stays claimed while the domain may still run on a",
+    )
+    set_status(world, "vm1", {"migration": {"phase": "Transferred", "message": "moved"}})
+    vm = wait_for(
+        lambda: (v := world.get_vm("vm1")).status.node_name == b and v, what="vm1 placed on b"
+    )
+    assert vm.metadata.uid == uid and vm.status.migration.phase == "Completed"
+    assert [n.pci_device for n in vm.status.networks] == [new]
+    assert vm.status.networks[0].mac == mac  # the guest's NIC keeps its MAC
+    assert not vm.status.migration.networks and vm.status.migration.completed_at
+    assert vm.metadata.labels[c.LABEL_VM_NODE] == b
+    assert c.LABEL_MIGRATION_TARGET not in vm.metadata.labels
+    gone = wait_for(
+        lambda: (d := world.get_device(old)).spec.claim_ref is None and d,
+        what="a's VF released",
+    )
+    assert gone.spec.release is not None and gone.spec.release.reason == c.REASON_MIGRATED
+    reasons = [r for r, _ in events_for(kube, world.namespace, "vm1")]
+    assert c.REASON_LIVE_MIGRATED in reasons
+    check_invariants(world)
+
+
+def test_a_live_migration_refused_or_failed_leaves_the_vm_where_it_was(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    a, b = world.node("a"), world.node("b")
+    at_a = leases(a)
+    at_a.annotations[c.ANNOTATION_MIGRATION_URI] = "qemu+tls://a/system"
+    at_a.renew(a)
+    at_b = leases(b)
+    old = vf(world, "a", "ens1f0v1")
+    world.device("a", "0000:3b:00.0")
+    nic = world.flavor("vf", "nic", selector={"vendorIDs": ["8086"], "sriovRoles": ["VF"]})
+    gpu = world.flavor("a100")
+    net = [{"name": "net", "flavor": nic, "physicalNetwork": "physnet1"}]
+    world.vm("vm1", networks=net)
+    world.vm("gpu1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+    wait_for(placed_on(world, "gpu1", a), what="gpu1 on a")
+    new = vf(world, "b", "ens2f0v1")
+    world.device("b", "0000:3b:00.0")
+
+    running(world, "gpu1")
+    migrate_live(kube, world, "gpu1")
+    m = wait_for(migration_in(world, "gpu1", "Failed"), what="gpu1 refused")
+    assert "passthrough devices 0000:3b:00.0" in m.message and "cold migration" in m.message
+
+    migrate_live(kube, world, "vm1")  # not running yet
+    m = wait_for(migration_in(world, "vm1", "Failed"), what="vm1 refused: not running")
+    assert "not running" in m.message
+    running(world, "vm1")
+    migrate_live(kube, world, "vm1", to=b)  # b's plugin names no migration URI
+    m = wait_for(
+        lambda: (x := migration_in(world, "vm1", "Failed")()) and "does not take part" in
+        x.message and x,
+        what="vm1 refused: b takes no live migration",
+    )  # fmt: skip
+    assert b in m.message and world.get_device(new).spec.claim_ref is None
+
+    at_b.annotations[c.ANNOTATION_MIGRATION_URI] = "qemu+tls://b/system"
+    at_b.renew(b)
+
+    def asked() -> Any:
+        # Asked again until the controller has seen b's Lease say it.
+        if (m := world.get_vm("vm1").status.migration) and m.phase == "Failed":
+            migrate_live(kube, world, "vm1", to=b)
+        return migration_in(world, "vm1", "Preparing")()
+
+    wait_for(asked, timeout=20, interval=0.5, what="b claimed for vm1")
+    assert world.get_device(new).spec.claim_ref is not None
+    # The old node's libvirt could not move it (what its plugin writes after plugging back).
+    set_status(world, "vm1", {"migration": {"phase": "Failed", "message": "libvirt said: no"}})
+    wait_for(lambda: world.get_device(new).spec.claim_ref is None, what="b's VF given back")
+    vm = wait_for(
+        lambda: (
+            (v := world.get_vm("vm1")).status.migration
+            and not v.status.migration.networks
+            and c.LABEL_MIGRATION_TARGET not in v.metadata.labels
+            and v
+        ),
+        what="the migration rolled back",
+    )
+    assert vm.status.node_name == a and vm.status.networks[0].pci_device == old
+    assert world.get_device(old).spec.claim_ref.uid == vm.metadata.uid
+    assert world.get_device(new).spec.release.reason == c.REASON_MIGRATION_FAILED
+    assert c.REASON_MIGRATION_FAILED in [r for r, _ in events_for(kube, world.namespace, "vm1")]
+    check_invariants(world)
+
+
 # --- hot-plug ----------------------------------------------------------------------------------
 
 

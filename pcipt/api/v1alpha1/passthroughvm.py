@@ -478,19 +478,46 @@ class Evacuation(ApiModel):
 
 
 class Migration(ApiModel):
-    """A cold migration (`kubectl pcipt migrate`, i.e. the pcipt.io/migrate annotation): the
-    VM is stopped on its node, its devices released once the domain is gone, and it is placed
-    again on the target (or any other node) and started there."""
+    """A migration (`kubectl pcipt migrate [--live]`, i.e. the pcipt.io/migrate annotation).
+    Cold: the VM is stopped on its node, its devices released once the domain is gone, and it
+    is placed again on the target (or any other node) and started there. Live: the VM is
+    placed on the target while it runs on its node; its VFs are unplugged, the running domain
+    is moved by libvirt, new VFs are plugged in at the target, and only then are the old
+    node's devices released."""
 
     id: str = Field(min_length=1, max_length=64)
     """The request's ID, from the annotation."""
     from_node: str
     """The node it leaves."""
     to_node: str | None = None
-    """The node asked for; absent: any node but from_node."""
-    phase: Literal["Stopping", "Placing", "Completed", "Failed"] = "Stopping"
-    """Stopping: waiting for the old domain to go; Placing: released there, being placed
-    again; Completed: placed on the new node; Failed: refused (message says why)."""
+    """The node asked for (live: the node chosen); absent: any node but from_node."""
+    live: bool = False
+    """A live migration: the guest keeps running."""
+    phase: Literal[
+        "Stopping",
+        "Placing",
+        "Preparing",
+        "Ready",
+        "Transferring",
+        "Transferred",
+        "Completed",
+        "Failed",
+    ] = "Stopping"
+    """Cold: Stopping (waiting for the old domain to go), Placing (released there, being
+    placed again). Live: Preparing (devices claimed on the target, its node plugin prepares
+    them), Ready (the target is ready), Transferring (the old node unplugged the VFs and
+    libvirt is moving the domain), Transferred (the domain runs on the target). Both:
+    Completed (placed on the new node), Failed (message says why; the VM stays where it
+    was)."""
+    networks: list[NetworkBinding] = Field(default_factory=list)
+    """Live: the VFs claimed for the VM's networks on the target, while the migration runs."""
+    compute: ComputeStatus | None = None
+    """Live: the CPUs and memory counted for the VM on the target, while the migration runs."""
+    target_uri: str | None = Field(default=None, alias="targetURI")
+    """Live: the libvirt URI the old node migrates the domain to (the target's Lease says)."""
+    tuning: str | None = None
+    """Live: the target's CPU pinning and NUMA memory binding for the domain (libvirt's
+    cputune and numatune elements), written by the target's node plugin."""
     started_at: datetime | None = None
     """When the controller took the request."""
     completed_at: datetime | None = None
@@ -531,7 +558,7 @@ class PassthroughVMStatus(ApiModel):
     evacuation: Evacuation | None = None
     """The last evacuation from a node that was down, if any."""
     migration: Migration | None = None
-    """The last cold migration, if any."""
+    """The last migration (cold or live), if any."""
     conditions: Conditions
     """Scheduled, DevicesBound, DomainReady and Ready, each with reason and message."""
     observed_generation: int | None = None
