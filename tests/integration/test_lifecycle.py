@@ -571,8 +571,10 @@ def test_a_live_migration_holds_both_nodes_until_the_domain_runs_on_the_target(
         what="a's VF released",
     )
     assert gone.spec.release is not None and gone.spec.release.reason == c.REASON_MIGRATED
-    reasons = [r for r, _ in events_for(kube, world.namespace, "vm1")]
-    assert c.REASON_LIVE_MIGRATED in reasons
+    wait_for(
+        lambda: c.REASON_LIVE_MIGRATED in [r for r, _ in events_for(kube, world.namespace, "vm1")],
+        what="the LiveMigrated Event",
+    )
     check_invariants(world)
 
 
@@ -642,7 +644,12 @@ def test_a_live_migration_refused_or_failed_leaves_the_vm_where_it_was(
     assert vm.status.node_name == a and vm.status.networks[0].pci_device == old
     assert world.get_device(old).spec.claim_ref.uid == vm.metadata.uid
     assert world.get_device(new).spec.release.reason == c.REASON_MIGRATION_FAILED
-    assert c.REASON_MIGRATION_FAILED in [r for r, _ in events_for(kube, world.namespace, "vm1")]
+    wait_for(
+        lambda: (
+            c.REASON_MIGRATION_FAILED in [r for r, _ in events_for(kube, world.namespace, "vm1")]
+        ),
+        what="the MigrationFailed Event",
+    )
     check_invariants(world)
 
 

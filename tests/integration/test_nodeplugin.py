@@ -723,6 +723,156 @@ def test_a_device_added_to_a_running_vm_waits_for_a_restart_where_libvirt_cannot
     run(scenario())
 
 
+# --- live migration ----------------------------------------------------------------------------
+
+VF1, VF2 = "0000:5e:02.1", "0000:5e:02.2"
+NETWORKS = [
+    {"name": "data", "flavor": "vf", "physicalNetwork": "physnet2", "vlan": 120},
+    {"name": "mgmt", "flavor": "vf", "physicalNetwork": "physnet2", "mode": "macvtap"},
+]
+
+
+async def _claim(rig: Rig, address: str, vm: dict[str, Any], request: str) -> None:
+    assert rig.api is not None
+    await rig.api.patch(
+        crd_path(c.PLURAL_PCIDEVICE, rig.name(address)),
+        {"spec": {"claimRef": {"namespace": rig.namespace, "name": vm["metadata"]["name"],
+                               "uid": vm["metadata"]["uid"], "request": request}}},
+    )  # fmt: skip
+
+
+def _bindings(rig: Rig) -> list[dict[str, Any]]:
+    return [
+        {"name": "data", "pciDevice": rig.name(VF1), "address": VF1, "numaNode": 0,
+         "mac": "52:54:00:00:00:01", "vlan": 120, "netdev": "ens1f0v1"},
+        {"name": "mgmt", "pciDevice": rig.name(VF2), "address": VF2, "numaNode": 0,
+         "mac": "52:54:00:00:00:02", "netdev": "ens1f0v2"},
+    ]  # fmt: skip
+
+
+def _status_path(rig: Rig, name: str) -> str:
+    return crd_path(c.PLURAL_PASSTHROUGHVM, name, namespace=rig.namespace, subresource="status")
+
+
+async def _migration_phase(rig: Rig, name: str, phase: str) -> Any:
+    vm = await rig.vm(name)
+    m = vm.status.migration if vm else None
+    return m if m is not None and m.phase == phase else None
+
+
+def test_a_live_migration_target_prepares_its_vfs_and_says_how_it_will_pin_the_domain(
+    rig: Rig,
+) -> None:
+    """The target's half: a VM still placed elsewhere, labelled as migrating here, whose
+    migration lists VFs claimed here: the plugin sets the VFs up (VLAN, MAC; vfio-pci for the
+    one passed through) and answers Ready with the domain's pinning here, and leaves the VM
+    alone otherwise (no domain defined, nothing torn down)."""
+
+    async def scenario() -> None:
+        await rig.start()
+        assert rig.api is not None
+        try:
+            body = {
+                "apiVersion": c.API_VERSION,
+                "kind": "PassthroughVM",
+                "metadata": {
+                    "name": "net-vm",
+                    "labels": {c.LABEL_VM_NODE: "elsewhere", c.LABEL_MIGRATION_TARGET: rig.node},
+                },
+                "spec": {"memory": "1Gi", "cpu": {"cores": 2}, "networks": NETWORKS},
+            }
+            vm = await rig.api.create(
+                crd_path(c.PLURAL_PASSTHROUGHVM, namespace=rig.namespace), body
+            )
+            for a, req in ((VF1, "data"), (VF2, "mgmt")):
+                await _claim(rig, a, vm, req)
+            mig = {"id": "m1", "fromNode": "elsewhere", "toNode": rig.node, "live": True,
+                   "phase": "Preparing", "networks": _bindings(rig),
+                   "compute": {"policy": "dedicated", "vcpus": 2, "memoryMiB": 1024,
+                               "numa": [{"node": 0, "vcpus": [0, 1], "cpus": [2, 3],
+                                         "memoryMiB": 1024}]},
+                   "targetURI": "qemu+tls://here/system"}  # fmt: skip
+            await rig.api.patch(
+                _status_path(rig, "net-vm"),
+                {"status": {"phase": "Running", "nodeName": "elsewhere", "migration": mig}},
+            )
+            ready = await until(
+                lambda: _migration_phase(rig, "net-vm", "Ready"), what="the target Ready"
+            )
+            assert '<vcpupin vcpu="0" cpuset="2" />' in ready.tuning
+            assert '<memory mode="strict" nodeset="0" />' in ready.tuning
+            assert driver(rig, VF1) == "vfio-pci" and driver(rig, VF2) == "iavf"
+            runner = rig.agent.runner  # type: ignore[union-attr]
+            said = [" ".join(x) for x in runner.commands]
+            # The VF passed through gets its MAC and VLAN from libvirt when it is plugged in;
+            # the macvtap one's are set on the PF before the domain comes.
+            for want in ("vf 1 spoofchk on", "vf 2 vlan 0", "vf 2 mac 52:54:00:00:00:02"):
+                assert any(x.startswith(f"ip link set dev ens1f0 {want}") for x in said), said
+            # Not placed here yet: no domain, and the VM is not torn down (no DomainGone).
+            await asyncio.sleep(1.5)
+            assert libvirt_domain(domain_name(rig.namespace, "net-vm")) is None
+            vm_now = await rig.vm("net-vm")
+            assert vm_now is not None and vm_now.status.migration.phase == "Ready"
+            assert all(x.type != c.COND_DOMAIN_GONE for x in vm_now.status.conditions)
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
+def test_a_live_migration_libvirt_cannot_make_fails_and_the_vm_keeps_running_here(
+    rig: Rig,
+) -> None:
+    """The old node's half, where libvirt cannot migrate (the test driver): Transferring, then
+    Failed with libvirt's words; the domain runs on here with its VFs."""
+
+    async def scenario() -> None:
+        await rig.start()
+        assert rig.api is not None
+        try:
+            body = {
+                "apiVersion": c.API_VERSION,
+                "kind": "PassthroughVM",
+                "metadata": {
+                    "name": "net-vm",
+                    "labels": {c.LABEL_VM_NODE: rig.node},
+                    "finalizers": [c.FINALIZER_RELEASE],
+                },
+                "spec": {"memory": "1Gi", "networks": NETWORKS},
+            }
+            vm = await rig.api.create(
+                crd_path(c.PLURAL_PASSTHROUGHVM, namespace=rig.namespace), body
+            )
+            for a, req in ((VF1, "data"), (VF2, "mgmt")):
+                await _claim(rig, a, vm, req)
+            await rig.api.patch(
+                _status_path(rig, "net-vm"),
+                {"status": {"phase": "Scheduled", "nodeName": rig.node,
+                            "networks": _bindings(rig)}},
+            )  # fmt: skip
+            await until(lambda: _phase(rig, "net-vm", "Running"), what="Running")
+            name = domain_name(rig.namespace, "net-vm")
+            # What the controller and the target write: a migration the target is ready for.
+            mig = {"id": "m1", "fromNode": rig.node, "toNode": "there", "live": True,
+                   "phase": "Ready", "networks": [], "targetURI": "test:///default",
+                   "tuning": "<tuning />"}  # fmt: skip
+            await rig.api.patch(_status_path(rig, "net-vm"), {"status": {"migration": mig}})
+            failed = await until(
+                lambda: _migration_phase(rig, "net-vm", "Failed"), what="the migration Failed"
+            )
+            assert "cannot migrate live" in failed.message or "libvirt said" in failed.message
+            assert f"keeps running on {rig.node}" in failed.message
+            dom = libvirt_domain(name)
+            assert dom is not None and dom.isActive()
+            assert passthrough_addresses(dom.XMLDesc()) == [VF1]
+            got = await until(lambda: _phase(rig, "net-vm", "Running"), what="still Running")
+            assert got.status.node_name == rig.node and driver(rig, VF1) == "vfio-pci"
+        finally:
+            await rig.stop()
+
+    run(scenario())
+
+
 # --- health and scrubbing ---------------------------------------------------------------------
 
 
