@@ -90,6 +90,13 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         "seconds a device a VM used is held back after its release, on top of its scrub",
         float,
     ),
+    Setting(
+        "--live-migration-timeout",
+        D("live_migration_timeout"),
+        "seconds a live migration may wait for its nodes' plugins to get ready before it is "
+        "failed (never once the domain is moving)",
+        float,
+    ),
     Setting("--scoring", D("scoring"), "node scoring policy", choices=("best-fit", "spread")),
     Setting("--bind-concurrency", D("bind_concurrency"), "binds in flight at once", int),
     Setting(
@@ -215,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         lease_duration=args.leader_elect_lease_duration,
         renew_period=args.leader_elect_renew_period,
         release_quarantine=args.release_quarantine,
+        live_migration_timeout=args.live_migration_timeout,
     )
     webhook = None
     if args.webhook == "dev":

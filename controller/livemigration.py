@@ -131,6 +131,7 @@ class LiveMigrator:
         compute_ledger: ComputeLedger,
         scoring: ScoringPolicy,
         cpu_allocation_ratio: float = 1.0,
+        prepare_timeout: float = 300.0,
     ) -> None:
         self.api = api
         self.inventory = inventory
@@ -140,6 +141,8 @@ class LiveMigrator:
         self.compute_ledger = compute_ledger
         self.scoring = scoring
         self.ratio = cpu_allocation_ratio
+        self.prepare_timeout = prepare_timeout
+        """Seconds a migration may wait for the nodes before its domain starts to move."""
 
     def _place(self, vm: PassthroughVM, to: str | None) -> Placement | Refusal:
         part = migration_vm(vm, to)
@@ -239,6 +242,27 @@ class LiveMigrator:
         self.events.record(vm, "Normal", c.REASON_MIGRATING, msg)
         return None
 
+    async def check_waiting(self, vm: PassthroughVM) -> None:
+        """A migration whose domain has not started to move after `prepare_timeout` seconds (a
+        target or old node whose plugin does not answer) is Failed, and so rolled back. Only
+        before Transferring: once libvirt may be moving the domain, only the old node's plugin
+        says how it ended. Conditional: the old node's Transferring and this cannot both win."""
+        mig = vm.status.migration
+        if mig is None or mig.started_at is None:
+            return
+        waited = (clock.now() - mig.started_at).total_seconds()
+        if waited < self.prepare_timeout:
+            return
+        waiting_for = mig.to_node if mig.phase == "Preparing" else mig.from_node
+        msg = (
+            f"{waiting_for}'s node plugin did not answer within {self.prepare_timeout:.0f}s "
+            f"(phase {mig.phase}): the VM stays on {mig.from_node}"
+        )
+        await self.status.write(
+            vm,
+            {"migration": {"phase": "Failed", "message": msg, "completedAt": clock.timestamp()}},
+        )
+
     async def complete(self, vm: PassthroughVM) -> None:
         """The domain runs on the target: place the VM there, then let the old node go."""
         mig = vm.status.migration
@@ -260,7 +284,7 @@ class LiveMigrator:
             return
         labelled = PassthroughVM.model_validate(got)
         now = clock.now()
-        msg = f"migrated live from {old} to {target}"
+        msg = f"migrated live from {old} to {target}" + (f": {mig.message}" if mig.message else "")
         conds = set_condition(
             labelled.status.conditions,
             c.COND_SCHEDULED,

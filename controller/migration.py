@@ -133,6 +133,8 @@ class Migrator:
                 if mig.phase == "Failed" and (mig.networks or mig.compute):
                     await self.live.roll_back(vm)
                     continue
+                if mig.phase in ("Preparing", "Ready"):
+                    await self.live.check_waiting(vm)
             if (
                 req is not None
                 and not under_way

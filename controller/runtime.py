@@ -83,6 +83,8 @@ class ControllerSettings:
     renew_period: float = 1.0
     """Seconds between a leader's renewals."""
     release_quarantine: float = 0.0
+    live_migration_timeout: float = 300.0
+    """Seconds a live migration may wait for its nodes' plugins before the domain moves."""
     """Seconds a device a VM used is held back after its release (on top of its scrub)."""
 
 
@@ -183,6 +185,7 @@ class Runtime:
                 compute_ledger=self.compute_ledger,
                 scoring=settings.scoring,
                 cpu_allocation_ratio=settings.cpu_allocation_ratio,
+                prepare_timeout=settings.live_migration_timeout,
             ),
         )
         self.hotplug = Hotplugger(

@@ -653,6 +653,42 @@ def test_a_live_migration_refused_or_failed_leaves_the_vm_where_it_was(
     check_invariants(world)
 
 
+def test_a_live_migration_whose_target_never_answers_is_failed_and_rolled_back(
+    kube: KubeCluster, world: World, leases: Callable[..., LeaseKeeper], tmp_path: Path
+) -> None:
+    ctl = start_controller(kube, tmp_path, "--live-migration-timeout", "2")
+    try:
+        a, b = world.node("a"), world.node("b")
+        keeper = leases(a, b)
+        keeper.annotations[c.ANNOTATION_MIGRATION_URI] = "qemu+tls://somewhere/system"
+        keeper.renew(a)
+        keeper.renew(b)
+        vf(world, "a", "ens1f0v1")
+        nic = world.flavor("vf", "nic", selector={"vendorIDs": ["8086"], "sriovRoles": ["VF"]})
+        world.vm("vm1", networks=[{"name": "net", "flavor": nic, "physicalNetwork": "physnet1"}])
+        wait_for(placed_on(world, "vm1", a), what="vm1 on a")
+        new = vf(world, "b", "ens2f0v1")
+        running(world, "vm1")
+        migrate_live(kube, world, "vm1")
+        wait_for(migration_in(world, "vm1", "Preparing"), what="b claimed")
+        # b's plugin never says Ready.
+        m = wait_for(migration_in(world, "vm1", "Failed"), timeout=20, what="given up")
+        assert f"{b}'s node plugin did not answer within 2s" in m.message
+        wait_for(lambda: world.get_device(new).spec.claim_ref is None, what="b's VF given back")
+        vm = wait_for(
+            lambda: (
+                (v := world.get_vm("vm1")).status.migration
+                and not v.status.migration.networks
+                and v
+            ),
+            what="rolled back",
+        )
+        assert vm.status.node_name == a
+        check_invariants(world)
+    finally:
+        ctl.stop()
+
+
 # --- hot-plug ----------------------------------------------------------------------------------
 
 
