@@ -692,19 +692,17 @@ class DomainReconciler:
 
     async def _migration_phase(
         self, vm: PassthroughVM, was: str, phase: str, message: str, **fields: Any
-    ) -> bool:
+    ) -> PassthroughVM | None:
         """Move this VM's live migration from phase `was` to `phase` (conditional: only if it
-        is still in `was`, same ID); True when written."""
+        is still in `was`, same ID, as the API server holds it); the VM as written, or None.
+        `vm` may be older than that: the write is decided on the fresh object."""
         mig = vm.status.migration
         assert mig is not None
-        wrote = False
 
         def body(v: PassthroughVM) -> dict[str, Any] | None:
-            nonlocal wrote
             m = v.status.migration
             if m is None or m.id != mig.id or m.phase != was:
                 return None
-            wrote = True
             return {
                 "migration": {
                     "phase": phase,
@@ -714,8 +712,15 @@ class DomainReconciler:
                 }
             }
 
-        await self._write_status(vm, body)
-        if wrote:
+        fresh = PassthroughVM.model_validate(
+            await self.api.get(
+                crd_path(c.PLURAL_PASSTHROUGHVM, vm.metadata.name, namespace=vm.metadata.namespace)
+            )
+        )
+        if fresh.metadata.uid != vm.metadata.uid:
+            return None
+        wrote = await self._write_status(fresh, body)
+        if wrote is not None:
             log.info(
                 "live migration vm=%s/%s %s -> %s: %s",
                 vm.metadata.namespace,
@@ -987,12 +992,13 @@ class DomainReconciler:
             return said
         return False, c.REASON_DETACHING, "the domain's devices are being changed to the bound ones"
 
-    async def _write_status(self, vm: PassthroughVM, compute: Any) -> None:
-        """Conditional status write; on a conflict, recompute from the fresh object once."""
+    async def _write_status(self, vm: PassthroughVM, compute: Any) -> PassthroughVM | None:
+        """Conditional status write; on a conflict, recompute from the fresh object once.
+        Returns the VM as written; None when nothing was (nothing to write, or it is gone)."""
         for _ in range(3):
             body = compute(vm)
             if body is None:
-                return
+                return None
             path = crd_path(
                 c.PLURAL_PASSTHROUGHVM,
                 vm.metadata.name,
@@ -1004,8 +1010,13 @@ class DomainReconciler:
                     path,
                     {"metadata": {"resourceVersion": vm.metadata.resource_version}, "status": body},
                 )
-                self.vms.apply("MODIFIED", got)
-                return
+                # Into the cache of the watch it belongs to (one VM may move between them).
+                labels = got.get("metadata", {}).get("labels") or {}
+                if labels.get(c.LABEL_NODE) == self.settings.node:
+                    self.vms.apply("MODIFIED", got)
+                elif labels.get(c.LABEL_MIGRATION_TARGET) == self.settings.node:
+                    self.arriving.apply("MODIFIED", got)
+                return PassthroughVM.model_validate(got)
             except Conflict:
                 fresh = await self.api.get(
                     crd_path(
@@ -1014,4 +1025,5 @@ class DomainReconciler:
                 )
                 vm = PassthroughVM.model_validate(fresh)
             except NotFound:
-                return
+                return None
+        return None

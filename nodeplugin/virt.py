@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -191,6 +192,11 @@ class Hypervisor:
                 libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
                 libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml,
             }
+            host = urlsplit(dest_uri).hostname
+            if host:
+                # The guest's memory goes to the address the target's libvirt is reached at,
+                # not to whatever the target's hostname resolves to there.
+                params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{host}"
             started = time.monotonic()
             dom.migrateToURI3(dest_uri, params, flags)
             return time.monotonic() - started

@@ -195,10 +195,14 @@ GUEST_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+boot=$(cat /proc/sys/kernel/random/boot_id)
 last=""
 while :; do
   now=$(/usr/bin/lspci -nn)
   if [ "$now" != "$last" ]; then
+    # Which boot of which guest says it, and how long it has run: a guest that moved live
+    # says the same boot ID with a longer uptime.
+    echo "PCIPT-GUEST-ALIVE boot=$boot up=$(cut -d' ' -f1 /proc/uptime)"
     echo PCIPT-GUEST-LSPCI-BEGIN
     echo "$now"
     echo PCIPT-GUEST-LSPCI-END

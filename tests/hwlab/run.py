@@ -262,8 +262,43 @@ cgroup_controllers = []
 stdio_handler = "file"
 remember_owner = 0
 EOC
-libvirtd > /lab/libvirtd.log 2>&1 &
+# Reachable over TCP on loopback: live migrations arrive this way (no TLS inside a lab host).
+cat > /etc/libvirt/libvirtd.conf <<EOC
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "127.0.0.1"
+auth_tcp = "none"
+host_uuid = "7a0b0000-0000-4000-8000-00000000000a"
+EOC
+libvirtd --listen > /lab/libvirtd.log 2>&1 &
 for i in $(seq 1 120); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.5; done
+"""
+
+# A second "host" inside the lab host, for live migration: its own libvirtd (its own state,
+# sockets and host UUID, in a mount namespace, on another TCP port) and its own node plugin,
+# node lab-b, offering one igb VF. The same kernel and devices underneath: what differs
+# between two hosts for libvirt's migration is what is separate here.
+LIBVIRTD_B = r"""
+B=/srv/lab-b
+mkdir -p $B/run $B/lib $B/etc $B/log/qemu
+cp /etc/libvirt/qemu.conf $B/etc/qemu.conf
+cat > $B/etc/libvirtd.conf <<EOC
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "127.0.0.1"
+tcp_port = "16510"
+auth_tcp = "none"
+host_uuid = "7a0b0000-0000-4000-8000-00000000000b"
+EOC
+cat > $B/start.sh <<EOS
+mount --bind $B/run /run/libvirt
+mount --bind $B/lib /var/lib/libvirt
+mount --bind $B/etc /etc/libvirt
+mount --bind $B/log /var/log/libvirt
+libvirtd --listen --pid-file $B/libvirtd.pid > /lab/libvirtd-b.log 2>&1 &
+for i in \$(seq 1 120); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.5; done
+exec "\$@"
+EOS
 """
 
 E2E = f"""
@@ -280,14 +315,25 @@ ip addr add {hwlab.MGMT_GUEST_IP} dev $mgmt && ip link set $mgmt up
 drivers() {{ for d in /sys/bus/pci/devices/*; do echo "$(basename $d) $(basename "$(readlink $d/driver)")"; done; }}
 drivers > /lab/drivers-before.txt
 mkdir -p /lab/consoles
+igb=$(for d in /sys/bus/pci/devices/*; do [ "$(cat $d/device)" = 0x10c9 ] && ls $d/net; done)
+sed "s/@IGB@/$igb/g" /lab/devices.yaml.in > /lab/devices.yaml
+sed "s/@IGB@/$igb/g" /lab/devices-b.yaml.in > /lab/devices-b.yaml
 {PY} -m nodeplugin run --node-name lab --kubeconfig /lab/kubeconfig --config /lab/devices.yaml \
-  --libvirt-uri qemu:///system --domain-type qemu --state-dir /var/lib/pcipt \
+  --libvirt-uri qemu:///system --migration-uri qemu+tcp://127.0.0.1/system \
+  --domain-type qemu --state-dir /var/lib/pcipt \
   --console-log-dir /lab/consoles --stop-grace 1 --rescan-interval 15 --resync-interval 5 \
   --lease-interval 10 > /lab/agent.log 2>&1 &
 agent=$!
+{LIBVIRTD_B}
+unshare -m sh $B/start.sh {PY} -m nodeplugin run --node-name lab-b --kubeconfig /lab/kubeconfig \
+  --config /lab/devices-b.yaml --libvirt-uri qemu:///system \
+  --migration-uri qemu+tcp://127.0.0.1:16510/system --domain-type qemu \
+  --state-dir /var/lib/pcipt-b --console-log-dir /lab/consoles --stop-grace 1 \
+  --rescan-interval 15 --resync-interval 5 --lease-interval 10 --metrics-port 8081 \
+  > /lab/agent-b.log 2>&1 &
+agentb=$!
 # The outer side says when the guests have shown their devices, and when the VMs are gone.
 for i in $(seq 1 1100); do [ -e /lab/guests-seen ] && break; sleep 1; done
-igb=$(for d in /sys/bus/pci/devices/*; do [ "$(cat $d/device)" = 0x10c9 ] && ls $d/net; done)
 ip -d link show dev $igb > /lab/iplink.txt
 drivers > /lab/drivers-running.txt
 virsh -c qemu:///system list --all > /lab/virsh-running.txt
@@ -296,15 +342,16 @@ for i in $(seq 1 600); do [ -e /lab/vms-gone ] && break; sleep 1; done
 sleep 3
 drivers > /lab/drivers-after.txt
 virsh -c qemu:///system list --all > /lab/virsh-after.txt
+virsh -c qemu+tcp://127.0.0.1:16510/system list --all >> /lab/virsh-after.txt
 ps -eo comm > /lab/ps-after.txt
-kill $agent 2>/dev/null; exit 0
+kill $agent $agentb 2>/dev/null; exit 0
 """
 
 E2E_DEVICES = """
 vfs:
   - name: igb
     match: {vendorID: "8086", productID: "10c9"}
-    count: 2
+    count: 3
   - name: nvme
     match: {vendorID: "1b36", productID: "0010", address: "0000:01:00.0"}
     count: 1
@@ -314,7 +361,14 @@ devices:
   - name: nvme-vf
     match: {vendorID: "1b36", productID: "0010", address: "0000:01:00.1"}
   - name: igb-vf
-    match: {vendorID: "8086", productID: "10ca"}
+    match: {netdev: "@IGB@#0-1"}
+    physicalNetwork: labnet
+"""
+# Node lab-b (the second libvirtd): the igb's third VF, on the same physical network.
+E2E_DEVICES_B = """
+devices:
+  - name: igb-vf
+    match: {netdev: "@IGB@#2"}
     physicalNetwork: labnet
 """
 
@@ -474,6 +528,84 @@ def _hotplug(out: Path, lab: Any, running: hwlab.Running, log: Callable[[str], N
     return problems
 
 
+def _alive(console: str) -> tuple[str, float] | None:
+    """The guest's boot ID and uptime, from the last line it said them in."""
+    found = re.findall(r"PCIPT-GUEST-ALIVE boot=(\S+) up=([\d.]+)", console)
+    return (found[-1][0], float(found[-1][1])) if found else None
+
+
+def _live_migration(
+    out: Path, cluster: Any, lab: Any, running: hwlab.Running, log: Callable[[str], None]
+) -> list[str]:
+    """`kubectl pcipt migrate vf --live --to lab-b`: libvirt moves the running guest to the
+    second libvirtd; its igb VF is unplugged before and a VF of lab-b plugged in after. The
+    guest must say the same boot ID with a longer uptime, and list an igb VF again; the old VF
+    must be released (reason Migrated) and scrubbed."""
+    from pcipt.cli import kubectl_pcipt
+
+    problems: list[str] = []
+    console = out / "consoles" / "lab_vf.log"
+    before = _alive(console.read_text(errors="replace"))
+    vm = json.loads(lab.kubectl("get", "passthroughvm", "vf", "-n", "lab", "-o", "json").stdout)
+    old_vf = vm["status"]["networks"][0]["pciDevice"]
+    started = time.monotonic()
+    argv = ["--kubeconfig", str(cluster.kubeconfig), "migrate", "vf", "-n", "lab", "--live",
+            "--to", "lab-b"]  # fmt: skip
+    if kubectl_pcipt.main(argv) != 0:
+        return ["kubectl pcipt migrate --live failed"]
+    deadline = time.monotonic() + 300
+    mig: dict[str, Any] = {}
+    while time.monotonic() < deadline and running.alive():
+        vm = json.loads(lab.kubectl("get", "passthroughvm", "vf", "-n", "lab", "-o", "json").stdout)
+        mig = vm["status"].get("migration") or {}
+        if mig.get("phase") in ("Completed", "Failed"):
+            break
+        time.sleep(1)
+    (out / "live-migration-vm.json").write_text(json.dumps(vm, indent=1))
+    moved = time.monotonic() - started
+    if mig.get("phase") != "Completed" or vm["status"].get("nodeName") != "lab-b":
+        return [f"the live migration did not complete: {mig}"]
+    log(f"hwlab: live migration completed ({moved:.0f} s): {mig.get('message')}")
+
+    def replugged() -> bool:
+        text = console.read_text(errors="replace")
+        after = _alive(text)
+        vfs = sum("[8086:10ca]" in line for line in _guest_lspci_last(text))
+        return after is not None and after != before and vfs == 1
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and running.alive() and not replugged():
+        time.sleep(2)
+    after = _alive(console.read_text(errors="replace"))
+    (out / "live-migration.txt").write_text(f"before={before} after={after} seconds={moved:.1f}\n")
+    if not replugged():
+        problems.append(
+            f"after the live migration the guest said {after} (before: {before}) and listed "
+            f"{_guest_lspci_last(console.read_text(errors='replace'))}"
+        )
+    elif before is None or after is None or after[0] != before[0] or after[1] <= before[1]:
+        problems.append(f"the guest restarted instead of moving: before {before}, after {after}")
+    else:
+        log(f"hwlab: the guest kept running (boot {after[0][:8]}, up {before[1]:.0f} -> "
+            f"{after[1]:.0f} s) and has a VF of lab-b ({time.monotonic() - started:.0f} s)")  # fmt: skip
+    vm = json.loads(lab.kubectl("get", "passthroughvm", "vf", "-n", "lab", "-o", "json").stdout)
+    new_vf = vm["status"]["networks"][0]["pciDevice"]
+    if not new_vf.startswith("lab-b."):
+        problems.append(f"the VM's VF after the migration is {new_vf}, not one of lab-b")
+    deadline = time.monotonic() + 120
+    dev: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        dev = json.loads(lab.kubectl("get", "pcidev", old_vf, "-o", "json").stdout or "{}")
+        rel = (dev.get("spec") or {}).get("release") or {}
+        scrub = (dev.get("status") or {}).get("scrub") or {}
+        if rel.get("reason") == "Migrated" and scrub.get("releaseID") == rel.get("id"):
+            break
+        time.sleep(2)
+    else:
+        problems.append(f"{old_vf} was not released and scrubbed after the migration: {dev}")
+    return problems
+
+
 def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
     """The outer side: a real API server and the controller here, the node plugin in the lab
     host (through guestfwd); two PassthroughVMs; the guests' lspci read from their consoles."""
@@ -500,7 +632,8 @@ def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
             state.server, f"https://{hwlab.MGMT_ADDRESS}:6443"
         )
         (out / "kubeconfig").write_text(kubeconfig)
-        (out / "devices.yaml").write_text(E2E_DEVICES)
+        (out / "devices.yaml.in").write_text(E2E_DEVICES)
+        (out / "devices-b.yaml.in").write_text(E2E_DEVICES_B)
         hwlab.build_guest_initramfs(out / "guest.cpio")
         lab.kubectl("create", "namespace", c.DEFAULT_NAMESPACE, check=False)
         host = hwlab.LabHost(
@@ -553,6 +686,8 @@ def run_e2e(out: Path, log: Callable[[str], None]) -> list[str]:
         )
         if not problems and len(seen) == 2:
             problems += _hotplug(out, lab, running, log)
+        if not problems and len(seen) == 2:
+            problems += _live_migration(out, cluster, lab, running, log)
         (out / "guests-seen").touch()
         wait_file(out / "inside-read", running, 120)
         started = time.monotonic()
@@ -666,7 +801,12 @@ def check_e2e(out: Path, seen: dict[str, list[str]], phases: str) -> list[str]:
     if len(vfio_during) != 3:
         problems.append(f"bound to vfio-pci while the guests ran: {vfio_during}")
     # What each device had before the agent bound it (a VF it made has no driver here: no udev).
-    was = dict(re.findall(r"bound device=(\S+) driver=vfio-pci \(was (\S+)\)", agent_log))
+    was = dict(
+        re.findall(
+            r"bound device=(\S+) driver=vfio-pci \(was (\S+)\)",
+            agent_log + _text(out / "agent-b.log"),
+        )
+    )
     for a in vfio_during:
         want = "" if was.get(a, "none") == "none" else was[a]
         if after.get(a, "") != want:

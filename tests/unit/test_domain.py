@@ -19,6 +19,8 @@ from nodeplugin.domain.render import (
     macvtap_netdevs,
     passthrough_addresses,
     render,
+    retarget,
+    tuning_of,
     vm_ref_of,
 )
 from pcipt.api.v1alpha1 import PassthroughVM
@@ -358,3 +360,27 @@ def test_a_placed_vm_keeps_the_cpus_and_memory_counted_for_it_after_an_edit() ->
     d = build_domain(edited, HOST)
     assert d.vcpus == 4 and d.memory_kib == 4096 * 1024  # what status.compute counted
     assert render(d) == render(build_domain(placed, HOST))
+
+
+def test_a_domain_moved_live_gets_the_targets_vf_and_pinning_and_stays_valid(
+    tmp_path: Path,
+) -> None:
+    """retarget: what the old node sends to the target (macvtap source, pinning); tuning_of:
+    what the target says its pinning is. Nothing else of the domain changes."""
+    source = render(build_domain(CASES["macvtap-and-http-image"], HOST))
+    (netdev,) = macvtap_netdevs(source)
+    target = tuning_of(render(build_domain(CASES["dedicated-on-hugepages"], HOST)))
+    assert target.startswith("<tuning>") and '<vcpupin vcpu="1" cpuset="10" />' in target
+    moved = retarget(source, {netdev: "ens2f0v7"}, target)
+    assert macvtap_netdevs(moved) == ["ens2f0v7"]
+    assert '<vcpupin vcpu="1" cpuset="10" />' in moved
+    assert '<memory mode="strict" nodeset="0" />' in moved
+    assert moved.count("<cputune>") == 1
+    validate(moved, tmp_path)
+    # A target with no pinning (the VM floats there): the source's pinning goes.
+    floating = retarget(source, {}, "<tuning />")
+    assert "<cputune>" not in floating and "numatune" not in floating
+    assert macvtap_netdevs(floating) == [netdev]
+    validate(floating, tmp_path)
+    # No tuning given: pinning left as it is.
+    assert retarget(source, {}, None).count("<vcpupin") == source.count("<vcpupin")
