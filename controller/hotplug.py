@@ -100,6 +100,17 @@ def delta(vm: PassthroughVM, claim_flavor: Callable[[str], str | None]) -> Delta
             out.changed.append(f"spec.networks[{n.name}].vlan: {binding.vlan} -> {n.vlan}")
         if n.mac is not None and binding.mac != n.mac:
             out.changed.append(f"spec.networks[{n.name}].mac: {binding.mac} -> {n.mac}")
+        for key, asked, bound in (
+            ("maxTxRate", n.max_tx_rate, binding.max_tx_rate),
+            ("minTxRate", n.min_tx_rate, binding.min_tx_rate),
+        ):
+            if asked is not None and (asked or None) != bound:
+                out.changed.append(f"spec.networks[{n.name}].{key}: {bound} -> {asked}")
+        state = None if n.link_state in (None, "auto") else n.link_state
+        if state != binding.link_state:
+            out.changed.append(
+                f"spec.networks[{n.name}].linkState: {binding.link_state} -> {n.link_state}"
+            )
     wanted = set(vm.spec.request_names())
     out.removed = sorted((device_names | network_names) - wanted)
     out.changed += _compute_changes(vm)

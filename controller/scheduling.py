@@ -98,6 +98,8 @@ class Device:
     quarantine (see spec.release); None when it may be."""
     quarantine_until: float | None = None
     """When a quarantine after release ends (epoch seconds)."""
+    pcie_root: str | None = None
+    """The PCI root complex it sits under (status.pcieRoot); None when not published."""
 
     @property
     def address(self) -> str:
@@ -142,6 +144,7 @@ class Device:
                 if spec.release is not None and spec.release.quarantine_until is not None
                 else None
             ),
+            pcie_root=st.pcie_root,
         )
 
 
@@ -234,6 +237,8 @@ class Assignment:
     network: bool = False
     flavor: str | None = None
     netdev: str | None = None
+    max_tx_rate: int | None = None
+    """For a network: the VF's rate limit, Mbps (the request's, else its flavor's maximum)."""
 
 
 @dataclass(frozen=True)
@@ -316,6 +321,24 @@ def _network_not_allowed(net: NetworkRequest, flavor: PciFlavor) -> str | None:
         return (
             f"network {net.name} turns spoof checking off, which flavor "
             f"{flavor.metadata.name} does not allow"
+        )
+    name = flavor.metadata.name
+    if net.min_tx_rate and not (nw and nw.allow_min_tx_rate):
+        return (
+            f"network {net.name} reserves minTxRate {net.min_tx_rate} Mbps, which flavor {name} "
+            "does not allow (networking.allowMinTxRate)"
+        )
+    cap = nw.max_tx_rate if nw else None
+    if cap is not None and net.max_tx_rate is not None and not 0 < net.max_tx_rate <= cap:
+        asked = f"maxTxRate {net.max_tx_rate} Mbps" if net.max_tx_rate else "no rate limit"
+        return (
+            f"network {net.name} asks for {asked}; flavor {name} allows at most {cap} Mbps "
+            "(networking.maxTxRate)"
+        )
+    if net.link_state in ("enable", "disable") and not (nw and nw.allow_link_state):
+        return (
+            f"network {net.name} sets linkState {net.link_state}, which flavor {name} does not "
+            "allow (networking.allowLinkState)"
         )
     if net.vlan is not None and nw is not None and nw.vlan_ranges:
         ranges = [parse_vlan_range(r) for r in nw.vlan_ranges]
@@ -620,9 +643,13 @@ class _Search:
         order: list[_Req],
         cands: Mapping[str, list[Device]],
         same_numa: Set[str],
+        *,
         check: LeafCheck | None = None,
+        same_root: Set[str] = frozenset(),
     ) -> None:
         self.view = view
+        self.same_root = same_root
+        """Requests whose devices must all be under one PCIe root complex."""
         self.check = check
         self.compute_problem: str | None = None
         """Why CPUs or memory did not fit the first device placement they were tried on."""
@@ -675,15 +702,18 @@ class _Search:
         d = u.members[0]
         return (
             d.numa,
+            d.pcie_root if self.same_root else None,
             counted,
             d.claim is not None,
             tuple(d.name in self.cand_names[r.name] for r in self.order),
             u.kin,
         )
 
-    def choices(self, r: _Req, numa: int | None, taken: frozenset[str]) -> Iterator[list[_Unit]]:
-        """Sets of units that give r its count (on NUMA node `numa` when given), best first:
-        the first one is what a greedy pick would take."""
+    def choices(
+        self, r: _Req, numa: int | None, taken: frozenset[str], root: str | None = None
+    ) -> Iterator[list[_Unit]]:
+        """Sets of units that give r its count (on NUMA node `numa`, under PCIe root `root`,
+        when given), best first: the first one is what a greedy pick would take."""
         eligible = self.cand_names[r.name]
         kinds: dict[tuple[object, ...], list[tuple[_Unit, int]]] = {}
         for u in self.units[r.name]:
@@ -691,7 +721,15 @@ class _Search:
                 continue
             if numa is not None and u.members[0].numa != numa:
                 continue
-            n = sum(1 for m in u.members if m.name in eligible and (numa is None or m.numa == numa))
+            if root is not None and u.members[0].pcie_root != root:
+                continue
+            n = sum(
+                1
+                for m in u.members
+                if m.name in eligible
+                and (numa is None or m.numa == numa)
+                and (root is None or m.pcie_root == root)
+            )
             if n:
                 kinds.setdefault(self._kind(u, n), []).append((u, n))
         groups = list(kinds.values())
@@ -740,6 +778,27 @@ class _Search:
         local: list[int | None] = list(fits)
         return [*local, None] if r.numa_policy == "preferred" else local
 
+    def root_options(
+        self, r: _Req, taken: frozenset[str], group_root: str | None
+    ) -> list[str | None]:
+        """PCIe roots to try for r: the one its samePCIeRoot group is on already; else each
+        root its group's candidates are under, least room first (best fit)."""
+        if r.name not in self.same_root:
+            return [None]
+        if group_root is not None:
+            return [group_root]
+        room: Counter[str] = Counter(
+            [
+                d.pcie_root
+                for q in self.order
+                if q.name in self.same_root
+                for d in self.cands[q.name]
+                if d.pcie_root is not None and d.name not in taken
+            ]
+        )
+        ordered = sorted(room, key=lambda x: (room[x], x))
+        return [*ordered]
+
     def run(self) -> _Best | None:
         self._dfs(0, frozenset(), None, 0, 0)
         return self.best
@@ -751,6 +810,8 @@ class _Search:
         group_numa: int | None,
         own: int,
         misses: int,
+        *,
+        group_root: str | None = None,
     ) -> None:
         """Place order[i:], given what is taken; the picks and skips so far are in
         self.picks and self.skipped."""
@@ -772,50 +833,62 @@ class _Search:
             return
         r = self.order[i]
         for numa in self.numa_options(r, taken, group_numa):
-            for units in self.choices(r, numa, taken):
-                self.steps += 1
-                if self.steps > SEARCH_BUDGET:
-                    self.done = True
-                    return
-                pick = self._pick(r, units, numa)
-                counted = {d.numa for d, counts in pick if counts}
-                miss = int(
-                    r.numa_policy == "preferred"
-                    and r.name not in self.same_numa
-                    and (len(counted) != 1 or min(counted) < 0)
-                )
-                picks[r.name] = pick
-                self._dfs(
-                    i + 1,
-                    taken.union(*(u.names for u in units)),
-                    numa if r.name in self.same_numa else group_numa,
-                    own + sum(1 for d, _ in pick if d.claim is not None),
-                    misses + miss,
-                )
-                del picks[r.name]
-                if self.done:
-                    return
+            for root in self.root_options(r, taken, group_root):
+                for units in self.choices(r, numa, taken, root):
+                    self.steps += 1
+                    if self.steps > SEARCH_BUDGET:
+                        self.done = True
+                        return
+                    pick = self._pick(r, units, numa, root)
+                    counted = {d.numa for d, counts in pick if counts}
+                    miss = int(
+                        r.numa_policy == "preferred"
+                        and r.name not in self.same_numa
+                        and (len(counted) != 1 or min(counted) < 0)
+                    )
+                    picks[r.name] = pick
+                    self._dfs(
+                        i + 1,
+                        taken.union(*(u.names for u in units)),
+                        numa if r.name in self.same_numa else group_numa,
+                        own + sum(1 for d, _ in pick if d.claim is not None),
+                        misses + miss,
+                        group_root=root if r.name in self.same_root else group_root,
+                    )
+                    del picks[r.name]
+                    if self.done:
+                        return
         if r.optional:
-            skipped.append((r.name, self.skip_reason(r, taken, group_numa)))
-            self._dfs(i + 1, taken, group_numa, own, misses)
+            skipped.append((r.name, self.skip_reason(r, taken, group_numa, group_root)))
+            self._dfs(i + 1, taken, group_numa, own, misses, group_root=group_root)
             skipped.pop()
 
-    def _pick(self, r: _Req, units: list[_Unit], numa: int | None) -> Pick:
+    def _pick(self, r: _Req, units: list[_Unit], numa: int | None, root: str | None = None) -> Pick:
         eligible = self.cand_names[r.name]
         out: Pick = []
         counted = 0
         for u in units:
             for m in u.members:
                 counts = (
-                    counted < r.count and m.name in eligible and (numa is None or m.numa == numa)
+                    counted < r.count
+                    and m.name in eligible
+                    and (numa is None or m.numa == numa)
+                    and (root is None or m.pcie_root == root)
                 )
                 counted += counts
                 out.append((m, counts))
         return out
 
-    def skip_reason(self, r: _Req, taken: frozenset[str], group_numa: int | None) -> str:
+    def skip_reason(
+        self, r: _Req, taken: frozenset[str], group_numa: int | None, group_root: str | None = None
+    ) -> str:
         if r.name in self.same_numa and group_numa is not None:
             return f"no free {r.flavor} left on NUMA node {group_numa} with the rest of sameNUMA"
+        if r.name in self.same_root and group_root is not None:
+            return (
+                f"no free {r.flavor} left under PCIe root {group_root} with the rest of "
+                "samePCIeRoot"
+            )
         free = [d for d in self.cands[r.name] if d.name not in taken]
         if len(free) >= r.count and r.numa_policy == "required":
             return _numa_text(r, free)
@@ -835,11 +908,14 @@ def _numa_text(r: _Req, free: Sequence[Device]) -> str:
     return text + ")"
 
 
-def _prio(r: _Req, same_numa: Set[str]) -> tuple[int, int, int, int, str]:
+def _prio(
+    r: _Req, same_numa: Set[str], same_root: Set[str] = frozenset()
+) -> tuple[int, int, int, int, int, str]:
     policy_rank = {"required": 0, "preferred": 1, "none": 2}[r.numa_policy]
     return (
         1 if r.optional else 0,
         0 if r.name in same_numa else 1,
+        0 if r.name in same_root else 1,
         0 if r.address else 1,
         policy_rank,
         r.name,
@@ -889,9 +965,12 @@ def _place_on_node(
         )
         excluded[r.name] = why
 
-    same_numa = set(inp.vm.spec.placement.same_numa or []) if inp.vm.spec.placement else set()
+    placement = inp.vm.spec.placement
+    same_numa = set(placement.same_numa or []) if placement else set()
+    same_root = set(placement.same_pcie_root or []) if placement else set()
     active = sorted(
-        (r for r in reqs if r.name not in skipped_vm), key=lambda r: _prio(r, same_numa)
+        (r for r in reqs if r.name not in skipped_vm),
+        key=lambda r: _prio(r, same_numa, same_root),
     )
     mandatory = [r for r in active if not r.optional]
 
@@ -924,12 +1003,12 @@ def _place_on_node(
                 fitted[pin] = fit(want, topo, use, pin, inp.cpu_allocation_ratio)
             return fitted[pin]
 
-    search = _Search(view, active, cands, same_numa, check)
+    search = _Search(view, active, cands, same_numa, check=check, same_root=same_root)
     found = search.run()
     if found is None and search.compute_problem is not None:
         return _NodeResult(None, [search.compute_problem], [])
     if found is None:
-        reasons = _why_no_fit(view, mandatory, cands, same_numa)
+        reasons = _why_no_fit(view, mandatory, cands, same_numa, same_root)
         notes = [f"{r.label}: {details(r)}" for r in mandatory if excluded[r.name]]
         return _NodeResult(None, reasons, notes)
 
@@ -946,6 +1025,7 @@ def _place_on_node(
                     network=r.network is not None,
                     flavor=r.flavor if counts else None,
                     netdev=d.netdev,
+                    max_tx_rate=_max_tx_rate(r, inp.flavors) if counts else None,
                 )
             )
     used_by_flavor = Counter(a.flavor for a in assignments if a.flavor)
@@ -964,6 +1044,17 @@ def _place_on_node(
     )
 
 
+def _max_tx_rate(r: _Req, flavors: Mapping[str, PciFlavor]) -> int | None:
+    """A network's VF rate limit: what it asks (0: none), else its flavor's maximum."""
+    if r.network is None:
+        return None
+    if r.network.max_tx_rate is not None:
+        return r.network.max_tx_rate or None
+    f = flavors.get(r.flavor)
+    nw = f.spec.networking if f is not None else None
+    return nw.max_tx_rate if nw is not None else None
+
+
 def _pin(reqs: Iterable[_Req], same_numa: Set[str], picks: Mapping[str, Pick]) -> int | None:
     """The one NUMA node every locality-asking request's devices are on, if there is one."""
     local = {
@@ -977,14 +1068,21 @@ def _pin(reqs: Iterable[_Req], same_numa: Set[str], picks: Mapping[str, Pick]) -
 
 
 def _why_no_fit(
-    view: _NodeView, mandatory: list[_Req], cands: Mapping[str, list[Device]], same_numa: Set[str]
+    view: _NodeView,
+    mandatory: list[_Req],
+    cands: Mapping[str, list[Device]],
+    same_numa: Set[str],
+    same_root: Set[str] = frozenset(),
 ) -> list[str]:
     """Why the mandatory requests have no placement on a node, when each has enough candidate
-    devices: the first request (or sameNUMA group) that cannot be placed even alone, or else
-    that they cannot be placed together."""
+    devices: the first request (or sameNUMA, samePCIeRoot group) that cannot be placed even
+    alone, or else that they cannot be placed together."""
     group = [r for r in mandatory if r.name in same_numa]
     if group and _Search(view, group, cands, same_numa).run() is None:
         return [f"cannot place {', '.join(r.name for r in group)} on one NUMA node"]
+    group = [r for r in mandatory if r.name in same_root]
+    if group and _Search(view, group, cands, set(), same_root=same_root).run() is None:
+        return [f"cannot place {', '.join(r.name for r in group)} under one PCIe root"]
     reasons = []
     for r in mandatory:
         if r.name in same_numa or _Search(view, [r], cands, same_numa).run() is not None:
@@ -1204,6 +1302,7 @@ REFUSAL_FORMS: dict[str, str] = {
         r"(; \d+ report no NUMA node)?\)"
     ),
     "cannot place <requests> on one NUMA node": r"cannot place .+ on one NUMA node",
+    "cannot place <requests> under one PCIe root": r"cannot place .+ under one PCIe root",
     "cannot take whole IOMMU groups for N <flavor>": r"cannot take whole IOMMU groups for \d+ \S+",
     "cannot fit <requests> together (they compete for the same devices)": (
         r"cannot fit .+ together \(they compete for the same devices\)"

@@ -35,6 +35,7 @@ def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> 
     uid = vm.metadata.uid or ""
     macs = {n.name: n.mac or generated_mac(uid, n.name) for n in vm.spec.networks}
     vlans = {n.name: n.vlan for n in vm.spec.networks}
+    requests = {n.name: n for n in vm.spec.networks}
     devices = [
         DeviceBinding(
             request=a.request,
@@ -55,6 +56,9 @@ def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> 
             mac=macs.get(a.request),
             netdev=a.netdev,
             vlan=vlans.get(a.request),
+            min_tx_rate=(r.min_tx_rate or None) if (r := requests.get(a.request)) else None,
+            max_tx_rate=a.max_tx_rate,
+            link_state=r.link_state if r and r.link_state not in (None, "auto") else None,
         )
         for a in placement.assignments
         if a.network and not a.companion

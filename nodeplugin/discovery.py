@@ -8,6 +8,7 @@ elsewhere (devicespec.py); names come from pci.ids (pciids.py).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,6 +56,10 @@ class PciFunction:
     reset_methods: tuple[str, ...] | None = None
     """How the kernel can reset it (`reset_method`, in the order it tries them); () when it
     cannot; None when the kernel does not say (it still may, through `reset`)."""
+    pcie_root: str | None = None
+    """The PCI root complex (host bridge) it sits under, as the kernel names it in the
+    device's sysfs path (`pci0000:3a`): devices under one root reach each other without
+    crossing the CPU's interconnect (Kubernetes DRA's `pcieRoot` attribute)."""
 
     @property
     def is_bridge(self) -> bool:
@@ -174,7 +179,24 @@ def read_function(
         serial=vpd_serial(dev / "vpd") if class_code.startswith(VPD_CLASSES) else None,
         aer_fatal=aer_total(dev / "aer_dev_fatal"),
         reset_methods=_reset_methods(dev),
+        pcie_root=pcie_root(dev),
     )
+
+
+ROOT_COMPLEX = re.compile(r"^pci[0-9a-f]{4,8}:[0-9a-f]{2}$")
+
+
+def pcie_root(dev: Path) -> str | None:
+    """The root complex in the device's resolved sysfs path
+    (/sys/devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0 -> pci0000:3a); None when the path
+    names none (a virtual device, a tree that is not sysfs)."""
+    try:
+        parts = dev.resolve().parts
+    except OSError:
+        return None
+    # Right under sysfs's devices/ folder: a folder elsewhere that looks like one does not count.
+    below = [parts[i + 1] for i, x in enumerate(parts[:-1]) if x == "devices"]
+    return below[-1] if below and ROOT_COMPLEX.match(below[-1]) else None
 
 
 def aer_total(path: Path) -> int | None:

@@ -102,6 +102,7 @@ def desired_status(
         "netdev": f.netdev,
         "physicalNetwork": d.physical_network,
         "aerFatal": f.aer_fatal,
+        "pcieRoot": f.pcie_root,
     }
     status.update({k: v for k, v in names.items() if v is not None})
     if scrub:

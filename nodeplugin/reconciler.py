@@ -571,6 +571,9 @@ class DomainReconciler:
                 mac=nb.mac,
                 vlan=req.vlan,
                 macvtap=req.mode == "macvtap",
+                min_tx_rate=nb.min_tx_rate,
+                max_tx_rate=nb.max_tx_rate,
+                link_state=nb.link_state,
             )
 
     def _dedicated_elsewhere(self, uid: str) -> frozenset[int]:

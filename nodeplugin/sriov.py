@@ -68,6 +68,9 @@ def vf_commands(
     mac: str | None = None,
     vlan: int | None = None,
     macvtap: bool = False,
+    min_tx_rate: int | None = None,
+    max_tx_rate: int | None = None,
+    link_state: str | None = None,
 ) -> list[list[str]]:
     base = ["ip", "link", "set", "dev", pf_netdev, "vf", str(vf_index)]
     cmds = [
@@ -80,6 +83,15 @@ def vf_commands(
         cmds.append([*base, "vlan", str(vlan or 0)])
         if mac:
             cmds.append([*base, "mac", mac])
+    if min_tx_rate or max_tx_rate:
+        # Both in one command (the kernel takes them as one setting); 0 is "none". Only when
+        # asked: a driver without rate limiting (most refuse min_tx_rate) fails only VMs that
+        # ask for it.
+        cmds.append(
+            [*base, "min_tx_rate", str(min_tx_rate or 0), "max_tx_rate", str(max_tx_rate or 0)]
+        )
+    if link_state in ("auto", "enable", "disable"):
+        cmds.append([*base, "state", link_state])
     return cmds
 
 

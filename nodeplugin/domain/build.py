@@ -93,7 +93,7 @@ def build_domain(vm: PassthroughVM, host: HostFacts) -> Domain:
         if req.mode == "macvtap":
             if not nb.netdev:
                 raise BuildError(f"network {nb.name}: VF {nb.address} has no netdev for macvtap")
-            interfaces.append(DirectInterface(nb.netdev, alias, mac))
+            interfaces.append(DirectInterface(nb.netdev, alias, mac, nb.max_tx_rate))
         else:
             interfaces.append(HostdevInterface(PciAddress.parse(nb.address), alias, mac, req.vlan))
     placement = _placement(vm, host)

@@ -53,6 +53,9 @@ class DirectInterface:
     netdev: str
     alias: str
     mac: str | None = None
+    max_tx_rate: int | None = None
+    """Mbps: libvirt shapes the guest's outbound traffic on the macvtap too (`<bandwidth>`),
+    on top of the VF's own limit."""
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,10 @@ def _interface(devices: ET.Element, i: HostdevInterface | DirectInterface) -> No
         if i.mac:
             _sub(el, "mac", address=i.mac)
         _sub(el, "source", dev=i.netdev, mode="passthrough")
+        if i.max_tx_rate:
+            # libvirt's unit is kilobytes per second; Mbps * 1000 / 8.
+            bw = _sub(el, "bandwidth")
+            _sub(bw, "outbound", average=str(i.max_tx_rate * 125))
         _sub(el, "model", type_="virtio")
     _sub(el, "alias", name=i.alias)
 

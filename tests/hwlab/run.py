@@ -116,6 +116,12 @@ def check_discovery(out: Path) -> list[str]:
         problems.append("no VF was made: the igb PF took no sriov_numvfs")
     if not any(f["numa_node"] == 1 for f in got.values()):
         problems.append("no function on NUMA node 1 (the pxb-pcie's)")
+    # The pxb-pcie (bus_nr=128) is a root complex of its own: what samePCIeRoot tells apart.
+    roots = {a: f.get("pcie_root") for a, f in got.items()}
+    for a in got:
+        want_root = "pci0000:80" if int(a[5:7], 16) >= 0x80 else "pci0000:00"
+        if roots[a] != want_root:
+            problems.append(f"{a} is under PCIe root {roots[a]}, not {want_root}")
     published = json.loads((out / "published.json").read_text() or "{}").get("items", [])
     by_address = {p["spec"]["address"]: p for p in published}
     endpoints = {a for a, w in want.items() if not w["class"].startswith("06")}
@@ -429,6 +435,7 @@ def _e2e_objects(kernel: str) -> str:
                         "vlan": 100,
                         "mac": "52:54:00:aa:00:01",
                         "mode": "hostdev",
+                        "maxTxRate": 100,  # igb (82576) limits a VF's rate; shown in iplink
                     }
                 ]
             },
@@ -477,7 +484,8 @@ def _hotplug(out: Path, lab: Any, running: hwlab.Running, log: Callable[[str], N
 
     def networks(extra: list[dict[str, Any]]) -> None:
         base = {"name": "uplink", "flavor": "lab-igb-vf", "physicalNetwork": "labnet",
-                "vlan": 100, "mac": "52:54:00:aa:00:01", "mode": "hostdev"}  # fmt: skip
+                "vlan": 100, "mac": "52:54:00:aa:00:01", "mode": "hostdev",
+                "maxTxRate": 100}  # fmt: skip
         lab.kubectl(
             "patch", "passthroughvm", "vf", "-n", "lab", "--type", "merge",
             "-p", json.dumps({"spec": {"networks": [base, *extra]}}),
@@ -791,6 +799,12 @@ def check_e2e(out: Path, seen: dict[str, list[str]], phases: str) -> list[str]:
     text = _text(out / "iplink.txt")
     if not re.search(r"vf \d+ .*52:54:00:aa:00:01.*vlan 100", text):
         problems.append(f"no VF with the VM's MAC and VLAN in the PF's ip -d link: {text!r}")
+    # The VM's maxTxRate, set on the VF it has now (lab-b's, after the live migration).
+    line = next(
+        (x for x in text.split("vf ")[1:] if "52:54:00:aa:00:01" in x and "vlan 100" in x), ""
+    )
+    if "max_tx_rate 100Mbps" not in line:
+        problems.append(f"the VM's VF has no max_tx_rate 100Mbps in ip -d link: {line!r}")
 
     def drivers(name: str) -> dict[str, str]:
         rows = [line.split() for line in _text(out / name).splitlines()]

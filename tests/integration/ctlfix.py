@@ -224,6 +224,7 @@ class World:
         unschedulable: bool = False,
         attributes: dict[str, str] | None = None,
         phys_fn: str | None = None,
+        root: str | None = None,
     ) -> str:
         """Publish a device as a node plugin does: spec by apply, then status. `phys_fn`: the
         PF's address, for a VF (role VF is implied)."""
@@ -255,6 +256,8 @@ class World:
             status["physicalNetwork"] = physnet
         if netdev:
             status["netdev"] = netdev
+        if root:
+            status["pcieRoot"] = root
         self.custom.patch_cluster_custom_object_status(
             c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, name, {"status": status}
         )

@@ -454,6 +454,47 @@ def test_pinned_address_and_nodeselector(
     assert [d.pci_device for d in world.get_vm("pin").status.devices] == [pinned]
 
 
+def test_same_pcie_root_keeps_the_gpu_and_its_nic_under_one_root_complex(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    world.device("a", "0000:3b:00.0", root="pci0000:3a")
+    gpu_b = world.device("a", "0000:af:00.0", root="pci0000:ae")
+    nic_args = {"vendor": "8086", "product": "1889", "cls": "020000", "role": "VF",
+                "physnet": "physnet1"}  # fmt: skip
+    world.device("a", "0000:5e:02.0", root="pci0000:5d", **nic_args)
+    vf_b = world.device("a", "0000:d8:02.0", root="pci0000:ae", **nic_args)
+    gpu = world.flavor("a100")
+    nic = world.flavor("vf", "nic", selector={"vendorIDs": ["8086"], "sriovRoles": ["VF"]})
+    world.vm(
+        "rdma",
+        [{"name": "gpu", "flavor": gpu}],
+        networks=[{"name": "rdma", "flavor": nic, "physicalNetwork": "physnet1"}],
+        placement={"samePCIeRoot": ["gpu", "rdma"]},
+    )
+    wait_for(phase(world, "rdma", "Scheduled"), what="placed")
+    vm = world.get_vm("rdma")
+    assert [d.pci_device for d in vm.status.devices] == [gpu_b]
+    assert [n.pci_device for n in vm.status.networks] == [vf_b]
+    # No root holds a second pair: the next one waits, saying why.
+    world.vm(
+        "rdma2",
+        [{"name": "gpu", "flavor": gpu}],
+        networks=[{"name": "rdma", "flavor": nic, "physicalNetwork": "physnet1"}],
+        placement={"samePCIeRoot": ["gpu", "rdma"]},
+    )
+
+    def refusal() -> str:
+        sched = world.get_vm("rdma2").status.scheduling
+        return sched.message if sched is not None else ""
+
+    wait_for(
+        lambda: "cannot place gpu, rdma under one PCIe root" in refusal(),
+        what="refused with the reason",
+    )
+    check_invariants(world)
+
+
 def test_sriov_network_takes_a_vf_on_its_physnet_and_vlan(
     world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
 ) -> None:

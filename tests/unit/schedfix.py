@@ -28,6 +28,7 @@ def dev(
     claim: Claim | None = None,
     attrs: dict[str, str] | None = None,
     phys_fn: str | None = None,
+    root: str | None = None,
 ) -> Device:
     return Device(
         name=pcidevice_name(node, address),
@@ -51,6 +52,7 @@ def dev(
         claim=claim,
         resource_version="1",
         phys_fn=phys_fn,
+        pcie_root=root,
     )
 
 
@@ -80,14 +82,18 @@ def vm(
     networks: list[dict[str, Any]] | None = None,
     *,
     same_numa: list[str] | None = None,
+    same_root: list[str] | None = None,
     node_selector: dict[str, str] | None = None,
     namespace: str = "tenant",
     uid: str = "vm-uid",
     name: str = "vm",
 ) -> PassthroughVM:
     spec: dict[str, Any] = {"memory": "1Gi", "devices": devices or [], "networks": networks or []}
-    if same_numa:
-        spec["placement"] = {"sameNUMA": same_numa}
+    if same_numa or same_root:
+        spec["placement"] = {
+            **({"sameNUMA": same_numa} if same_numa else {}),
+            **({"samePCIeRoot": same_root} if same_root else {}),
+        }
     if node_selector:
         spec["nodeSelector"] = node_selector
     return PassthroughVM.model_validate(

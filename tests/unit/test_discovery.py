@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeplugin.discovery import discover, format_cpulist, parse_cpulist
+from nodeplugin.discovery import discover, format_cpulist, parse_cpulist, pcie_root
 from nodeplugin.pciids import load, parse
 from nodeplugin.simulate import build_host, load_profile
 from tests.conftest import REPO_ROOT
@@ -134,3 +134,17 @@ def test_pci_ids_parsing() -> None:
 
 def test_missing_pci_ids_gives_an_empty_database(tmp_path: Path) -> None:
     assert load(tmp_path / "absent").vendor("10de") is None
+
+
+def test_the_pcie_root_is_the_root_complex_in_the_device_path(lab: Path, tmp_path: Path) -> None:
+    by = {f.address: f for f in discover(lab).functions}
+    assert by["0000:3b:00.0"].pcie_root == "pci0000:00"  # the simulator's one root complex
+    # A device under another host bridge, as the kernel links it; a folder named like a root
+    # complex only above /sys does not count, nor does a device with no root in its path.
+    other = tmp_path / "pci0000:ff" / "sys"
+    (other / "devices" / "pci0000:d7" / "0000:d7:00.0" / "0000:d8:00.0").mkdir(parents=True)
+    (other / "bus" / "pci" / "devices").mkdir(parents=True)
+    link = other / "bus" / "pci" / "devices" / "0000:d8:00.0"
+    link.symlink_to("../../../devices/pci0000:d7/0000:d7:00.0/0000:d8:00.0")
+    assert pcie_root(link) == "pci0000:d7"
+    assert pcie_root(other / "bus" / "pci" / "devices" / "0000:00:00.9") is None

@@ -384,3 +384,11 @@ def test_a_domain_moved_live_gets_the_targets_vf_and_pinning_and_stays_valid(
     validate(floating, tmp_path)
     # No tuning given: pinning left as it is.
     assert retarget(source, {}, None).count("<vcpupin") == source.count("<vcpupin")
+
+
+def test_a_macvtap_with_a_rate_limit_is_shaped_by_libvirt_too(tmp_path: Path) -> None:
+    v = CASES["macvtap-and-http-image"].model_copy(deep=True)
+    v.status.networks[0].max_tx_rate = 100
+    xml = render(build_domain(v, HOST))
+    assert '<outbound average="12500" />' in xml  # 100 Mbps in kilobytes per second
+    validate(xml, tmp_path)

@@ -109,3 +109,16 @@ def test_edits_of_the_counted_cpus_and_memory_are_named_too() -> None:
     ]
     same = placed({"cpu": {"cores": 2}}, {"compute": {"vcpus": 2, "memoryMiB": 1024}})
     assert delta(same, flavor_of).changed == []
+
+
+def test_a_vfs_rate_or_link_state_edit_is_not_live() -> None:
+    v = placed(
+        {"networks": [{"name": "net", "flavor": "vf", "maxTxRate": 200, "linkState": "enable"}]},
+        {"networks": [{"name": "net", "pciDevice": "n.0000-5e-02-1", "address": "0000:5e:02.1",
+                       "maxTxRate": 100}]},
+    )  # fmt: skip
+    d = delta(v, flavor_of)
+    assert d.changed == [
+        "spec.networks[net].maxTxRate: 100 -> 200",
+        "spec.networks[net].linkState: None -> enable",
+    ]

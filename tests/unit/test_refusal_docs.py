@@ -47,6 +47,18 @@ def refusing_scenarios() -> list[Refusal]:
                 [dev(A, "0000:3b:00.0", numa=0), dev(A, "0000:3c:00.0", numa=1)],
             )
         ),
+        schedule(
+            inp(
+                vm(
+                    [{"name": "a", "flavor": "a100"}, {"name": "b", "flavor": "a100"}],
+                    same_root=["a", "b"],
+                ),
+                [
+                    dev(A, "0000:3b:00.0", root="pci0000:3a"),
+                    dev(A, "0000:af:00.0", root="pci0000:ae"),
+                ],
+            )
+        ),
         # A PF and its VF, both of the flavor: never both to one VM.
         schedule(
             inp(

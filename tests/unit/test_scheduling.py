@@ -7,6 +7,7 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +22,7 @@ from controller.scheduling import (
     free_counts,
     schedule,
 )
+from controller.vmstatus import scheduled_status
 from tests.unit.schedfix import dev, flavor, inp, nic_flavor, other_claim, vf, vm
 
 A, B, C = "node-a", "node-b", "node-c"
@@ -287,6 +289,60 @@ CASES: dict[str, Case] = {
         ),
         Expect(A, {"0000:5e:02.0"}),
     ),
+    "min-tx-rate-needs-permission": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "minTxRate": 100}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor()],
+        ),
+        Expect(refusal="NetworkNotAllowed", message="reserves minTxRate 100 Mbps"),
+    ),
+    "max-tx-rate-above-the-flavors": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "maxTxRate": 2000}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor(networking={"maxTxRate": 1000})],
+        ),
+        Expect(refusal="NetworkNotAllowed", message="allows at most 1000 Mbps"),
+    ),
+    "no-rate-limit-where-the-flavor-caps-it": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "maxTxRate": 0}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor(networking={"maxTxRate": 1000})],
+        ),
+        Expect(refusal="NetworkNotAllowed", message="asks for no rate limit"),
+    ),
+    "link-state-needs-permission": (
+        lambda: inp(
+            vm(networks=[{"name": "net", "flavor": "vf", "linkState": "enable"}]),
+            [vf(A, "0000:5e:02.0")],
+            [nic_flavor()],
+        ),
+        Expect(refusal="NetworkNotAllowed", message="sets linkState enable"),
+    ),
+    "rates-and-link-state-allowed": (
+        lambda: inp(
+            vm(
+                networks=[
+                    {
+                        "name": "net",
+                        "flavor": "vf",
+                        "minTxRate": 100,
+                        "maxTxRate": 500,
+                        "linkState": "disable",
+                    }
+                ]
+            ),
+            [vf(A, "0000:5e:02.0")],
+            [
+                nic_flavor(
+                    networking={"allowMinTxRate": True, "maxTxRate": 1000, "allowLinkState": True}
+                )
+            ],
+        ),
+        Expect(A, {"0000:5e:02.0"}),
+    ),
     "vlan-outside-ranges": (
         lambda: inp(
             vm(networks=[{"name": "net", "flavor": "vf", "vlan": 300}]),
@@ -384,6 +440,36 @@ CASES: dict[str, Case] = {
             [flavor(), nic_flavor()],
         ),
         Expect(refusal="Unschedulable", message="cannot place gpu, net on one NUMA node"),
+    ),
+    # GPUDirect: the GPU and the NIC under one root complex, though both roots have each.
+    "same-pcie-root-gpu-and-nic": (
+        lambda: inp(
+            vm(GPU, [{"name": "net", "flavor": "vf"}], same_root=["gpu", "net"]),
+            [
+                dev(A, "0000:3b:00.0", root="pci0000:3a"),
+                dev(A, "0000:af:00.0", root="pci0000:ae"),
+                vf(A, "0000:d8:02.0", root="pci0000:ae"),
+                vf(A, "0000:5e:02.0", root="pci0000:5d"),
+            ],
+            [flavor(), nic_flavor()],
+        ),
+        Expect(A, {"0000:af:00.0", "0000:d8:02.0"}),
+    ),
+    "same-pcie-root-impossible": (
+        lambda: inp(
+            vm(GPU, [{"name": "net", "flavor": "vf"}], same_root=["gpu", "net"]),
+            [dev(A, "0000:3b:00.0", root="pci0000:3a"), vf(A, "0000:d8:02.0", root="pci0000:d7")],
+            [flavor(), nic_flavor()],
+        ),
+        Expect(refusal="Unschedulable", message="cannot place gpu, net under one PCIe root"),
+    ),
+    "same-pcie-root-unknown-root-does-not-count": (
+        lambda: inp(
+            vm(GPU, [{"name": "net", "flavor": "vf"}], same_root=["gpu", "net"]),
+            [dev(A, "0000:3b:00.0"), vf(A, "0000:d8:02.0")],
+            [flavor(), nic_flavor()],
+        ),
+        Expect(refusal="Unschedulable", message="cannot place gpu, net under one PCIe root"),
     ),
     # --- IOMMU groups -----------------------------------------------------------------------
     "iommu-companion-claimed-with-the-gpu": (
@@ -677,6 +763,7 @@ def clusters(draw: st.DrawFn) -> SchedulingInput:
             size = draw(st.sampled_from([1, 1, 1, 2]))
             addrs = [f"0000:{g + 16:02x}:00.{f}" for f in range(size)]
             numa = draw(st.sampled_from([-1, 0, 1]))
+            root = draw(st.sampled_from([None, "pci0000:00", "pci0000:80"]))
             for f, addr in enumerate(addrs):
                 claim = draw(
                     st.sampled_from(
@@ -700,6 +787,7 @@ def clusters(draw: st.DrawFn) -> SchedulingInput:
                         healthy=draw(st.booleans()) or draw(st.booleans()),
                         cordoned=draw(st.integers(0, 9)) == 0,
                         claim=claim,
+                        root=root,
                     )
                 )
     reqs = []
@@ -714,10 +802,11 @@ def clusters(draw: st.DrawFn) -> SchedulingInput:
             }
         )
     same = draw(st.sampled_from([None, ["r0"], [r["name"] for r in reqs]]))
+    same_root = draw(st.sampled_from([None, None, [r["name"] for r in reqs]]))
     selector = draw(st.sampled_from([None, {"kubernetes.io/hostname": "n1"}]))
     alive = {n: draw(st.integers(0, 5)) > 0 for n in NODES}
     return inp(
-        vm(reqs, same_numa=same, node_selector=selector),
+        vm(reqs, same_numa=same, same_root=same_root, node_selector=selector),
         devices,
         nodes=[NodeFacts(n, alive=alive[n]) for n in NODES],
         reserved=frozenset(d.name for d in devices if draw(st.integers(0, 15)) == 0),
@@ -766,6 +855,14 @@ def test_placements_keep_every_hard_constraint(case: SchedulingInput) -> None:
             if a.request in same and not a.companion and a.request not in skipped
         }
         assert len(numas) <= 1 and all(n >= 0 for n in numas)
+    same_root = case.vm.spec.placement.same_pcie_root if case.vm.spec.placement else None
+    if same_root:
+        roots = {
+            by_name[a.device].pcie_root
+            for a in got.assignments
+            if a.request in same_root and not a.companion and a.request not in skipped
+        }
+        assert len(roots) <= 1 and None not in roots
 
 
 @contextlib.contextmanager
@@ -1157,3 +1254,18 @@ def test_a_refused_node_answers_from_the_memo_until_it_changes() -> None:
     assert first.message == (
         "0/3 nodes are available: 3 node(s) have no free a100 (need 1): claimed by other VMs."
     )
+
+
+def test_a_vfs_rate_limit_is_the_requests_or_else_its_flavors_maximum() -> None:
+    flavors = [nic_flavor(networking={"maxTxRate": 1000, "allowLinkState": True})]
+    for asked, want in (({}, 1000), ({"maxTxRate": 300, "linkState": "enable"}, 300)):
+        case = inp(
+            vm(networks=[{"name": "net", "flavor": "vf", **asked}]),
+            [vf(A, "0000:5e:02.0")],
+            flavors,
+        )
+        got = schedule(case)
+        assert isinstance(got, Placement)
+        (net,) = scheduled_status(case.vm, got, datetime.now(UTC))["networks"]
+        assert net.get("maxTxRate") == want and "minTxRate" not in net
+        assert net.get("linkState") == asked.get("linkState")

@@ -214,6 +214,13 @@ def test_vf_settings_are_ip_link_commands_on_the_pf_which_is_brought_up_first() 
         ["ip", "link", "set", "dev", "ens1f0", "vf", "1", "vlan", "120"],
         ["ip", "link", "set", "dev", "ens1f0", "vf", "1", "mac", "52:54:00:00:00:01"],
     ]
+    # Rates and link state, in both modes, only when asked for.
+    assert vf_commands(
+        "ens1f0", 2, spoof_check=True, trusted=False, max_tx_rate=500, link_state="disable"
+    )[2:] == [
+        ["ip", "link", "set", "dev", "ens1f0", "vf", "2", "min_tx_rate", "0", "max_tx_rate", "500"],
+        ["ip", "link", "set", "dev", "ens1f0", "vf", "2", "state", "disable"],
+    ]
     r = RecordingRunner()
     configure_vf(r, "ens2f0", 0, spoof_check=True, trusted=False)
     assert r.commands == [

@@ -159,6 +159,17 @@ class DeviceRequest(ApiModel):
 class NetworkRequest(ApiModel):
     """A request for an SR-IOV virtual function on a physical network."""
 
+    model_config = ConfigDict(
+        json_schema_extra=k8s(
+            cel(
+                "!has(self.minTxRate) || !has(self.maxTxRate) || self.maxTxRate == 0 "
+                "|| self.minTxRate <= self.maxTxRate",
+                "minTxRate must not be above maxTxRate",
+                field_path=".minTxRate",
+            )
+        )
+    )
+
     name: RequestName
     """Name of the network, unique among the VM's devices and networks."""
     flavor: FlavorName
@@ -189,6 +200,22 @@ class NetworkRequest(ApiModel):
     allow it."""
     spoof_check: bool = True
     """MAC spoof checking on the VF. Turning it off needs the flavor's permission."""
+    min_tx_rate: int | None = Field(default=None, alias="minTxRate", ge=0, le=1_000_000)
+    """Guaranteed transmit rate of the VF in Mbps (`ip link ... vf N min_tx_rate`); the
+    flavor must allow it (networking.allowMinTxRate). Absent or 0: none."""
+    max_tx_rate: int | None = Field(default=None, alias="maxTxRate", ge=0, le=1_000_000)
+    """Transmit rate limit of the VF in Mbps (`max_tx_rate`); at most the flavor's
+    networking.maxTxRate. Absent or 0: no limit (unless the flavor sets one)."""
+    link_state: Literal["auto", "enable", "disable"] | None = Field(default=None, alias="linkState")
+    """The VF's link as the guest sees it: auto (follows the PF's), enable (up even with the
+    PF's link down, for VF-to-VF traffic), disable. Anything but auto needs the flavor's
+    networking.allowLinkState. Absent: auto."""
+
+    @model_validator(mode="after")
+    def _rates(self) -> NetworkRequest:
+        if self.min_tx_rate and self.max_tx_rate and self.min_tx_rate > self.max_tx_rate:
+            raise ValueError(f"minTxRate {self.min_tx_rate} is above maxTxRate {self.max_tx_rate}")
+        return self
 
     @field_validator("mac")
     @classmethod
@@ -208,12 +235,26 @@ class Placement(ApiModel):
         default=None, alias="sameNUMA", max_length=48, json_schema_extra=k8s(list_type="set")
     )
     """Names of device and network requests whose devices must all be on one NUMA node."""
+    same_pcie_root: list[RequestName] | None = Field(
+        default=None, alias="samePCIeRoot", max_length=48, json_schema_extra=k8s(list_type="set")
+    )
+    """Names of device and network requests whose devices must all be under one PCI root
+    complex (their PciDevices' status.pcieRoot), e.g. a GPU and a NIC for GPUDirect RDMA
+    traffic that must not cross the CPU interconnect (Kubernetes DRA's pcieRoot)."""
 
 
 _UNIQUE_NAMES = cel(
     "!has(self.devices) || !has(self.networks) || "
     "self.devices.all(d, !self.networks.exists(n, n.name == d.name))",
     "request names must be unique across devices and networks",
+)
+_SAME_ROOT_KNOWN = cel(
+    "!has(self.placement) || !has(self.placement.samePCIeRoot) || "
+    "self.placement.samePCIeRoot.all(r, "
+    "(has(self.devices) && self.devices.exists(d, d.name == r)) || "
+    "(has(self.networks) && self.networks.exists(n, n.name == r)))",
+    "placement.samePCIeRoot may only name requests listed in devices or networks",
+    field_path=".placement.samePCIeRoot",
 )
 _SAME_NUMA_KNOWN = cel(
     "!has(self.placement) || !has(self.placement.sameNUMA) || self.placement.sameNUMA.all(r, "
@@ -270,7 +311,7 @@ class PassthroughVMSpec(ApiModel):
     """The VM the tenant wants: size, disks, devices, networks and placement."""
 
     model_config = ConfigDict(
-        json_schema_extra=k8s(_UNIQUE_NAMES, _SAME_NUMA_KNOWN, _HUGEPAGES_FIT)
+        json_schema_extra=k8s(_UNIQUE_NAMES, _SAME_NUMA_KNOWN, _SAME_ROOT_KNOWN, _HUGEPAGES_FIT)
     )
 
     running: bool = True
@@ -328,10 +369,13 @@ class PassthroughVMSpec(ApiModel):
                     f"memory ({self.memory}) is not a multiple of hugepages.pageSize "
                     f"({self.hugepages.page_size})"
                 )
-        for name in (self.placement.same_numa or []) if self.placement else []:
-            if name not in device_names | network_names:
+        for field_name, names in (
+            ("sameNUMA", self.placement.same_numa if self.placement else None),
+            ("samePCIeRoot", self.placement.same_pcie_root if self.placement else None),
+        ):
+            if set(names or []) - (device_names | network_names):
                 raise ValueError(
-                    "placement.sameNUMA may only name requests listed in devices or networks"
+                    f"placement.{field_name} may only name requests listed in devices or networks"
                 )
         return self
 
@@ -376,6 +420,12 @@ class NetworkBinding(ApiModel):
     """Host interface name of the VF (for macvtap mode)."""
     vlan: int | None = None
     """VLAN ID the VF is on."""
+    min_tx_rate: int | None = Field(default=None, alias="minTxRate")
+    """Guaranteed transmit rate set on the VF, Mbps."""
+    max_tx_rate: int | None = Field(default=None, alias="maxTxRate")
+    """Transmit rate limit set on the VF, Mbps (the request's, or its flavor's maximum)."""
+    link_state: str | None = Field(default=None, alias="linkState")
+    """Link state set on the VF (enable, disable); absent: auto."""
 
 
 class DetachingDevice(ApiModel):

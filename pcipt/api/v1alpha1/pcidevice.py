@@ -210,6 +210,15 @@ class PciDeviceStatus(ApiModel):
     """Kernel driver bound to the device now; absent when none is."""
     numa_node: int = Field(default=-1, ge=-1, le=1023)
     """NUMA node of the device; -1 when the platform does not say."""
+    pcie_root: str | None = Field(
+        default=None,
+        alias="pcieRoot",
+        max_length=32,
+        pattern=r"^pci[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}$",
+    )
+    """The PCI root complex the device sits under, as the kernel names it (pci0000:3a):
+    devices under one root talk peer to peer without crossing the CPU interconnect (what
+    placement.samePCIeRoot asks for; Kubernetes DRA's pcieRoot)."""
     iommu_group: int | None = Field(default=None, ge=0)
     """IOMMU group number; absent when the host has no IOMMU enabled."""
     iommu_group_peers: list[PciAddressStr] = Field(default_factory=list, max_length=256)

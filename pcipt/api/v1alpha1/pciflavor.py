@@ -83,6 +83,13 @@ class FlavorNetworking(ApiModel):
     """Whether a VM may turn the VF's MAC spoof check off."""
     vlan_ranges: list[VlanRange] | None = Field(default=None, alias="vlanRanges", max_length=64)
     """VLAN IDs a VM may put its VF on, as N or N-M; absent means any VLAN, 1-4094."""
+    max_tx_rate: int | None = Field(default=None, alias="maxTxRate", ge=1, le=1_000_000)
+    """The highest transmit rate limit (Mbps) a VM may ask for its VF; a VM that asks for none
+    gets this one. Absent: any, and none by default."""
+    allow_min_tx_rate: bool = Field(default=False, alias="allowMinTxRate")
+    """Whether a VM may reserve a guaranteed transmit rate (minTxRate) on its VF."""
+    allow_link_state: bool = Field(default=False, alias="allowLinkState")
+    """Whether a VM may set its VF's link state to enable or disable (else it follows the PF)."""
 
     @field_validator("vlan_ranges")
     @classmethod
