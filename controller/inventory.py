@@ -25,6 +25,7 @@ from controller.scheduling import (
 )
 from pcipt.api.v1alpha1 import ComputeStatus, PassthroughVM, PciDevice, PciFlavor
 from pcipt.compute import NodeCompute
+from pcipt.images import ImageCatalog
 from pcipt.release import HELD_QUARANTINE
 from pcipt.selectors import device_selector_matches
 
@@ -123,6 +124,8 @@ class Inventory:
     out_of_service: dict[str, str] = field(default_factory=dict)
     """node -> its out-of-service taint, as key=value:effect"""
     scrubbing_nodes: set[str] = field(default_factory=set)
+    images: ImageCatalog | None = None
+    """The admins' image catalog, merged from its ConfigMaps (controller/imagecatalog.py)."""
     migration_uris: dict[str, str] = field(default_factory=dict)
     """Node -> the libvirt URI its plugin receives live migrations at (its Lease says)."""
     """nodes whose plugin scrubs released devices (their Lease says so)"""
@@ -516,6 +519,7 @@ class Inventory:
             cpu_allocation_ratio=cpu_allocation_ratio,
             node_versions=self.node_versions,
             refusal_memo=self._memo(),
+            images=self.images,
             # The free counts describe a VM holding nothing; one that holds claims already
             # (an interrupted bind) gets the full search, which counts its own devices as free.
             free=self.free if not own else None,

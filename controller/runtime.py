@@ -33,6 +33,7 @@ from controller.finalizer import Finalizer
 from controller.flavorwriter import FlavorStatusWriter
 from controller.health import DeviceHealth
 from controller.hotplug import Hotplugger
+from controller.imagecatalog import ImageCatalogWatch
 from controller.inventory import Inventory
 from controller.leader import LeaderElector
 from controller.ledger import ComputeLedger, QuotaLedger
@@ -50,6 +51,7 @@ from pcipt import metrics as pm
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
 from pcipt.backoff import Health, is_transient
 from pcipt.events import EventRecorder
+from pcipt.images import CATALOG_LABEL
 from pcipt.kubeclient import ApiError, KubeClient, crd_path, retry_transient
 
 log = logging.getLogger("pcipt.controller")
@@ -145,6 +147,9 @@ class Runtime:
             dead_after=settings.node_dead_after,
             changed=self.scheduler.wake.set,
         )
+        self.images = ImageCatalogWatch(
+            api, settings.namespace, self.inventory, changed=self._images_changed
+        )
         self.auditor = Auditor(
             api,
             self.inventory,
@@ -213,6 +218,7 @@ class Runtime:
             else None
         )
         self._leases_rv = ""
+        self._images_rv = ""
         self._tick_health = Health(log, "node liveness and flavor counts")
         self._audit_health = Health(log, "the audit")
         self._tasks: list[asyncio.Task[None]] = []
@@ -229,6 +235,9 @@ class Runtime:
             loop.create_task(self._tick_loop(), name="tick"),
             loop.create_task(self._audit_loop(), name="audit"),
             loop.create_task(self.liveness.leases.run(resume_from=self._leases_rv), name="leases"),
+            loop.create_task(
+                self.images.configmaps.run(resume_from=self._images_rv), name="image-catalog"
+            ),
         ]
         if self.elector is not None:
             self._tasks.append(loop.create_task(self.elector.run(), name="leader-election"))
@@ -237,6 +246,11 @@ class Runtime:
         self.ready.set()
         self.scheduler.wake.set()
         log.info("controller started %s", self.inventory.snapshot_counts())
+
+    def _images_changed(self) -> None:
+        """What images support changed: VMs waiting on it are tried again."""
+        self.queue.retry_all()
+        self.scheduler.wake.set()
 
     async def _set_active(self, active: bool) -> None:
         """Pause while another replica leads; on resuming, catch up with a full LIST first."""
@@ -289,6 +303,7 @@ class Runtime:
         for d in devices["items"]:
             self.on_device("ADDED", d)
         self._leases_rv = await retry_transient(self.liveness.leases.relist)
+        self._images_rv = await retry_transient(self.images.configmaps.relist)
         for v in vms["items"]:
             self.on_vm("ADDED", v)
 
@@ -425,7 +440,9 @@ class Runtime:
         """Cross-object checks of a VM for the validating webhook; [] when fine."""
         vm = PassthroughVM.model_validate(body)
         ns_labels = self.inventory.namespaces.get(vm.metadata.namespace or "", {})
-        return migration_problems(vm) + request_problems(vm, self.inventory.flavors, ns_labels)
+        return migration_problems(vm) + request_problems(
+            vm, self.inventory.flavors, ns_labels, self.inventory.images
+        )
 
     async def confirmed_admission_problems(self, body: dict[str, Any]) -> list[str]:
         """admission_problems, but a refusal only when the API server's own flavors and
@@ -436,16 +453,21 @@ class Runtime:
             return []
         vm = PassthroughVM.model_validate(body)
         try:
-            flavors, ns = await asyncio.gather(
+            flavors, ns, catalogs = await asyncio.gather(
                 self.api.list(crd_path(c.PLURAL_PCIFLAVOR)),
                 self.api.get(f"/api/v1/namespaces/{vm.metadata.namespace}"),
+                self.api.list(
+                    f"/api/v1/namespaces/{self.settings.namespace}/configmaps",
+                    label_selector=f"{CATALOG_LABEL}=true",
+                ),
             )
         except (ApiError, TimeoutError, aiohttp.ClientError, OSError) as e:
             log.warning("admission re-check failed, VM let through: %s", e)
             return []
         fresh = {f["metadata"]["name"]: PciFlavor.model_validate(f) for f in flavors["items"]}
         labels = ns["metadata"].get("labels") or {}
-        return migration_problems(vm) + request_problems(vm, fresh, labels)
+        images = self.images.parse_all(catalogs["items"])
+        return migration_problems(vm) + request_problems(vm, fresh, labels, images)
 
 
 def _log_task_error(task: asyncio.Task[Any]) -> None:

@@ -41,6 +41,7 @@ from pcipt.api.v1alpha1 import (
     parse_vlan_range,
 )
 from pcipt.compute import NodeCompute
+from pcipt.images import ImageCatalog, image_problem
 from pcipt.release import HELD_QUARANTINE, HELD_SCRUB_FAILED, HELD_SCRUBBING, held_back
 from pcipt.selectors import (
     DeviceFacts,
@@ -203,6 +204,8 @@ class SchedulingInput:
     search visits nodes in order of the best score they could reach and stops when no node
     left can beat the best found, so a decision costs what the candidates cost, not the
     cluster. Only valid when the VM holds no device yet (it is ignored otherwise)."""
+    images: ImageCatalog | None = None
+    """What the admins' image catalog says images support (pcipt.images); None: no catalog."""
 
 
 def free_counts(
@@ -369,16 +372,22 @@ def _request_problem(r: _Req, inp: SchedulingInput) -> tuple[str, str] | None:
         )
     if r.network is not None and (why := _network_not_allowed(r.network, flavor)):
         return c.REASON_NETWORK_NOT_ALLOWED, why
+    if (why := image_problem(inp.vm, r.name, flavor, inp.images)) is not None:
+        return c.REASON_IMAGE_NOT_SUPPORTED, why
     return None
 
 
 def request_problems(
-    vm: PassthroughVM, flavors: Mapping[str, PciFlavor], namespace_labels: Mapping[str, str]
+    vm: PassthroughVM,
+    flavors: Mapping[str, PciFlavor],
+    namespace_labels: Mapping[str, str],
+    images: ImageCatalog | None = None,
 ) -> list[str]:
     """What admission refuses: requests naming a missing or unsuitable flavor, a flavor the
-    namespace may not use, VF settings the flavor forbids, more devices than one VM may have.
-    Capacity and quotas are not checked here: they change, so they are scheduling's business."""
-    inp = SchedulingInput(vm=vm, flavors=flavors, namespace_labels=namespace_labels)
+    namespace may not use, VF settings the flavor forbids, an image that does not support a
+    requested device, more devices than one VM may have. Capacity and quotas are not checked
+    here: they change, so they are scheduling's business."""
+    inp = SchedulingInput(vm=vm, flavors=flavors, namespace_labels=namespace_labels, images=images)
     reqs = _requests(vm, flavors)
     problems = [p[1] for r in reqs if (p := _request_problem(r, inp)) is not None]
     per_flavor: Counter[str] = Counter()

@@ -65,6 +65,7 @@ REASON_TERMINATING: Final = "Terminating"
 REASON_FLAVOR_NOT_FOUND: Final = "FlavorNotFound"
 REASON_NOT_PERMITTED: Final = "NotPermitted"
 REASON_NETWORK_NOT_ALLOWED: Final = "NetworkNotAllowed"
+REASON_IMAGE_NOT_SUPPORTED: Final = "ImageNotSupported"
 REASON_LIMIT_EXCEEDED: Final = "LimitExceeded"
 REASON_UNSCHEDULABLE: Final = "Unschedulable"
 

@@ -6,6 +6,7 @@
     kubectl pcipt describe node NODE              what a host offers, and to whom
     kubectl pcipt migrate VM [--to NODE] [-n NS]  stop a VM, place it elsewhere, start it there
     kubectl pcipt migrate VM --live [--to NODE]   move a running VM (SR-IOV networks only)
+    kubectl pcipt images [-o table|yaml|json]     which images support which flavors' devices
 
 It finds the cluster as kubectl does (--kubeconfig, --context, $KUBECONFIG, ~/.kube/config).
 """
@@ -28,6 +29,7 @@ from kubernetes import client, config
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
 from pcipt.compute import describe
+from pcipt.images import CATALOG_KEY, CATALOG_LABEL, ImageCatalog, supported_flavors
 from pcipt.release import HELD_QUARANTINE, held_back
 from pcipt.selectors import DeviceFacts, device_selector_matches
 
@@ -417,6 +419,63 @@ def describe_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def images(args: argparse.Namespace) -> int:
+    """The image catalog: each entry, the ConfigMap it comes from, and the flavors whose
+    devices its images support."""
+    api = _api(args)
+    got = api.sanitize_for_serialization(  # type: ignore[no-untyped-call]
+        client.CoreV1Api(api).list_namespaced_config_map(
+            args.operator_namespace, label_selector=f"{CATALOG_LABEL}=true"
+        )
+    )
+    flavors = {
+        f.metadata.name: f
+        for f in (PciFlavor.model_validate(o) for o in _list(api, c.PLURAL_PCIFLAVOR))
+    }
+    required = sorted(n for n, f in flavors.items() if f.spec.image_support == "Required")
+    entries: list[dict[str, Any]] = []
+    for cm in sorted(got.get("items") or [], key=lambda x: str(x["metadata"]["name"])):
+        name = cm["metadata"]["name"]
+        try:
+            catalog = ImageCatalog.parse((cm.get("data") or {}).get(CATALOG_KEY, ""))
+        except ValueError as err:
+            print(f"warning: configmap {name} is not used: {err}", file=sys.stderr)
+            continue
+        for e in catalog.images:
+            entries.append(
+                {
+                    "match": e.match,
+                    "configMap": name,
+                    "deviceTypes": e.device_types,
+                    "vendorIDs": e.vendor_ids,
+                    "guestDrivers": e.guest_drivers,
+                    "flavors": supported_flavors(e, flavors),
+                }
+            )
+    if args.output != "table":
+        _dump({"images": entries, "flavorsRequiringMarkedImages": required}, args.output)
+        return 0
+    if not entries:
+        print(f"no image catalog entries in {args.operator_namespace}")
+    else:
+        rows = [("MATCH", "DEVICE-TYPES", "VENDORS", "GUEST-DRIVERS", "FLAVORS", "CONFIGMAP")]
+        for x in entries:
+            rows.append(
+                (
+                    x["match"],
+                    ",".join(x["deviceTypes"] or ["*"]),
+                    ",".join(x["vendorIDs"] or ["*"]),
+                    ",".join(x["guestDrivers"]) or "-",
+                    ",".join(x["flavors"]) or "-",
+                    x["configMap"],
+                )
+            )
+        _print_table(rows)
+    if required:
+        print(f"flavors that need a marked image: {', '.join(required)}")
+    return 0
+
+
 def _current_namespace(args: argparse.Namespace) -> str:
     try:
         _, ctx = config.list_kube_config_contexts(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
@@ -485,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the guest running (VMs whose only passthrough devices are SR-IOV networks)",
     )
+    im = sub.add_parser(
+        "images", help="the image catalog: which images support which flavors' devices"
+    )
+    im.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
     de = sub.add_parser("describe", help="describe node NAME: what a host offers, and to whom")
     de.add_argument("what", choices=["node"])
     de.add_argument("name")
@@ -502,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
             return cordon(args, args.cmd == "cordon")
         if args.cmd == "migrate":
             return migrate(args)
+        if args.cmd == "images":
+            return images(args)
         return describe_node(args)
     except PluginError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ from pcipt.api.v1alpha1.meta import (
     k8s,
     printer_column,
 )
-from pcipt.api.v1alpha1.selector import DeviceSelector
+from pcipt.api.v1alpha1.selector import DeviceSelector, ShortName
 
 DeviceType = Literal["gpu", "nic", "nvme", "fpga", "accelerator", "other"]
 NumaPolicy = Literal["none", "preferred", "required"]
@@ -127,6 +127,13 @@ class PciFlavorSpec(ApiModel):
     """Per-VM and per-namespace caps."""
     networking: FlavorNetworking | None = None
     """For NIC flavors: which VF settings tenants may ask for."""
+    image_support: Literal["Optional", "Required"] = "Optional"
+    """Required: a VM gets the flavor's devices only when the image it boots is marked in the
+    image catalog as supporting them; Optional: images the catalog does not mark are fine
+    (marked ones must still support the flavor)."""
+    guest_drivers: list[ShortName] = Field(default_factory=list, max_length=16)
+    """Drivers the guest needs for these devices (nvidia, mlx5_core): an image marked in the
+    image catalog supports the flavor only when its entry lists each of them."""
 
     @model_validator(mode="after")
     def _networking_only_for_nics(self) -> Self:
