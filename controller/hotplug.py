@@ -69,17 +69,19 @@ def delta(vm: PassthroughVM, claim_flavor: Callable[[str], str | None]) -> Delta
             continue
         if r.name in skipped:
             continue
+        # The way it was bound: its own flavor and count, or one of its alternatives.
+        chosen = {d.alternative for d in st.devices if d.request == r.name and not d.companion}
+        options = r.options()
+        index = next(iter(chosen)) or 0 if len(chosen) == 1 else 0
+        way = options[index] if index < len(options) else options[0]
+        field_name = f"spec.devices[{r.name}]" + (f".alternatives[{index - 1}]" if index else "")
         flavors = {
             f for d in st.devices if d.request == r.name and (f := claim_flavor(d.pci_device))
         }
-        if flavors and flavors != {r.flavor}:
-            out.changed.append(
-                f"spec.devices[{r.name}].flavor: {', '.join(sorted(flavors))} -> {r.flavor}"
-            )
-        if bound_devices[r.name] != r.count:
-            out.changed.append(
-                f"spec.devices[{r.name}].count: {bound_devices[r.name]} -> {r.count}"
-            )
+        if flavors and flavors != {way.flavor}:
+            out.changed.append(f"{field_name}.flavor: {', '.join(sorted(flavors))} -> {way.flavor}")
+        if bound_devices[r.name] != way.count:
+            out.changed.append(f"{field_name}.count: {bound_devices[r.name]} -> {way.count}")
         addresses = {d.address for d in st.devices if d.request == r.name and not d.companion}
         if r.address is not None and addresses != {r.address}:
             out.changed.append(

@@ -499,7 +499,8 @@ class Inventory:
         # holds few VMs, so counting them per decision stays cheap.
         limited = {
             f
-            for f in {r.flavor for r in vm.spec.devices} | {r.flavor for r in vm.spec.networks}
+            for f in {o.flavor for r in vm.spec.devices for o in r.options()}
+            | {r.flavor for r in vm.spec.networks}
             if (fl := self.flavors.get(f)) is not None
             and fl.spec.limits is not None
             and fl.spec.limits.max_per_namespace is not None

@@ -23,10 +23,11 @@ Policy, in the order it is applied:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from controller.computefit import Demand, NodeUse, fit
@@ -242,6 +243,8 @@ class Assignment:
     netdev: str | None = None
     max_tx_rate: int | None = None
     """For a network: the VF's rate limit, Mbps (the request's, else its flavor's maximum)."""
+    alternative: int | None = None
+    """For a device request with alternatives: which one it was placed by (1..7)."""
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,8 @@ class _Req:
     selector: DeviceSelector | None
     address: str | None
     network: NetworkRequest | None
+    alt: int | None = None
+    """Which of the request's alternatives this is (1..7); None: its own flavor and count."""
 
     @property
     def label(self) -> str:
@@ -407,7 +412,8 @@ def check_vm(inp: SchedulingInput) -> tuple[Refusal | None, dict[str, str]]:
     """VM-level checks. Returns a refusal (when a mandatory request fails one) and the optional
     requests that must be skipped whatever the node, with why."""
     skipped: dict[str, str] = {}
-    reqs = _requests(inp.vm, inp.flavors)
+    alts = _with_alternatives(inp.vm)
+    reqs = [r for r in _requests(inp.vm, inp.flavors) if r.name not in alts]
     for r in reqs:
         if (problem := _request_problem(r, inp)) is None:
             continue
@@ -1035,6 +1041,7 @@ def _place_on_node(
                     flavor=r.flavor if counts else None,
                     netdev=d.netdev,
                     max_tx_rate=_max_tx_rate(r, inp.flavors) if counts else None,
+                    alternative=r.alt,
                 )
             )
     used_by_flavor = Counter(a.flavor for a in assignments if a.flavor)
@@ -1111,12 +1118,117 @@ def _why_no_fit(
 # --- the whole decision ---------------------------------------------------------------------
 
 
+def _with_alternatives(vm: PassthroughVM) -> set[str]:
+    return {d.name for d in vm.spec.devices if d.alternatives}
+
+
+MAX_COMBINATIONS = 64
+"""Ways to combine the alternatives of several requests that one decision tries, in order."""
+
+
+def _combinations(
+    inp: SchedulingInput, reqs: list[_Req], skipped: dict[str, str], passed_over: list[str]
+) -> tuple[list[tuple[tuple[int, ...], list[_Req]]], Refusal | None]:
+    """The VM's requests with each request's alternatives in turn, most preferred first (a
+    request's own flavor and count, then its alternatives in order; an earlier request's
+    preference counts first), each with its rank. Alternatives whose flavor is missing or
+    not permitted are left out; combinations beyond a flavor's limits too. A mandatory
+    request with no alternative left refuses the VM; an optional one is skipped (`skipped`
+    gains it)."""
+    by_name = {d.name: d for d in inp.vm.spec.devices}
+    options: list[list[_Req]] = []
+    for r in reqs:
+        d = by_name.get(r.name) if r.network is None else None
+        if d is None or not d.alternatives or r.name in skipped:
+            options.append([r])
+            continue
+        usable: list[_Req] = []
+        first_problem: tuple[str, str] | None = None
+        for i, alt in enumerate(d.options()):
+            f = inp.flavors.get(alt.flavor)
+            policy = alt.numa_policy or (f.spec.numa_policy if f else "none")
+            q = _Req(
+                r.name,
+                alt.flavor,
+                alt.count,
+                r.optional,
+                policy,
+                alt.selector,
+                None,
+                None,
+                i or None,
+            )
+            if (problem := _request_problem(q, inp)) is not None:
+                first_problem = first_problem or problem
+                continue
+            usable.append(q)
+        if usable:
+            options.append(usable)
+        elif r.optional:
+            skipped[r.name] = first_problem[1] if first_problem else "no alternative fits"
+            options.append([r])
+        else:
+            assert first_problem is not None
+            return [], Refusal(message=first_problem[1], reason=first_problem[0])
+    out: list[tuple[tuple[int, ...], list[_Req]]] = []
+    over: str | None = None
+    for combo in itertools.product(*options):
+        if len(out) >= MAX_COMBINATIONS:
+            break
+        if (why := _over_limits(inp, combo, skipped)) is not None:
+            over = over or why
+            for q in combo:
+                if q.alt and (text := f"passed over {_alt_label(q)}: {why}") not in passed_over:
+                    passed_over.append(text)
+            continue
+        rank = tuple(q.alt or 0 for q, r in zip(combo, reqs, strict=True) if r.name in by_name
+                     and by_name[r.name].alternatives)  # fmt: skip
+        out.append((rank, list(combo)))
+    if not out:
+        return [], Refusal(message=over or "no alternative fits", reason=c.REASON_LIMIT_EXCEEDED)
+    return out, None
+
+
+def _alt_label(q: _Req) -> str:
+    return f"alternative {q.alt} ({q.count} {q.flavor}) of {q.name}"
+
+
+def _over_limits(
+    inp: SchedulingInput, combo: Sequence[_Req], skipped: Mapping[str, str]
+) -> str | None:
+    """Why a combination of alternatives exceeds a flavor's per-VM or per-namespace limit."""
+    mandatory: Counter[str] = Counter()
+    for q in combo:
+        if not q.optional and q.name not in skipped:
+            mandatory[q.flavor] += q.count
+    for name, n in sorted(mandatory.items()):
+        limits = inp.flavors[name].spec.limits
+        if limits is None:
+            continue
+        if limits.max_per_vm is not None and n > limits.max_per_vm:
+            return f"the VM asks for {n} {name}; flavor {name} allows {limits.max_per_vm} per VM"
+        held = inp.namespace_usage.get(name, 0)
+        if limits.max_per_namespace is not None and held + n > limits.max_per_namespace:
+            return (
+                f"namespace {inp.vm.metadata.namespace} holds {held} {name} and the VM needs "
+                f"{n} more; flavor {name} allows {limits.max_per_namespace} per namespace"
+            )
+    return None
+
+
 def schedule(inp: SchedulingInput) -> Result:
     """Place the VM, or say why not. Deterministic for the same input."""
     refusal, skipped_vm = check_vm(inp)
     if refusal is not None:
         return refusal
     reqs = _requests(inp.vm, inp.flavors)
+    combos: list[tuple[tuple[int, ...], list[_Req]]] = [((), reqs)]
+    passed_over: list[str] = []
+    """Why alternatives were left out whatever the node (said in each node's refusal)."""
+    if _with_alternatives(inp.vm):
+        combos, refusal = _combinations(inp, reqs, skipped_vm, passed_over)
+        if refusal is not None:
+            return refusal
 
     by_node: Mapping[str, Sequence[Device]]
     if inp.by_node is not None:
@@ -1147,16 +1259,26 @@ def schedule(inp: SchedulingInput) -> Result:
     demand = Demand.of(inp.vm)
 
     def evaluate(name: str) -> Placement | None:
+        """The first combination of alternatives that fits on the node (the only one, for a
+        VM without alternatives), its rank leading the score."""
         facts = inp.nodes.get(name) or NodeFacts(name)
-        res = _place_on_node(
-            inp, facts, list(by_node.get(name, ())), reqs, skipped_vm, demand=demand
-        )
-        if res.placement is None:
-            refusals[name] = NodeRefusal(name, tuple(res.reasons), tuple(res.details))
-        return res.placement
+        reasons: list[str] = []
+        details: list[str] = []
+        for rank, combo in combos:
+            res = _place_on_node(
+                inp, facts, list(by_node.get(name, ())), combo, skipped_vm, demand=demand
+            )
+            if res.placement is not None:
+                if not rank:
+                    return res.placement
+                return replace(res.placement, score=(*rank, *res.placement.score))
+            reasons += [x for x in res.reasons if x not in reasons]
+            details += [x for x in res.details if x not in details]
+        refusals[name] = NodeRefusal(name, tuple(reasons + passed_over), tuple(details))
+        return None
 
     best: Placement | None = None
-    if inp.free is not None:
+    if inp.free is not None and len(combos) == 1 and not combos[0][0]:
         best = _indexed_search(
             inp,
             reqs,
@@ -1312,6 +1434,9 @@ REFUSAL_FORMS: dict[str, str] = {
     ),
     "cannot place <requests> on one NUMA node": r"cannot place .+ on one NUMA node",
     "cannot place <requests> under one PCIe root": r"cannot place .+ under one PCIe root",
+    "passed over alternative K (N <flavor>) of <request>: <why>": (
+        r"passed over alternative \d+ \(\d+ \S+\) of \S+: .+"
+    ),
     "cannot take whole IOMMU groups for N <flavor>": r"cannot take whole IOMMU groups for \d+ \S+",
     "cannot fit <requests> together (they compete for the same devices)": (
         r"cannot fit .+ together \(they compete for the same devices\)"

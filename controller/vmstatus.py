@@ -43,6 +43,7 @@ def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> 
             address=a.address,
             numa_node=a.numa,
             companion=a.companion,
+            alternative=a.alternative,
         )
         for a in placement.assignments
         if not a.network or a.companion

@@ -495,6 +495,37 @@ def test_same_pcie_root_keeps_the_gpu_and_its_nic_under_one_root_complex(
     check_invariants(world)
 
 
+def test_a_request_takes_its_first_alternative_that_fits_and_says_which(
+    world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
+) -> None:
+    leases(world.node("a"))
+    a100s = [world.device("a", f"0000:3{i}:00.0") for i in "bc"]
+    h100 = world.flavor("h100", selector={"vendorIDs": ["10de"], "productIDs": ["2330"]})
+    a100 = world.flavor("a100")
+    request = {"name": "gpu", "flavor": h100, "alternatives": [{"flavor": a100, "count": 2}]}
+    world.vm("trainer", [request])
+    wait_for(phase(world, "trainer", "Scheduled"), what="placed by its alternative")
+    vm = world.get_vm("trainer")
+    assert sorted(d.pci_device for d in vm.status.devices) == a100s
+    assert {d.alternative for d in vm.status.devices} == {1}
+    # Nothing left for a second one: each alternative says why.
+    world.vm("second", [request])
+
+    def refusal() -> str:
+        sched = world.get_vm("second").status.scheduling
+        return sched.message if sched is not None else ""
+
+    msg = wait_for(lambda: "need 2" in refusal() and refusal(), what="refused")
+    assert f"have no free {h100} (need 1)" in msg and f"{a100} (need 2)" in msg
+    # No RestartRequired for a request bound by its alternative.
+    cond = next(
+        (x for x in world.get_vm("trainer").status.conditions if x.type == c.COND_RESTART_REQUIRED),
+        None,
+    )
+    assert cond is None or cond.status == "False"
+    check_invariants(world)
+
+
 def test_sriov_network_takes_a_vf_on_its_physnet_and_vlan(
     world: World, leases: Callable[..., LeaseKeeper], controller: ControllerProcess
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.hotplug import delta, delta_vm
+from controller.hotplug import Delta, delta, delta_vm
 from pcipt.api.v1alpha1 import PassthroughVM
 
 
@@ -122,3 +122,16 @@ def test_a_vfs_rate_or_link_state_edit_is_not_live() -> None:
         "spec.networks[net].maxTxRate: 100 -> 200",
         "spec.networks[net].linkState: None -> enable",
     ]
+
+
+def test_a_request_bound_by_one_of_its_alternatives_is_what_is_bound() -> None:
+    spec = {"devices": [{"name": "gpu", "flavor": "h100",
+                         "alternatives": [{"flavor": "a100", "count": 2}]}]}  # fmt: skip
+    two = [{**GPU, "alternative": 1}, {**GPU, "pciDevice": "a.3c", "address": "0000:3c:00.0",
+                                      "alternative": 1}]  # fmt: skip
+    d = delta(placed(spec, {"devices": two}), lambda n: "a100")
+    assert d == Delta()
+    # The alternative edited to one device: that field is named.
+    spec["devices"][0]["alternatives"][0]["count"] = 1
+    d = delta(placed(spec, {"devices": two}), lambda n: "a100")
+    assert d.changed == ["spec.devices[gpu].alternatives[0].count: 2 -> 1"]

@@ -59,6 +59,25 @@ def refusing_scenarios() -> list[Refusal]:
                 ],
             )
         ),
+        # An alternative over its flavor's per-VM limit is passed over; the H100 is missing.
+        schedule(
+            inp(
+                vm(
+                    [
+                        {
+                            "name": "gpu",
+                            "flavor": "h100",
+                            "alternatives": [{"flavor": "a100", "count": 2}],
+                        }
+                    ]
+                ),
+                [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0")],
+                [
+                    flavor("h100", selector={"productIDs": ["2330"]}),
+                    flavor(limits={"maxPerVM": 1}),
+                ],
+            )
+        ),
         # A PF and its VF, both of the flavor: never both to one VM.
         schedule(
             inp(

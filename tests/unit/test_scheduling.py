@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -1269,3 +1270,69 @@ def test_a_vfs_rate_limit_is_the_requests_or_else_its_flavors_maximum() -> None:
         (net,) = scheduled_status(case.vm, got, datetime.now(UTC))["networks"]
         assert net.get("maxTxRate") == want and "minTxRate" not in net
         assert net.get("linkState") == asked.get("linkState")
+
+
+# --- ordered alternatives ---------------------------------------------------------------------
+
+H100 = flavor("h100", selector={"vendorIDs": ["10de"], "productIDs": ["2330"]})
+A100 = flavor()
+ALT = [{"name": "gpu", "flavor": "h100", "alternatives": [{"flavor": "a100", "count": 2}]}]
+
+
+def h100(node: str, address: str) -> Any:
+    return dev(node, address, product="2330")
+
+
+def test_the_first_alternative_that_fits_is_taken_and_recorded() -> None:
+    # Node A has an H100; node B two A100s: the H100 wins, on A.
+    case = inp(
+        vm(ALT),
+        [h100(A, "0000:3b:00.0"), dev(B, "0000:3b:00.0"), dev(B, "0000:3c:00.0")],
+        [H100, A100],
+    )
+    got = schedule(case)
+    assert isinstance(got, Placement) and got.node == A
+    assert [a.alternative for a in got.assignments] == [None]
+    # The H100 taken: two A100s, on B, recorded as alternative 1.
+    case = replace(case, devices=[dev(B, "0000:3b:00.0"), dev(B, "0000:3c:00.0")])
+    got = schedule(case)
+    assert isinstance(got, Placement) and got.node == B
+    assert [a.alternative for a in got.assignments] == [1, 1]
+    (status,) = {
+        d["alternative"] for d in scheduled_status(case.vm, got, datetime.now(UTC))["devices"]
+    }
+    assert status == 1
+
+
+def test_a_refusal_explains_each_alternative() -> None:
+    got = schedule(inp(vm(ALT), [dev(A, "0000:3b:00.0")], [H100, A100]))
+    assert isinstance(got, Refusal)
+    assert "have no free h100 (need 1)" in got.message
+    assert "have only 1 free a100 (need 2)" in got.message
+
+
+def test_an_alternative_the_namespace_may_not_use_is_passed_over() -> None:
+    closed = flavor(
+        "h100",
+        selector={"vendorIDs": ["10de"], "productIDs": ["2330"]},
+        access={"namespaceSelector": {"matchLabels": {"tier": "gold"}}},
+    )
+    got = schedule(
+        inp(vm(ALT), [h100(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0"), dev(A, "0000:3d:00.0")],
+            [closed, A100])
+    )  # fmt: skip
+    assert isinstance(got, Placement) and {a.alternative for a in got.assignments} == {1}
+    only = [{"name": "gpu", "flavor": "h100", "alternatives": [{"flavor": "h100", "count": 2}]}]
+    got = schedule(inp(vm(only), [h100(A, "0000:3b:00.0")], [closed]))
+    assert isinstance(got, Refusal) and got.reason == "NotPermitted"
+
+
+def test_an_alternative_over_a_per_vm_limit_is_passed_over() -> None:
+    capped = flavor(limits={"maxPerVM": 1})
+    got = schedule(inp(vm(ALT), [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0")], [H100, capped]))
+    assert isinstance(got, Refusal) and "have no free h100 (need 1)" in got.message
+    assert "passed over alternative 1 (2 a100) of gpu: " in got.message
+    assert "flavor a100 allows 1 per VM" in got.message
+    only = [{"name": "gpu", "flavor": "a100", "count": 2}]
+    got = schedule(inp(vm(only), [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0")], [capped]))
+    assert isinstance(got, Refusal) and got.reason == "LimitExceeded"

@@ -104,8 +104,23 @@ class Disk(ApiModel):
         return v
 
 
+class DeviceAlternative(ApiModel):
+    """Another way to satisfy a device request, tried when the ones before it do not fit
+    (Kubernetes DRA's firstAvailable)."""
+
+    flavor: FlavorName
+    """The PciFlavor to take devices from."""
+    count: int = Field(default=1, ge=1, le=16)
+    """How many devices of the flavor."""
+    numa_policy: NumaPolicy | None = None
+    """Overrides the flavor's NUMA policy for this alternative."""
+    selector: DeviceSelector | None = None
+    """Extra constraints on top of the flavor's selector."""
+
+
 class DeviceRequest(ApiModel):
-    """A request for PCI devices of one flavor."""
+    """A request for PCI devices of one flavor (or, with alternatives, of the first of several
+    that fits)."""
 
     model_config = ConfigDict(
         json_schema_extra=k8s(
@@ -119,6 +134,11 @@ class DeviceRequest(ApiModel):
                 "(has(self.optional) && self.optional)",
                 "attachWhenFree is for optional requests",
                 field_path=".attachWhenFree",
+            ),
+            cel(
+                "!has(self.address) || !has(self.alternatives) || size(self.alternatives) == 0",
+                "a pinned address has no alternatives",
+                field_path=".alternatives",
             ),
         )
     )
@@ -141,6 +161,19 @@ class DeviceRequest(ApiModel):
     """Extra constraints on top of the flavor's selector, e.g. a product ID or an attribute."""
     address: PciAddressStr | None = None
     """Pin one specific device by PCI address (with spec.nodeSelector to choose the host)."""
+    alternatives: list[DeviceAlternative] = Field(default_factory=list, max_length=7)
+    """Other ways to satisfy the request, in order of preference after flavor and count (up
+    to 7, so 8 in all, as in Kubernetes DRA): on each node the first that fits is taken, and
+    a node where an earlier one fits is preferred. status.devices[].alternative says which.
+    E.g. an H100, else two A100s."""
+
+    def options(self) -> list[DeviceAlternative]:
+        """The request's ways, in order: its own flavor and count first."""
+        own = DeviceAlternative(
+            flavor=self.flavor, count=self.count, numa_policy=self.numa_policy,
+            selector=self.selector,
+        )  # fmt: skip
+        return [own, *self.alternatives]
 
     @field_validator("address")
     @classmethod
@@ -153,6 +186,8 @@ class DeviceRequest(ApiModel):
             raise ValueError("address pins one device, so count must be 1")
         if self.attach_when_free and not self.optional:
             raise ValueError("attachWhenFree is for optional requests")
+        if self.address is not None and self.alternatives:
+            raise ValueError("a pinned address has no alternatives")
         return self
 
 
@@ -401,6 +436,9 @@ class DeviceBinding(ApiModel):
     """NUMA node of the device (-1 unknown)."""
     companion: bool = False
     """True when bound only because it shares an IOMMU group with a requested device."""
+    alternative: int | None = Field(default=None, ge=1, le=7)
+    """Which of the request's alternatives it was bound for (1 = the first of
+    spec.devices[].alternatives); absent: the request's own flavor and count."""
 
 
 class NetworkBinding(ApiModel):
