@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -80,9 +81,18 @@ def claim_ref(vm: PassthroughVM, a: Assignment, bind_id: str, at: datetime) -> d
 
 
 class Binder:
-    def __init__(self, api: KubeClient, inventory: Inventory, *, quarantine: float = 0.0) -> None:
+    def __init__(
+        self,
+        api: KubeClient,
+        inventory: Inventory,
+        *,
+        quarantine: float = 0.0,
+        record_usage: Callable[[Device, str], Awaitable[None]] | None = None,
+    ) -> None:
         self.api = api
         self.inv = inventory
+        self.record_usage = record_usage
+        """Writes a claim's interval (device time, controller/usage.py) before its release."""
         self.quarantine = quarantine
         """Seconds a device a VM used is held back after its release."""
 
@@ -135,6 +145,14 @@ class Binder:
         if bind_id is not None:
             patch.append({"op": "test", "path": "/spec/claimRef/bindID", "value": bind_id})
         dev = self.inv.devices.get(name)
+        if (
+            self.record_usage is not None
+            and dev is not None
+            and dev.claim is not None
+            and dev.claim.uid == uid
+            and (bind_id is None or dev.claim.bind_id == bind_id)
+        ):
+            await self.record_usage(dev, reason if used else "RolledBack")
         if used and dev is not None and dev.claim is not None and one_time_use(dev):
             reserved = {
                 "vm": f"{dev.claim.namespace}/{dev.claim.name}",

@@ -45,6 +45,7 @@ from controller.queue import SchedulingQueue
 from controller.scheduler import Scheduler, SchedulerSettings
 from controller.scheduling import ScoringPolicy, request_problems
 from controller.statuswriter import VmStatusWriter
+from controller.usage import UsageLedger, UsageMeter
 from controller.vmstatus import is_deleting
 from pcipt import constants as c
 from pcipt import metrics as pm
@@ -85,9 +86,9 @@ class ControllerSettings:
     renew_period: float = 1.0
     """Seconds between a leader's renewals."""
     release_quarantine: float = 0.0
+    """Seconds a device a VM used is held back after its release (on top of its scrub)."""
     live_migration_timeout: float = 300.0
     """Seconds a live migration may wait for its nodes' plugins before the domain moves."""
-    """Seconds a device a VM used is held back after its release (on top of its scrub)."""
 
 
 class Runtime:
@@ -96,13 +97,19 @@ class Runtime:
         self.settings = settings
         self.inventory = Inventory(node_dead_after=settings.node_dead_after)
         self.queue = SchedulingQueue()
-        self.binder = Binder(api, self.inventory, quarantine=settings.release_quarantine)
+        self.binder = Binder(
+            api,
+            self.inventory,
+            quarantine=settings.release_quarantine,
+            record_usage=UsageLedger(api, settings.namespace, self.inventory).record,
+        )
         self.quota_ledger = QuotaLedger(api, settings.namespace, self.inventory)
         self.compute_ledger = ComputeLedger(api, settings.namespace, self.inventory)
         self.events = EventRecorder(api, "pcipt-controller")
         self.status = VmStatusWriter(api, self.inventory)
         self.registry = pm.Registry()
         self.metrics = ControllerMetrics(self.registry, self.inventory)
+        self.usage = UsageMeter(api, settings.namespace, self.inventory, self.registry)
         self.registry.collectors.append(lambda: self.metrics.pending.set(float(len(self.queue))))
         self.ready = asyncio.Event()
         """Set once the first full LIST is in (health, admission)."""
@@ -219,6 +226,7 @@ class Runtime:
         )
         self._leases_rv = ""
         self._images_rv = ""
+        self._usage_rv = ""
         self._tick_health = Health(log, "node liveness and flavor counts")
         self._audit_health = Health(log, "the audit")
         self._tasks: list[asyncio.Task[None]] = []
@@ -238,6 +246,7 @@ class Runtime:
             loop.create_task(
                 self.images.configmaps.run(resume_from=self._images_rv), name="image-catalog"
             ),
+            loop.create_task(self.usage.watch.run(resume_from=self._usage_rv), name="usage"),
         ]
         if self.elector is not None:
             self._tasks.append(loop.create_task(self.elector.run(), name="leader-election"))
@@ -304,6 +313,7 @@ class Runtime:
             self.on_device("ADDED", d)
         self._leases_rv = await retry_transient(self.liveness.leases.relist)
         self._images_rv = await retry_transient(self.images.configmaps.relist)
+        self._usage_rv = await retry_transient(self.usage.watch.relist)
         for v in vms["items"]:
             self.on_vm("ADDED", v)
 

@@ -44,6 +44,7 @@ def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> 
             numa_node=a.numa,
             companion=a.companion,
             alternative=a.alternative,
+            since=now,
         )
         for a in placement.assignments
         if not a.network or a.companion
@@ -60,6 +61,7 @@ def scheduled_status(vm: PassthroughVM, placement: Placement, now: datetime) -> 
             min_tx_rate=(r.min_tx_rate or None) if (r := requests.get(a.request)) else None,
             max_tx_rate=a.max_tx_rate,
             link_state=r.link_state if r and r.link_state not in (None, "auto") else None,
+            since=now,
         )
         for a in placement.assignments
         if a.network and not a.companion

@@ -13,6 +13,7 @@ from typing import Final
 
 import prometheus_client as prom
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from pcipt.settings import Setting
@@ -63,6 +64,11 @@ DOMAINS: Final = "pcipt_domains"
 CONFIG_ERRORS: Final = "pcipt_device_spec_errors_total"
 """Counter: device-spec files refused."""
 
+DEVICE_SECONDS: Final = "pcipt_device_seconds_total"
+"""Counter: seconds devices were claimed for VMs, by namespace, flavor and price class."""
+VM_DEVICE_SECONDS: Final = "pcipt_vm_device_seconds_total"
+"""Counter: the same, by VM."""
+
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 Labels = tuple[str, ...]
@@ -99,6 +105,37 @@ class Gauge(_Metric):
             self._g.clear()
             for labels, value in values.items():
                 self._g.labels(*labels).set(value)
+
+
+class StateCounter(_Metric):
+    """A counter computed from durable state at each scrape (say, device time from claim and
+    release records): it only grows because that state only grows, and every replica and every
+    restart computes the same value."""
+
+    def __init__(self, registry: Registry, name: str, help: str, labels: Sequence[str]) -> None:
+        super().__init__(registry, name.removesuffix("_total"), labels)
+        self.help = help
+        self.values: dict[Labels, float] = {}
+        self._lock = threading.Lock()
+        registry.prom.register(_StateCollector(self))
+
+    def replace(self, values: dict[Labels, float]) -> None:
+        with self._lock:
+            self.values = dict(values)
+
+
+class _StateCollector(Collector):
+    def __init__(self, metric: StateCounter) -> None:
+        self.metric = metric
+
+    def collect(self) -> Iterable[prom.Metric]:
+        fam = CounterMetricFamily(
+            self.metric.name, self.metric.help, labels=self.metric.label_names
+        )
+        with self.metric._lock:
+            for labels, value in sorted(self.metric.values.items()):
+                fam.add_metric(list(labels), value)
+        yield fam
 
 
 class Histogram(_Metric):
@@ -149,6 +186,9 @@ class Registry:
 
     def gauge(self, name: str, help: str, labels: Sequence[str] = ()) -> Gauge:
         return Gauge(self, name, help, labels)
+
+    def state_counter(self, name: str, help: str, labels: Sequence[str] = ()) -> StateCounter:
+        return StateCounter(self, name, help, labels)
 
     def histogram(
         self,

@@ -7,6 +7,7 @@
     kubectl pcipt migrate VM [--to NODE] [-n NS]  stop a VM, place it elsewhere, start it there
     kubectl pcipt migrate VM --live [--to NODE]   move a running VM (SR-IOV networks only)
     kubectl pcipt images [-o table|yaml|json]     which images support which flavors' devices
+    kubectl pcipt usage [-n NS] [--since 24h]     device time per VM, flavor and price class
 
 It finds the cluster as kubectl does (--kubeconfig, --context, $KUBECONFIG, ~/.kube/config).
 """
@@ -26,12 +27,17 @@ from typing import Any
 import yaml
 from kubernetes import client, config
 
+from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
 from pcipt.compute import describe
 from pcipt.images import CATALOG_KEY, CATALOG_LABEL, ImageCatalog, supported_flavors
 from pcipt.release import HELD_QUARANTINE, held_back
 from pcipt.selectors import DeviceFacts, device_selector_matches
+from pcipt.usage import LEDGER_LABEL as USAGE_LABEL
+from pcipt.usage import LEDGER_PREFIX as USAGE_PREFIX
+from pcipt.usage import Interval, parse_ledger
+from pcipt.usage import totals as usage_totals
 
 NOT_INSTALLED = (
     "pcipt is not installed in this cluster (the API server serves no {what}.pcipt.io): "
@@ -476,6 +482,85 @@ def images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _since(text: str | None) -> float | None:
+    """--since: a duration back from now (90m, 24h, 30d) or an RFC 3339 time."""
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        return clock.parse(text).timestamp()
+    except ValueError as e:
+        raise PluginError(f"--since {text!r}: use a duration (90m, 24h, 7d) or a time") from e
+
+
+def usage(args: argparse.Namespace) -> int:
+    """Device time per VM, flavor and price class, from the usage ledgers and open claims."""
+    api = _api(args)
+    got = api.sanitize_for_serialization(  # type: ignore[no-untyped-call]
+        client.CoreV1Api(api).list_namespaced_config_map(
+            args.operator_namespace, label_selector=f"{USAGE_LABEL}=true"
+        )
+    )
+    now = time.time()
+    since = _since(args.since)
+    intervals: list[Interval] = []
+    rolled: dict[Any, float] = {}
+    folded_after: float | None = None
+    for cm in got.get("items") or []:
+        name = cm["metadata"]["name"]
+        if not name.startswith(USAGE_PREFIX):
+            continue
+        got_intervals, got_rolled, before = parse_ledger(name[len(USAGE_PREFIX) :], cm.get("data"))
+        intervals += got_intervals
+        rolled.update(got_rolled)
+        if before is not None:
+            folded_after = max(folded_after or 0.0, before)
+    closed = {(i.namespace, i.vm, i.flavor, int(i.start)) for i in intervals}
+    flavors = {
+        f.metadata.name: f
+        for f in (PciFlavor.model_validate(o) for o in _list(api, c.PLURAL_PCIFLAVOR))
+    }
+    for o in _list(api, c.PLURAL_PCIDEVICE):
+        ref = (o.get("spec") or {}).get("claimRef") or {}
+        if not ref.get("flavor") or ref.get("companion") or not ref.get("claimedAt"):
+            continue
+        start = clock.parse(ref["claimedAt"]).timestamp()
+        if (ref["namespace"], ref["name"], ref["flavor"], int(start)) in closed:
+            continue
+        f = flavors.get(ref["flavor"])
+        price = (f.spec.price_class if f else None) or ""
+        intervals.append(Interval(ref["namespace"], ref["name"], ref["flavor"], price, start, None))
+    if since is not None and folded_after is not None and since < folded_after:
+        print(
+            "note: intervals before "
+            + clock.timestamp(datetime.fromtimestamp(folded_after, UTC))
+            + " are kept as totals only, counted whole",
+            file=sys.stderr,
+        )
+    whole = rolled if since is None or since < (folded_after or 0) else {}
+    per_vm = usage_totals(intervals, whole, now=now, since=since)
+    if args.namespace:
+        per_vm = {k: v for k, v in per_vm.items() if k[0] == args.namespace}
+    rows_out = [
+        {"namespace": ns, "vm": vm, "flavor": f, "priceClass": p, "deviceSeconds": round(v, 1)}
+        for (ns, vm, f, p), v in sorted(per_vm.items())
+    ]
+    if args.output != "table":
+        _dump({"since": since, "until": now, "usage": rows_out}, args.output)
+        return 0
+    if not rows_out:
+        print("no device time recorded" + (f" in {args.namespace}" if args.namespace else ""))
+        return 0
+    rows = [("NAMESPACE", "VM", "FLAVOR", "PRICE-CLASS", "DEVICE-HOURS")]
+    rows += [
+        (ns, vm, f, p or "-", f"{v / 3600:.3f}") for (ns, vm, f, p), v in sorted(per_vm.items())
+    ]
+    _print_table(rows)
+    return 0
+
+
 def _current_namespace(args: argparse.Namespace) -> str:
     try:
         _, ctx = config.list_kube_config_contexts(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
@@ -544,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the guest running (VMs whose only passthrough devices are SR-IOV networks)",
     )
+    us = sub.add_parser("usage", help="device time per VM, flavor and price class (for charging)")
+    us.add_argument("-n", "--namespace", help="only this namespace (default: all)")
+    us.add_argument("--since", help="from this long ago (90m, 24h, 7d) or this time (RFC 3339)")
+    us.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
     im = sub.add_parser(
         "images", help="the image catalog: which images support which flavors' devices"
     )
@@ -567,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
             return migrate(args)
         if args.cmd == "images":
             return images(args)
+        if args.cmd == "usage":
+            return usage(args)
         return describe_node(args)
     except PluginError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -439,6 +439,9 @@ class DeviceBinding(ApiModel):
     alternative: int | None = Field(default=None, ge=1, le=7)
     """Which of the request's alternatives it was bound for (1 = the first of
     spec.devices[].alternatives); absent: the request's own flavor and count."""
+    since: datetime | None = None
+    """When it was bound to the VM (its device time, for charging, counts from its claim,
+    made a moment before: `kubectl pcipt usage`)."""
 
 
 class NetworkBinding(ApiModel):
@@ -464,6 +467,9 @@ class NetworkBinding(ApiModel):
     """Transmit rate limit set on the VF, Mbps (the request's, or its flavor's maximum)."""
     link_state: str | None = Field(default=None, alias="linkState")
     """Link state set on the VF (enable, disable); absent: auto."""
+    since: datetime | None = None
+    """When it was bound to the VM (its device time, for charging, counts from its claim,
+    made a moment before: `kubectl pcipt usage`)."""
 
 
 class DetachingDevice(ApiModel):

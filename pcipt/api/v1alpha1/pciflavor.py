@@ -127,6 +127,14 @@ class PciFlavorSpec(ApiModel):
     """Per-VM and per-namespace caps."""
     networking: FlavorNetworking | None = None
     """For NIC flavors: which VF settings tenants may ask for."""
+    price_class: str | None = Field(
+        default=None,
+        alias="priceClass",
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+    )
+    """A name billing charges the flavor's device time by (gpu-premium, nic-standard): the
+    device-seconds counters and `kubectl pcipt usage` carry it."""
     image_support: Literal["Optional", "Required"] = "Optional"
     """Required: a VM gets the flavor's devices only when the image it boots is marked in the
     image catalog as supporting them; Optional: images the catalog does not mark are fine
