@@ -70,8 +70,8 @@ class Ledger:
 
     prefix = LEDGER_PREFIX
     label = LEDGER_LABEL
-    required = "flavors"
-    """The field every well-formed entry has."""
+    required: str | None = "flavors"
+    """The field (a map) every well-formed entry has; None: any JSON object is one."""
 
     def __init__(self, api: KubeClient, namespace: str, inventory: Inventory) -> None:
         self.api = api
@@ -89,7 +89,9 @@ class Ledger:
                 entry = json.loads(text)
             except ValueError:
                 continue
-            if isinstance(entry, dict) and isinstance(entry.get(self.required), dict):
+            if isinstance(entry, dict) and (
+                self.required is None or isinstance(entry.get(self.required), dict)
+            ):
                 out[uid] = entry
         return out
 

@@ -4,10 +4,8 @@ all ledgers current, and the counters computed from them and the open claims."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from controller.inventory import Inventory
@@ -39,17 +37,7 @@ class UsageLedger(Ledger):
 
     prefix = LEDGER_PREFIX
     label = LEDGER_LABEL
-
-    def _parse(self, data: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
-        out = {}
-        for key, text in (data or {}).items():
-            try:
-                entry = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(entry, dict):
-                out[key] = entry
-        return out
+    required = None
 
     async def record(self, dev: Device, reason: str) -> None:
         """Write the interval of the device's claim, ending now, before it is released. Same
