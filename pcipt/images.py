@@ -39,15 +39,29 @@ CATALOG_KEY = "images.yaml"
 class ImageSupport(BaseModel):
     """One entry: the images it matches and the devices they support."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
 
     match: str = Field(min_length=1, max_length=2048)
-    """A glob over the image reference (URL, or file:///path)."""
+    """A glob over the image a VM boots (its first disk's image, or its kernelBoot.kernel),
+    e.g. https://images.example.com/ubuntu-22.04-*.qcow2."""
     device_types: list[str] | None = None
+    """Flavor deviceTypes these images support (gpu, nic, nvme, fpga, accelerator, other);
+    absent: any."""
     vendor_ids: list[str] | None = Field(default=None, alias="vendorIDs")
+    """PCI vendor IDs these images support: every vendor a flavor's selector names must be
+    listed (a flavor naming none is not covered); absent: any."""
     class_codes: list[str] | None = None
+    """PCI class-code prefixes: every class a flavor's selector names must start with one
+    (a flavor naming none is not covered); absent: any."""
     guest_drivers: list[str] = Field(default_factory=list)
+    """Drivers the images carry: a flavor's guestDrivers must all be listed."""
     description: str = ""
+    """For people (kubectl pcipt images)."""
 
     def matches(self, image: str) -> bool:
         return fnmatchcase(image, self.match)
@@ -75,9 +89,12 @@ class ImageSupport(BaseModel):
 
 
 class ImageCatalog(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """The `images.yaml` of an image catalog ConfigMap."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     images: list[ImageSupport] = Field(default_factory=list)
+    """Entries; an image is marked when one matches it."""
 
     @classmethod
     def parse(cls, text: str) -> ImageCatalog:
