@@ -632,6 +632,21 @@ def test_each_node_plugin_is_confined_to_its_node(
         as_("node-a", *status, "-p", '{"status": {"nodeName": "node-b"}}'),
         "may not be moved to node-b",
     )
+    # A live migration to node-b: its plugin may answer in the VM's status (Ready), not move it.
+    migration = {"id": "m1", "fromNode": "node-a", "toNode": "node-b", "live": True,
+                 "phase": "Preparing"}  # fmt: skip
+    kubectl(*status, "-p", json.dumps({"status": {"migration": migration}}))
+    ok = as_("node-b", *status, "-p", '{"status": {"migration": {"phase": "Ready"}}}')
+    assert ok.returncode == 0, ok.stderr
+    refused(
+        as_("node-b", *status, "-p", '{"status": {"nodeName": "node-b"}}'),
+        "may not be moved to node-b",
+    )
+    kubectl(*status, "-p", '{"status": {"migration": {"live": false}}}')
+    refused(
+        as_("node-b", *status, "-p", '{"status": {"migration": {"phase": "Transferred"}}}'),
+        "may only write the status of VMs scheduled to its node",
+    )
     kubectl("delete", "namespace", vm_ns, "--wait=false")
     # A token that is not bound to a pod names no node: refused, whatever it asks.
     refused(
