@@ -35,6 +35,7 @@ from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice
 from pcipt.kubeclient import ApiError, Conflict, KubeClient, NotFound, crd_path
+from pcipt.usage import settled
 
 log = logging.getLogger("pcipt.controller.binding")
 
@@ -151,7 +152,10 @@ class Binder:
             and dev.claim is not None
             and dev.claim.uid == uid
             and (bind_id is None or dev.claim.bind_id == bind_id)
+            and (used or settled(dev.claim.claimed_at))
         ):
+            # A bind's rollback of a claim it just made is not device time (and costs no write
+            # on the bind path); a claim that lived longer is, whatever ends it.
             await self.record_usage(dev, reason if used else "RolledBack")
         if used and dev is not None and dev.claim is not None and one_time_use(dev):
             reserved = {

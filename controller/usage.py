@@ -23,6 +23,7 @@ from pcipt.usage import (
     entry_key,
     fold,
     parse_ledger,
+    settled,
     totals,
 )
 
@@ -112,12 +113,13 @@ class UsageMeter:
         intervals, rolled, _ = parse_ledger(ns, obj.get("data"))
         self.ledgers[ns] = (intervals, rolled)
 
-    def open_intervals(self) -> list[Interval]:
+    def open_intervals(self, now: float) -> list[Interval]:
         out = []
         for d in self.inventory.devices.values():
             c = d.claim
-            if c is None or c.companion or not c.flavor or c.claimed_at is None:
+            if c is None or c.companion or not c.flavor or not settled(c.claimed_at, now):
                 continue
+            assert c.claimed_at is not None
             f = self.inventory.flavors.get(c.flavor)
             out.append(
                 Interval(
@@ -142,7 +144,7 @@ class UsageMeter:
         recorded = {(i.namespace, i.vm, i.flavor, int(i.start)) for i in closed}
         open_ = [
             i
-            for i in self.open_intervals()
+            for i in self.open_intervals(now)
             if (i.namespace, i.vm, i.flavor, int(i.start)) not in recorded
         ]
         return totals([*closed, *open_], rolled, now=now)

@@ -10,8 +10,9 @@ written by the controller before it releases a claim, one entry per claim:
           "flavor": "a100", "priceClass": "gpu-premium", "from": 1764694800.0,
           "to": 1764698400.0, "reason": "Deleted"}'
 
-Open intervals are the claims themselves (spec.claimRef.claimedAt). Both live in the API
-server, so the totals are the same whichever controller replica computes them, before and
+Open intervals are the claims themselves (spec.claimRef.claimedAt), counted once
+SETTLE_SECONDS old (a bind's rollback of a claim it just made is not device time). Both live
+in the API server, so the totals are the same whichever controller replica computes them, before and
 after a restart; and since a claim's interval is written to the ledger before the claim goes,
 a total never shrinks. Companion devices (IOMMU group peers) are not charged.
 
@@ -23,6 +24,7 @@ time counts the folded totals whole.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +46,18 @@ class Interval:
     start: float
     end: float | None
     """None: still claimed."""
+
+
+SETTLE_SECONDS = 2.0
+"""A claim counts once it is this old: a bind that loses a race rolls back younger claims,
+and those are neither counted nor recorded, so no total ever goes down."""
+
+
+def settled(claimed_at: float | None, now: float | None = None) -> bool:
+    return (
+        claimed_at is not None
+        and (time.time() if now is None else now) - claimed_at >= SETTLE_SECONDS
+    )
 
 
 def entry_key(device: str, claimed_at: float) -> str:
