@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,8 +97,39 @@ def vf_commands(
     return cmds
 
 
-def configure_vf(runner: CommandRunner, pf_netdev: str, vf_index: int, **settings: object) -> None:
+LINK_SETTLE_SECONDS = 5.0
+"""How long a rate setting is retried after the PF was brought up: drivers refuse a VF's rate
+while the port's link is still down (igb answers EINVAL; found in the hardware lab, where the
+first try right after `ip link set dev PF up` failed and one 0.4 s later took)."""
+
+
+def configure_vf(
+    runner: CommandRunner,
+    pf_netdev: str,
+    vf_index: int,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    **settings: object,
+) -> None:
     for argv in vf_commands(pf_netdev, vf_index, **settings):  # type: ignore[arg-type]
-        runner.run(argv)
+        if "max_tx_rate" in argv:
+            _retry_while_link_settles(runner, argv, sleep)
+        else:
+            runner.run(argv)
         if "vf" in argv:
             log.info("configured vf pf=%s vf=%d: %s", pf_netdev, vf_index, " ".join(argv[7:]))
+
+
+def _retry_while_link_settles(
+    runner: CommandRunner, argv: list[str], sleep: Callable[[float], None]
+) -> None:
+    waited = 0.0
+    while True:
+        try:
+            runner.run(argv)
+            return
+        except SriovError:
+            if waited >= LINK_SETTLE_SECONDS:
+                raise
+            sleep(0.5)
+            waited += 0.5

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nodeplugin.simulate import SimulatedKernel
-from nodeplugin.sriov import RecordingRunner, configure_vf, vf_commands
+from nodeplugin.sriov import RecordingRunner, SriovError, configure_vf, vf_commands
 from nodeplugin.vfio import PrepareError, Preparer, RecordingWriter
 from tests.unit.hosts import build_lab
 
@@ -246,3 +246,26 @@ def test_managed_false_is_never_rebound(root: Path, tmp_path: Path) -> None:
     assert driver(root, GPU) == "nvgrace_gpu_vfio_pci" and GPU not in p.moved
     p.restore([GPU, AUDIO])
     assert driver(root, GPU) == "nvgrace_gpu_vfio_pci" and driver(root, AUDIO) == "snd_hda_intel"
+
+
+def test_a_rate_refused_while_the_ports_link_comes_up_is_tried_again() -> None:
+    class Settling(RecordingRunner):
+        def __init__(self, refusals: int) -> None:
+            super().__init__()
+            self.refusals = refusals
+
+        def run(self, argv: list[str]) -> None:
+            super().run(argv)
+            if "max_tx_rate" in argv and self.refusals > 0:
+                self.refusals -= 1
+                raise SriovError("RTNETLINK answers: Invalid argument")
+
+    slept: list[float] = []
+    r = Settling(refusals=2)
+    configure_vf(r, "eth0", 0, spoof_check=True, trusted=False, max_tx_rate=100, sleep=slept.append)
+    assert sum("max_tx_rate" in c for c in r.commands) == 3 and slept == [0.5, 0.5]
+    # A driver that never takes it: refused with its words after the link had time to settle.
+    never = Settling(refusals=10**6)
+    with pytest.raises(SriovError, match="Invalid argument"):
+        configure_vf(never, "eth0", 0, spoof_check=True, trusted=False, max_tx_rate=100,
+                     sleep=slept.append)  # fmt: skip
