@@ -24,10 +24,15 @@ class FirstSeen:
     seen passing `test` (by a LIST at start, then the watch from that LIST's resourceVersion)."""
 
     def __init__(
-        self, api: KubeClient, namespace: str, test: Callable[[dict[str, Any]], bool]
+        self,
+        api: KubeClient,
+        namespace: str,
+        test: Callable[[dict[str, Any]], bool],
+        path: str | None = None,
     ) -> None:
+        """`path`: what to watch instead of the namespace's PassthroughVMs (pods, say)."""
         self.api = api
-        self.path = crd_path(c.PLURAL_PASSTHROUGHVM, namespace=namespace)
+        self.path = path or crd_path(c.PLURAL_PASSTHROUGHVM, namespace=namespace)
         self.test = test
         self.at: dict[str, float] = {}
         self.task: asyncio.Task[None] | None = None

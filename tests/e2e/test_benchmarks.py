@@ -103,3 +103,14 @@ def test_lifecycle_benchmark_evacuates_every_vm(tmp_path: Path) -> None:
     # Per VM: its unplaced status, the release, and the new bind's claim, metadata and status.
     assert ev["writes_by_kind"]["PATCH/pcidevices"] >= 8, ev["writes_by_kind"]
     assert ev["writes_per_vm"] >= 5
+
+
+def test_peer_dra_benchmark_fills_with_the_real_kube_scheduler(tmp_path: Path) -> None:
+    """The peer (issue 14): kube-scheduler allocating DRA ResourceClaims to pods, same sizes."""
+    f = run_bench(tmp_path, "peer_dra.py", "--nodes", "4", "--devices", "4")
+    fill = f["fill"]
+    assert fill["pods"] == 8 and positive(fill["pods_per_s"], fill["time_to_bound_s"]["p99"])
+    # The scheduler's own writes per placement: at least the claim's allocation and the bind.
+    writes = fill["writes_by_kind"]
+    assert writes.get("POST/pods/binding") == 8, writes
+    assert fill["scheduler_writes_per_placement"] >= 2, writes
