@@ -34,6 +34,7 @@ from controller.computefit import Demand, NodeUse, fit
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import (
     ComputeStatus,
+    DeviceRequest,
     DeviceSelector,
     NetworkRequest,
     PassthroughVM,
@@ -393,8 +394,12 @@ def request_problems(
     requested device, more devices than one VM may have. Capacity and quotas are not checked
     here: they change, so they are scheduling's business."""
     inp = SchedulingInput(vm=vm, flavors=flavors, namespace_labels=namespace_labels, images=images)
-    reqs = _requests(vm, flavors)
+    alts = _with_alternatives(vm)
+    reqs = [r for r in _requests(vm, flavors) if r.name not in alts]
     problems = [p[1] for r in reqs if (p := _request_problem(r, inp)) is not None]
+    for d in vm.spec.devices:
+        if d.name in alts:
+            problems += _alternatives_problems(d, inp)
     per_flavor: Counter[str] = Counter()
     for r in reqs:
         if not r.optional and r.flavor in flavors:
@@ -405,6 +410,29 @@ def request_problems(
             problems.append(
                 f"the VM asks for {count} {name}; flavor {name} allows {limits.max_per_vm} per VM"
             )
+    return problems
+
+
+def _alternatives_problems(d: DeviceRequest, inp: SchedulingInput) -> list[str]:
+    """Admission of a request with alternatives: every flavor it names must exist (a typo is
+    named by its field), and at least one way must be usable by the VM; a way its namespace may
+    not use is only passed over."""
+    problems: list[str] = []
+    found: list[tuple[str, str] | None] = []
+    for i, o in enumerate(d.options()):
+        if o.flavor not in inp.flavors:
+            where = f"spec.devices[{d.name}]" + (f".alternatives[{i - 1}]" if i else "")
+            problems.append(f"{where}.flavor: flavor {o.flavor} does not exist")
+            continue
+        f = inp.flavors[o.flavor]
+        policy = o.numa_policy or f.spec.numa_policy
+        q = _Req(d.name, o.flavor, o.count, d.optional, policy, o.selector, None, None, i or None)
+        found.append(_request_problem(q, inp))
+    usable = [x for x in found if x is None]
+    if not problems and not usable and found and not d.optional:
+        first = found[0]
+        assert first is not None
+        problems.append(first[1])
     return problems
 
 

@@ -21,6 +21,7 @@ from controller.scheduling import (
     Refusal,
     SchedulingInput,
     free_counts,
+    request_problems,
     schedule,
 )
 from controller.vmstatus import scheduled_status
@@ -1336,3 +1337,22 @@ def test_an_alternative_over_a_per_vm_limit_is_passed_over() -> None:
     only = [{"name": "gpu", "flavor": "a100", "count": 2}]
     got = schedule(inp(vm(only), [dev(A, "0000:3b:00.0"), dev(A, "0000:3c:00.0")], [capped]))
     assert isinstance(got, Refusal) and got.reason == "LimitExceeded"
+
+
+def test_admission_names_a_missing_alternative_and_lets_a_closed_one_pass() -> None:
+    typo = [{"name": "gpu", "flavor": "h100", "alternatives": [{"flavor": "a1000", "count": 2}]}]
+    assert request_problems(vm(typo), {"h100": H100, "a100": A100}, {}) == [
+        "spec.devices[gpu].alternatives[0].flavor: flavor a1000 does not exist"
+    ]
+    closed = flavor(
+        "h100",
+        selector={"vendorIDs": ["10de"], "productIDs": ["2330"]},
+        access={"namespaceSelector": {"matchLabels": {"tier": "gold"}}},
+    )
+    # The H100 is not for this namespace, the A100s are: admitted (the H100 is passed over).
+    assert request_problems(vm(ALT), {"h100": closed, "a100": A100}, {}) == []
+    only_closed = [
+        {"name": "gpu", "flavor": "h100", "alternatives": [{"flavor": "h100", "count": 2}]}
+    ]
+    (problem,) = request_problems(vm(only_closed), {"h100": closed}, {})
+    assert "may not use flavor h100" in problem
