@@ -746,7 +746,8 @@ def _bindings(rig: Rig) -> list[dict[str, Any]]:
         {"name": "data", "pciDevice": rig.name(VF1), "address": VF1, "numaNode": 0,
          "mac": "52:54:00:00:00:01", "vlan": 120, "netdev": "ens1f0v1"},
         {"name": "mgmt", "pciDevice": rig.name(VF2), "address": VF2, "numaNode": 0,
-         "mac": "52:54:00:00:00:02", "netdev": "ens1f0v2"},
+         "mac": "52:54:00:00:00:02", "netdev": "ens1f0v2", "minTxRate": 100, "maxTxRate": 300,
+         "linkState": "enable"},
     ]  # fmt: skip
 
 
@@ -806,7 +807,15 @@ def test_a_live_migration_target_prepares_its_vfs_and_says_how_it_will_pin_the_d
             said = [" ".join(x) for x in runner.commands]
             # The VF passed through gets its MAC and VLAN from libvirt when it is plugged in;
             # the macvtap one's are set on the PF before the domain comes.
-            for want in ("vf 1 spoofchk on", "vf 2 vlan 0", "vf 2 mac 52:54:00:00:00:02"):
+            # Rates and link state, as status.networks[] says them (the simulated kernel's
+            # record: igb in the lab takes max_tx_rate only).
+            for want in (
+                "vf 1 spoofchk on",
+                "vf 2 vlan 0",
+                "vf 2 mac 52:54:00:00:00:02",
+                "vf 2 min_tx_rate 100 max_tx_rate 300",
+                "vf 2 state enable",
+            ):
                 assert any(x.startswith(f"ip link set dev ens1f0 {want}") for x in said), said
             # Not placed here yet: no domain, and the VM is not torn down (no DomainGone).
             await asyncio.sleep(1.5)
