@@ -5,9 +5,11 @@ A bind is one attempt, with its own ID:
    spec.claimRef with the resourceVersion the scheduler saw as a precondition. A device this VM
    already holds from an earlier, interrupted attempt is adopted by rewriting its claim with
    this attempt's ID, under the same precondition. A 409 means someone else won.
-2. The VM is labelled with its node and given the release finalizer by a patch carrying the
-   VM's resourceVersion: of two controllers binding one VM, only one gets past this.
-3. Its status is written (node, devices, networks, conditions), conditionally again.
+2. Its status is written (node, devices, networks, conditions) with the resourceVersion the
+   scheduler saw as a precondition: of two controllers binding one VM, only one gets past this.
+   The node plugin selects its VMs by status.nodeName, so this write is all it needs. The
+   release finalizer was added at creation (crds/pcipt.io_admission.yaml); a VM without it
+   gets it first, in one more conditional write.
 
 If any step loses its race, the attempt rolls back the claims it made fresh, each by a JSON
 patch that `test`s the claim still carries this attempt's ID: a claim another attempt has since
@@ -190,7 +192,7 @@ class Binder:
         return released
 
     async def bind(self, vm: PassthroughVM, placement: Placement) -> BindResult:
-        """Claim every device of the placement, then label, finalize and update the VM."""
+        """Claim every device of the placement, then write the VM's status."""
         uid = vm.metadata.uid or ""
         ns, name = vm.metadata.namespace or "", vm.metadata.name
         bind_id = uuid.uuid4().hex[:16]
@@ -212,25 +214,25 @@ class Binder:
                     fresh.append(dev_name)
                 writes += 1
 
-            finalizers = list(vm.metadata.finalizers)
-            if c.FINALIZER_RELEASE not in finalizers:
-                finalizers.append(c.FINALIZER_RELEASE)
-            meta_patch = {
-                "metadata": {
-                    "resourceVersion": vm.metadata.resource_version,
-                    "labels": {c.LABEL_VM_NODE: placement.node},
-                    "finalizers": finalizers,
+            rv = vm.metadata.resource_version
+            if c.FINALIZER_RELEASE not in vm.metadata.finalizers:
+                # Created before the admission policy that adds it (or without it): one write
+                # more, and still before the status that places the VM.
+                meta_patch = {
+                    "metadata": {
+                        "resourceVersion": rv,
+                        "finalizers": [*vm.metadata.finalizers, c.FINALIZER_RELEASE],
+                    }
                 }
-            }
-            try:
-                got = await self.api.patch(vm_path(ns, name), meta_patch)
-            except (Conflict, NotFound) as e:
-                raise LostRace(f"VM {ns}/{name} changed while binding ({e.status})") from e
-            writes += 1
-            labelled = PassthroughVM.model_validate(got)
+                try:
+                    got = await self.api.patch(vm_path(ns, name), meta_patch)
+                except (Conflict, NotFound) as e:
+                    raise LostRace(f"VM {ns}/{name} changed while binding ({e.status})") from e
+                writes += 1
+                rv = got["metadata"]["resourceVersion"]
             body = {
-                "metadata": {"resourceVersion": labelled.metadata.resource_version},
-                "status": scheduled_status(labelled, placement, clock.now()),
+                "metadata": {"resourceVersion": rv},
+                "status": scheduled_status(vm, placement, clock.now()),
             }
             try:
                 got = await self.api.patch(vm_path(ns, name, status=True), body)

@@ -276,7 +276,7 @@ class LiveMigrator:
                 {
                     "metadata": {
                         "resourceVersion": vm.metadata.resource_version,
-                        "labels": {c.LABEL_VM_NODE: target, c.LABEL_MIGRATION_TARGET: None},
+                        "labels": {c.LABEL_MIGRATION_TARGET: None},
                     }
                 },
             )

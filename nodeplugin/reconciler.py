@@ -130,7 +130,7 @@ class DomainReconciler:
         self.vms = Informer(
             api,
             crd_path(c.PLURAL_PASSTHROUGHVM),
-            label_selector=f"{c.LABEL_NODE}={settings.node}",
+            field_selector=f"{c.FIELD_VM_NODE}={settings.node}",
             on_event=self._vm_event,
             name="passthroughvms",
         )
@@ -1015,7 +1015,7 @@ class DomainReconciler:
                 )
                 # Into the cache of the watch it belongs to (one VM may move between them).
                 labels = got.get("metadata", {}).get("labels") or {}
-                if labels.get(c.LABEL_NODE) == self.settings.node:
+                if (got.get("status") or {}).get("nodeName") == self.settings.node:
                     self.vms.apply("MODIFIED", got)
                 elif labels.get(c.LABEL_MIGRATION_TARGET) == self.settings.node:
                     self.arriving.apply("MODIFIED", got)

@@ -25,8 +25,9 @@ LABEL_NODE: Final = f"{GROUP}/node"
 LABEL_VENDOR: Final = f"{GROUP}/vendor"
 LABEL_PRODUCT: Final = f"{GROUP}/product"
 LABEL_CLASS: Final = f"{GROUP}/class"
-# Label the controller puts on a scheduled PassthroughVM, so a node plugin watches only its own.
-LABEL_VM_NODE: Final = f"{GROUP}/node"
+# The field a node plugin selects its VMs by (the CRD's selectableFields): the status write
+# that places a VM is all it takes for the node to see it.
+FIELD_VM_NODE: Final = "status.nodeName"
 
 FINALIZER_RELEASE: Final = f"{GROUP}/release-devices"
 

@@ -168,6 +168,16 @@ def kind_schema(kind: type[ResourceKind]) -> dict[str, Any]:
 def crd(kind: type[ResourceKind]) -> dict[str, Any]:
     """The whole CustomResourceDefinition of one kind."""
     name = kind.__name__
+    version: dict[str, Any] = {
+        "name": c.VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": kind_schema(kind)},
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": [dict(col) for col in kind.crd_printer_columns],
+    }
+    if kind.crd_selectable_fields:
+        version["selectableFields"] = [{"jsonPath": p} for p in kind.crd_selectable_fields]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -186,16 +196,7 @@ def crd(kind: type[ResourceKind]) -> dict[str, Any]:
                 "categories": [c.CATEGORY],
             },
             "scope": kind.crd_scope,
-            "versions": [
-                {
-                    "name": c.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": kind_schema(kind)},
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [dict(col) for col in kind.crd_printer_columns],
-                }
-            ],
+            "versions": [version],
         },
     }
 
@@ -217,6 +218,52 @@ def file_name(kind: type[ResourceKind]) -> str:
     return f"{c.GROUP}_{kind.crd_plural}.yaml"
 
 
+ADMISSION_FILE = f"{c.GROUP}_admission.yaml"
+FINALIZER_POLICY = "pcipt-release-devices-finalizer"
+
+
+def admission_policies() -> list[dict[str, Any]]:
+    """What the API server does to a PassthroughVM at creation, in-process (no webhook to be
+    down): the release finalizer is added then, so that binding it is not a write of its own.
+    Without the policy the controller adds it in the bind, one write more."""
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": FINALIZER_POLICY, "labels": {"app.kubernetes.io/part-of": "pcipt"}},
+        "spec": {
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [c.GROUP],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE"],
+                        "resources": [c.PLURAL_PASSTHROUGHVM],
+                    }
+                ]
+            },
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "IfNeeded",
+            "mutations": [
+                {
+                    "patchType": "ApplyConfiguration",
+                    "applyConfiguration": {
+                        # finalizers is a set: apply adds ours and keeps the others.
+                        "expression": "Object{metadata: Object.metadata{finalizers: "
+                        f'["{c.FINALIZER_RELEASE}"]}}}}'
+                    },
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": FINALIZER_POLICY, "labels": {"app.kubernetes.io/part-of": "pcipt"}},
+        "spec": {"policyName": FINALIZER_POLICY},
+    }
+    return [policy, binding]
+
+
 def rendered_files(*, chart: bool = False) -> dict[str, str]:
     """File name -> text. chart=True: the chart's copies, guarded by `crds.enabled` and kept
     on `helm uninstall` (deleting a CRD deletes every object of its kind)."""
@@ -233,6 +280,13 @@ def rendered_files(*, chart: bool = False) -> dict[str, str]:
         else:
             body = HEADER + body
         files[name] = body
+    # Not kept on uninstall: with no controller left, nothing would take the finalizer off.
+    body = yaml.dump_all(
+        admission_policies(), Dumper=_Dumper, sort_keys=True, width=100, allow_unicode=True
+    )
+    files[ADMISSION_FILE] = (
+        CHART_GUARD[0] + HEADER + body + CHART_GUARD[1] if chart else HEADER + body
+    )
     return files
 
 

@@ -45,12 +45,14 @@ class Informer:
         path: str,
         *,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         on_event: Handler | None = None,
         name: str = "",
     ) -> None:
         self.api = api
         self.path = path
         self.label_selector = label_selector
+        self.field_selector = field_selector
         self.on_event = on_event or (lambda _t, _o: None)
         self.name = name or path
         self.items: dict[str, dict[str, Any]] = {}
@@ -63,7 +65,9 @@ class Informer:
             log.exception("handler failed informer=%s event=%s", self.name, kind)
 
     async def relist(self) -> str:
-        got = await self.api.list(self.path, label_selector=self.label_selector)
+        got = await self.api.list(
+            self.path, label_selector=self.label_selector, field_selector=self.field_selector
+        )
         fresh = {object_key(o): o for o in got.get("items", [])}
         for key, gone in list(self.items.items()):
             if key not in fresh:
@@ -107,7 +111,10 @@ class Informer:
                     backoff.reset()
                     health.ok()
                 async for ev in self.api.watch(
-                    self.path, resource_version=rv, label_selector=self.label_selector
+                    self.path,
+                    resource_version=rv,
+                    label_selector=self.label_selector,
+                    field_selector=self.field_selector,
                 ):
                     kind, obj = ev.get("type", ""), ev.get("object", {})
                     if kind == "ERROR":

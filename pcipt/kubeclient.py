@@ -308,6 +308,7 @@ class KubeClient:
         *,
         resource_version: str,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         timeout: int = 300,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream watch events from resource_version on (simple watchers; kopf does the rest)."""
@@ -321,6 +322,8 @@ class KubeClient:
         }
         if label_selector:
             params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
         url = f"{self.creds.host}{path}?{urlencode(params)}"
         headers = {"Accept": "application/json", **self.creds.auth_headers()}
         self.requests["WATCH"] += 1

@@ -56,7 +56,9 @@ def test_bind_and_release(
     wait_for(phase(world, "vm1", "Scheduled"), what="vm1 Scheduled")
     vm = world.get_vm("vm1")
     assert vm.status.node_name == a
-    assert vm.metadata.labels[c.LABEL_VM_NODE] == a
+    # Placed by its status alone (node plugins select on status.nodeName); the finalizer came
+    # with its creation (crds/pcipt.io_admission.yaml).
+    assert "pcipt.io/node" not in vm.metadata.labels
     assert c.FINALIZER_RELEASE in vm.metadata.finalizers
     (bound,) = vm.status.devices
     assert bound.request == "gpu" and bound.pci_device == d0 and bound.address == "0000:3b:00.0"
@@ -84,6 +86,80 @@ def test_bind_and_release(
     wait_for(lambda: world.get_device(d0).spec.claim_ref is None, what="device released")
     wait_for(lambda: not world.vms(), what="vm1 gone (finalizer removed)")
     check_invariants(world)
+
+
+WRITES = re.compile(r"^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$", re.M)
+
+
+def write_counts(kube: KubeCluster) -> dict[str, int]:
+    """apiserver_request_total by verb/resource/subresource, writes only: what every writer
+    cost the API server, whoever it was."""
+    out: dict[str, int] = {}
+    for labels, value in WRITES.findall(
+        kube.kubectl("get", "--raw", "/metrics", check=True).stdout
+    ):
+        kv = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if kv.get("verb") in ("POST", "PATCH", "PUT", "DELETE", "APPLY"):
+            key = "/".join(x for x in (kv["verb"], kv.get("resource"), kv.get("subresource")) if x)
+            out[key] = out.get(key, 0) + int(float(value))
+    return out
+
+
+def test_a_single_device_bind_costs_two_writes_and_an_event(
+    kube: KubeCluster,
+    world: World,
+    leases: Callable[..., LeaseKeeper],
+    controller: ControllerProcess,
+) -> None:
+    """The claim and the VM's status; the finalizer came with the VM's creation (the admission
+    policy in crds/), and the node plugin selects its VMs by status.nodeName, not a label."""
+    a = world.node("a")
+    leases(a)
+    world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    time.sleep(1.5)  # the flavor's status, written behind
+    resources = ("passthroughvms", "pcidevices", "events")
+    before = write_counts(kube)
+    world.vm("vm1", [{"name": "gpu", "flavor": gpu}])
+    wait_for(phase(world, "vm1", "Scheduled"), what="vm1 Scheduled")
+    time.sleep(1.0)  # the Event is posted behind the bind
+    after = write_counts(kube)
+    spent = {
+        k: after[k] - before.get(k, 0)
+        for k in after
+        if after[k] != before.get(k, 0) and k.split("/")[1] in resources
+    }
+    assert spent == {
+        "POST/passthroughvms": 1,  # the test's create
+        "PATCH/pcidevices": 1,  # the claim
+        "PATCH/passthroughvms/status": 1,  # node, devices, conditions
+        "POST/events": 1,  # Scheduled
+    }, spent
+    assert c.FINALIZER_RELEASE in world.get_vm("vm1").metadata.finalizers
+
+
+def test_a_vm_created_without_the_finalizer_gets_it_before_it_is_placed(
+    kube: KubeCluster, world: World, leases: Callable[..., LeaseKeeper], tmp_path: Path
+) -> None:
+    """A VM from before the admission policy (or a cluster without it): the bind adds the
+    release finalizer in a conditional write of its own before the status that places it."""
+    a = world.node("a")
+    leases(a)
+    world.device("a", "0000:3b:00.0")
+    gpu = world.flavor("a100")
+    world.vm("old", [{"name": "gpu", "flavor": gpu}])
+    kube.kubectl(
+        "patch", "ptvm", "old", "-n", world.namespace, "--type=json",
+        "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]', check=True,
+    )  # fmt: skip
+    assert not world.get_vm("old").metadata.finalizers
+    ctl = ControllerProcess(kube.kubeconfig, tmp_path).start()
+    try:
+        wait_for(phase(world, "old", "Scheduled"), what="old Scheduled")
+        vm = world.get_vm("old")
+        assert vm.metadata.finalizers == [c.FINALIZER_RELEASE] and vm.status.node_name == a
+    finally:
+        ctl.stop()
 
 
 def test_a_one_time_use_device_stays_reserved_after_its_vm_until_an_admin_frees_it(

@@ -143,7 +143,7 @@ def test_a_dead_node_is_not_evacuated_until_it_is_declared_out_of_service(
     assert vm.status.evacuation.devices == [d_a]
     assert c.TAINT_OUT_OF_SERVICE in vm.status.evacuation.reason
     assert vm.status.devices[0].pci_device == d_b
-    assert vm.metadata.labels[c.LABEL_VM_NODE] == b
+    assert vm.status.node_name == b
     assert cond(vm, c.COND_NODE_ALIVE) is None  # about node a: gone with it
     old = world.get_device(d_a)
     assert old.spec.claim_ref is None
@@ -564,7 +564,7 @@ def test_a_live_migration_holds_both_nodes_until_the_domain_runs_on_the_target(
     assert [n.pci_device for n in vm.status.networks] == [new]
     assert vm.status.networks[0].mac == mac  # the guest's NIC keeps its MAC
     assert not vm.status.migration.networks and vm.status.migration.completed_at
-    assert vm.metadata.labels[c.LABEL_VM_NODE] == b
+    assert vm.status.node_name == b
     assert c.LABEL_MIGRATION_TARGET not in vm.metadata.labels
     gone = wait_for(
         lambda: (d := world.get_device(old)).spec.claim_ref is None and d,

@@ -118,7 +118,6 @@ class Rig:
             "kind": "PassthroughVM",
             "metadata": {
                 "name": name,
-                "labels": {c.LABEL_VM_NODE: self.node},
                 "finalizers": [c.FINALIZER_RELEASE],
             },
             "spec": {"memory": "1Gi", "devices": [{"name": "gpu", "flavor": "a100"}], **spec},
@@ -778,7 +777,7 @@ def test_a_live_migration_target_prepares_its_vfs_and_says_how_it_will_pin_the_d
                 "kind": "PassthroughVM",
                 "metadata": {
                     "name": "net-vm",
-                    "labels": {c.LABEL_VM_NODE: "elsewhere", c.LABEL_MIGRATION_TARGET: rig.node},
+                    "labels": {c.LABEL_MIGRATION_TARGET: rig.node},
                 },
                 "spec": {"memory": "1Gi", "cpu": {"cores": 2}, "networks": NETWORKS},
             }
@@ -844,7 +843,6 @@ def test_a_live_migration_libvirt_cannot_make_fails_and_the_vm_keeps_running_her
                 "kind": "PassthroughVM",
                 "metadata": {
                     "name": "net-vm",
-                    "labels": {c.LABEL_VM_NODE: rig.node},
                     "finalizers": [c.FINALIZER_RELEASE],
                 },
                 "spec": {"memory": "1Gi", "networks": NETWORKS},

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from pcipt import constants as c
 from pcipt import crdgen
-from pcipt.api.v1alpha1 import KINDS, ResourceKind
+from pcipt.api.v1alpha1 import KINDS, PassthroughVM, ResourceKind
 
 FORBIDDEN_KEYS = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "nullable", "title"}
 
@@ -43,9 +44,33 @@ def test_the_charts_crds_are_the_same_crds_kept_on_uninstall() -> None:
     for name, text in chart.items():
         guard_open, guard_close = crdgen.CHART_GUARD
         assert text.startswith(guard_open) and text.endswith(guard_close)
-        doc = yaml.safe_load(text.removeprefix(guard_open).removesuffix(guard_close))
-        assert doc["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
-        assert doc == yaml.safe_load(plain[name]), name
+        docs = list(yaml.safe_load_all(text.removeprefix(guard_open).removesuffix(guard_close)))
+        if name == crdgen.ADMISSION_FILE:
+            # The finalizer policy goes with the chart: nothing would take the finalizer off
+            # once the controller is uninstalled.
+            assert all("annotations" not in d["metadata"] for d in docs)
+        else:
+            (doc,) = docs
+            assert doc["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        assert docs == list(yaml.safe_load_all(plain[name])), name
+
+
+def test_every_vm_gets_the_release_finalizer_at_creation_and_only_then() -> None:
+    policy, binding = crdgen.admission_policies()
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rules == [
+        {
+            "apiGroups": ["pcipt.io"],
+            "apiVersions": ["*"],
+            "operations": ["CREATE"],  # never UPDATE: the controller removes it on deletion
+            "resources": ["passthroughvms"],
+        }
+    ]
+    assert c.FINALIZER_RELEASE in policy["spec"]["mutations"][0]["applyConfiguration"]["expression"]
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    vm = crdgen.crd(PassthroughVM)["spec"]["versions"][0]
+    assert vm["selectableFields"] == [{"jsonPath": ".status.nodeName"}]
+    assert c.FIELD_VM_NODE == "status.nodeName"
 
 
 def test_default_check_covers_crds_and_the_chart(

@@ -243,6 +243,8 @@ class ResourceKind(ApiModel):
     crd_short_names: ClassVar[list[str]]
     crd_printer_columns: ClassVar[list[dict[str, Any]]]
     crd_validations: ClassVar[list[dict[str, str]]] = []
+    crd_selectable_fields: ClassVar[list[str]] = []
+    """JSON paths `kubectl get --field-selector` (and watches) may select on."""
     crd_description: ClassVar[str]
 
     api_version: str = ""

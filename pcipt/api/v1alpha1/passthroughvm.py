@@ -670,6 +670,9 @@ class PassthroughVM(ResourceKind):
         "and SR-IOV networks passed through. The controller places it on a node and binds "
         "free PciDevices to it; the node plugin runs it as a libvirt domain."
     )
+    # A node plugin watches the VMs of its node by this field: placing a VM is then its status
+    # write alone, with no label to write besides.
+    crd_selectable_fields: ClassVar[list[str]] = [".status.nodeName"]
     crd_printer_columns: ClassVar[list[dict[str, Any]]] = [
         printer_column("Phase", ".status.phase"),
         printer_column("Node", ".status.nodeName"),
