@@ -5,12 +5,27 @@ Both programs post through this one recorder. An Event lives in its object's nam
 about a cluster-scoped object (a PciDevice, a Node) goes to `default`, the only namespace the
 API server accepts for it besides none. A post that fails is logged and dropped: an Event is
 never worth a retry storm, and nothing reads them back to decide.
+
+Under bursts the recorder correlates the way client-go's recorder does, so that a VM refused
+over and over, or a device flapping, costs the API server a counter bump instead of an object
+each time:
+- the same Event again (object, type, reason, message) within the cache's memory patches the
+  first one's `count` and `lastTimestamp` instead of creating another;
+- more than `similar_max` different messages with one object, type and reason within
+  `similar_window` seconds fold into one Event whose message says "(combined from similar
+  events)", counted from then on;
+- each (object, type, reason, message) has a token bucket (`spam_burst` Events, then one per
+  `spam_refill` seconds); past it, Events are dropped and counted in `suppressed`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -22,15 +37,118 @@ from pcipt.kubeclient import ApiError, KubeClient
 log = logging.getLogger("pcipt.events")
 
 CLUSTER_SCOPED_EVENTS_NAMESPACE = "default"
+COMBINED_PREFIX = "(combined from similar events): "
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass
+class _Similar:
+    since: float
+    messages: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Posted:
+    namespace: str
+    name: str | None
+    """None while its create is in flight."""
+    count: int
+    message: str
+
+
+class EventCorrelator:
+    """Decides, per Event, whether to create it, bump an earlier one, or drop it. No I/O."""
+
+    def __init__(
+        self,
+        *,
+        spam_burst: int = 25,
+        spam_refill: float = 300.0,
+        similar_max: int = 10,
+        similar_window: float = 600.0,
+        cache_size: int = 4096,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spam_burst = spam_burst
+        self.spam_refill = spam_refill
+        self.similar_max = similar_max
+        self.similar_window = similar_window
+        self.cache_size = cache_size
+        self.monotonic = monotonic
+        self._buckets: OrderedDict[tuple[Any, ...], _Bucket] = OrderedDict()
+        self._similar: OrderedDict[tuple[Any, ...], _Similar] = OrderedDict()
+        self.posted: OrderedDict[tuple[Any, ...], _Posted] = OrderedDict()
+        self.suppressed = 0
+
+    def _remember(self, table: OrderedDict[Any, Any], key: tuple[Any, ...], value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.cache_size:
+            table.popitem(last=False)
+
+    def admit(self, body: dict[str, Any]) -> tuple[str, ...] | None:
+        """The dedup key to post body under (its message possibly rewritten as combined), or
+        None when the spam filter drops it."""
+        inv = body["involvedObject"]
+        obj = (
+            body["source"].get("component"),
+            body["source"].get("host"),
+            inv.get("kind"),
+            inv.get("namespace"),
+            inv.get("name"),
+            inv.get("uid"),
+            inv.get("apiVersion"),
+            body["type"],
+            body["reason"],
+        )
+        now = self.monotonic()
+        spam_key = (*obj, body["message"])
+        bucket = self._buckets.get(spam_key)
+        if bucket is None:
+            bucket = _Bucket(float(self.spam_burst), now)
+        else:
+            bucket.tokens = min(
+                float(self.spam_burst), bucket.tokens + (now - bucket.at) / self.spam_refill
+            )
+            bucket.at = now
+        if bucket.tokens < 1.0:
+            self._remember(self._buckets, spam_key, bucket)
+            self.suppressed += 1
+            return None
+        bucket.tokens -= 1.0
+        self._remember(self._buckets, spam_key, bucket)
+
+        similar = self._similar.get(obj)
+        if similar is None or now - similar.since > self.similar_window:
+            similar = _Similar(now)
+        similar.messages.add(body["message"])
+        self._remember(self._similar, obj, similar)
+        if len(similar.messages) > self.similar_max:
+            body["message"] = (COMBINED_PREFIX + body["message"])[:1024]
+            return (*obj, COMBINED_PREFIX)
+        return spam_key
 
 
 class EventRecorder:
-    def __init__(self, api: KubeClient, component: str, host: str | None = None) -> None:
+    def __init__(
+        self,
+        api: KubeClient,
+        component: str,
+        host: str | None = None,
+        correlator: EventCorrelator | None = None,
+    ) -> None:
         self.api = api
         self.component = component
         self.host = host
+        self.correlator = correlator or EventCorrelator()
         self._tasks: set[asyncio.Task[None]] = set()
         self.posted = 0
+        self.bumped = 0
         self.failed = 0
 
     def record(self, obj: dict[str, Any] | Any, type_: str, reason: str, message: str) -> None:
@@ -51,7 +169,7 @@ class EventRecorder:
         for k in ("namespace", "uid"):
             if meta.get(k):
                 involved[k] = meta[k]
-        body = {
+        body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{meta.get('name') or 'pcipt'}.", "namespace": ns},
@@ -66,18 +184,51 @@ class EventRecorder:
             "lastTimestamp": now,
             "count": 1,
         }
-        task = asyncio.get_running_loop().create_task(self._post(ns, body))
+        key = self.correlator.admit(body)
+        if key is None:
+            return
+        seen = self.correlator.posted.get(key)
+        if seen is not None:
+            seen.count += 1
+            seen.message = body["message"]  # a combined Event says the latest
+            if seen.name is None:
+                return  # its create is in flight: it bumps the count when done
+            coro = self._bump(key, seen, now)
+        else:
+            entry = _Posted(ns, None, 1, body["message"])
+            self.correlator._remember(self.correlator.posted, key, entry)
+            coro = self._post(ns, body, key, entry)
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _post(self, ns: str, body: dict[str, Any]) -> None:
+    async def _post(
+        self, ns: str, body: dict[str, Any], key: tuple[Any, ...], entry: _Posted
+    ) -> None:
         try:
-            await self.api.create(f"/api/v1/namespaces/{ns}/events", body)
+            got = await self.api.create(f"/api/v1/namespaces/{ns}/events", body)
             self.posted += 1
+            entry.name = got.get("metadata", {}).get("name")
+            if entry.count > 1 and entry.name:
+                await self._bump(key, entry, clock.timestamp())  # repeats while in flight
         except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
             self.failed += 1
+            self.correlator.posted.pop(key, None)
             log.warning("event not posted reason=%s: %s", body.get("reason"), e)
 
+    async def _bump(self, key: tuple[Any, ...], entry: _Posted, now: str) -> None:
+        try:
+            await self.api.patch(
+                f"/api/v1/namespaces/{entry.namespace}/events/{entry.name}",
+                {"count": entry.count, "lastTimestamp": now, "message": entry.message},
+            )
+            self.bumped += 1
+        except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            # Gone (Events live an hour) or unreachable: the next one is created afresh.
+            self.correlator.posted.pop(key, None)
+            self.failed += 1
+            log.warning("event count not updated event=%s: %s", entry.name, e)
+
     async def drain(self) -> None:
-        if self._tasks:
+        while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -63,3 +63,46 @@ def test_events_about_namespaced_and_cluster_scoped_objects_are_accepted(
     assert all(e.involved_object.kind == c.KIND_PCIDEVICE for e in about_device)
     about_node = [e for e in default if e.involved_object.name == node]
     assert len(about_node) == 2 and all(len(e.message) == 1024 for e in about_node)
+
+
+def test_repeats_bump_one_event_and_a_flood_of_messages_folds_into_one(
+    kube: KubeCluster, namespace: str
+) -> None:
+    """client-go's correlation against the real API server: the same refusal five times is one
+    Event with count 5; twelve different messages about one object are ten Events and one
+    "(combined from similar events)" counted twice; 30 identical posts are cut at the bucket."""
+    vm = {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND_PASSTHROUGHVM,
+        "metadata": {"name": "busy", "namespace": namespace, "uid": "u-2"},
+    }
+    flood = {**vm, "metadata": {**vm["metadata"], "name": "flood", "uid": "u-3"}}
+    spam = {**vm, "metadata": {**vm["metadata"], "name": "spam", "uid": "u-4"}}
+
+    async def post() -> EventRecorder:
+        async with KubeClient(load_credentials(str(kube.kubeconfig))) as api:
+            rec = EventRecorder(api, "pcipt-controller")
+            for _ in range(5):
+                rec.record(vm, "Warning", c.REASON_FAILED_SCHEDULING, "no free a100")
+                await rec.drain()
+            for i in range(12):
+                rec.record(flood, "Warning", c.REASON_FAILED_SCHEDULING, f"try {i}")
+                await rec.drain()
+            for _ in range(30):
+                rec.record(spam, "Normal", c.REASON_RELEASED, "same")
+            await rec.drain()
+            return rec
+
+    rec = asyncio.run(post())
+    assert rec.failed == 0 and rec.correlator.suppressed == 5
+    events = client.CoreV1Api(kube.api).list_namespaced_event(namespace).items
+    about = {
+        n: sorted((e.message, e.count) for e in events if e.involved_object.name == n)
+        for n in ("busy", "flood", "spam")
+    }
+    assert about["busy"] == [("no free a100", 5)]
+    assert about["flood"] == sorted(
+        [(f"try {i}", 1) for i in range(10)] + [("(combined from similar events): try 11", 2)]
+    )
+    (spam_event,) = about["spam"]
+    assert spam_event == ("same", 25)
