@@ -23,7 +23,7 @@ whose policy is Wait keeps its devices and says what it waits for.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from controller.binding import Binder
@@ -93,11 +93,11 @@ class Evacuator:
             )
         return None
 
-    async def check(self) -> None:
+    async def check(self, vms: Iterable[PassthroughVM] | None = None) -> None:
         """Evacuate (or mark waiting) the VMs on every node known to be down."""
         busy = self.in_flight()
         down: dict[str, str | None] = {}
-        for vm in list(self.inventory.vms.values()):
+        for vm in list(self.inventory.vms.values()) if vms is None else vms:
             node, uid = vm.status.node_name, vm.metadata.uid or ""
             if not node or is_deleting(vm) or uid in busy or uid in self.running:
                 continue

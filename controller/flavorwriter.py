@@ -17,8 +17,13 @@ class FlavorStatusWriter:
         self.api = api
         self.inventory = inventory
         self._written: dict[str, dict[str, Any]] = {}
+        self._epoch = -1
 
     async def write(self) -> None:
+        inv = self.inventory
+        if inv.epoch == self._epoch and self._written.keys() >= inv.flavors.keys():
+            return  # nothing counted has changed since the last pass
+        self._epoch = inv.epoch
         for name in list(self.inventory.flavors):
             status = compute_flavor_status(self.inventory, name)
             if self._written.get(name) == status:
@@ -29,7 +34,9 @@ class FlavorStatusWriter:
                 continue
             try:
                 await self.api.patch(
-                    crd_path(c.PLURAL_PCIFLAVOR, name, subresource="status"), {"status": status}
+                    crd_path(c.PLURAL_PCIFLAVOR, name, subresource="status"),
+                    {"status": status},
+                    parse=False,  # its watch event brings it back
                 )
             except NotFound:
                 continue

@@ -28,8 +28,23 @@ registry = kopf.OperatorRegistry()
 log = logging.getLogger("pcipt.controller")
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """pcipt has only on.event handlers, which never see a diff: kopf's diff base (a deep copy
+    of every object at every event, 5-6% of the controller's CPU in a fill) is not kept."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return None
+
+    def fetch(self, *, body: kopf.Body) -> None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
 def configure_kopf(settings: kopf.OperatorSettings, webhook: dict[str, Any] | None) -> None:
     settings.posting.enabled = False  # one Event per transition, posted by the runtime
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.connect_timeout = 10
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -10,6 +10,7 @@ counters, a changed IOMMU group, a failed scrub); this only relays it to the ten
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from controller.inventory import Inventory
 from controller.statuswriter import VmStatusWriter
@@ -39,8 +40,8 @@ class DeviceHealth:
                 )
         return out
 
-    async def mark_vms(self) -> None:
-        for vm in list(self.inventory.vms.values()):
+    async def mark_vms(self, vms: Iterable[PassthroughVM] | None = None) -> None:
+        for vm in list(self.inventory.vms.values()) if vms is None else vms:
             if not vm.status.node_name or is_deleting(vm):
                 continue
             sick = self.sick(vm)

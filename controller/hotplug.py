@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -190,12 +190,12 @@ class Hotplugger:
         d = self.inventory.devices.get(name)
         return d.claim.flavor if d is not None and d.claim is not None else None
 
-    async def check(self) -> None:
+    async def check(self, vms: Iterable[PassthroughVM] | None = None) -> None:
         busy = self.in_flight()
         if len(self._quiet) > 2 * len(self.inventory.vms) + 64:
             known = {vm.metadata.uid for vm in self.inventory.vms.values()}
             self._quiet = {u: k for u, k in self._quiet.items() if u in known}
-        for vm in list(self.inventory.vms.values()):
+        for vm in list(self.inventory.vms.values()) if vms is None else vms:
             node, uid = vm.status.node_name, vm.metadata.uid or ""
             if (
                 not node

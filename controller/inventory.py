@@ -101,6 +101,12 @@ class Inventory:
     in_flight: dict[str, tuple[str, Counter[str]]] = field(default_factory=dict)
     """VM uid -> (namespace, devices by flavor) of a bind in flight in this process"""
     node_versions: dict[str, int] = field(default_factory=dict)
+    touched_vms: set[VmKey] = field(default_factory=set)
+    touched_nodes: set[str] = field(default_factory=set)
+    """What changed since the periodic checks last looked (take_touched)."""
+    epoch: int = 0
+    """Bumped with every node's version and every liveness change: counts computed from the
+    inventory at one epoch are the same until the next."""
     """node -> a number bumped by every change its scheduling answer may depend on"""
     refusal_memo: dict[tuple[object, ...], NodeRefusal] = field(default_factory=dict)
     """Refused nodes' reasons by (node, its version, the VM's requests); emptied whenever
@@ -206,6 +212,17 @@ class Inventory:
 
     def _bump(self, node: str) -> None:
         self.node_versions[node] = self.node_versions.get(node, 0) + 1
+        self.epoch += 1
+        self.touched_nodes.add(node)
+
+    def take_touched(self) -> list[PassthroughVM]:
+        """The VMs that changed, or whose node did, since the last call."""
+        keys = set(self.touched_vms)
+        for node in self.touched_nodes:
+            keys.update(self.vms_on.get(node, {}).values())
+        self.touched_vms.clear()
+        self.touched_nodes.clear()
+        return [vm for k in keys if (vm := self.vms.get(k)) is not None]
 
     def _refresh_node(self, node: str, note_growth: bool = True) -> None:
         """Recompute a node's free counts; note every flavor whose count grew (unless told
@@ -217,7 +234,7 @@ class Inventory:
             for counts in self.free.values():
                 counts.pop(node, None)
             return
-        reserved = {n for n in self.reserved if n in devs}
+        reserved = {n for n in devs if n in self.reserved}
         counts = free_counts(devs.values(), self.flavors, self._labels(node), reserved)
         for fname, n in counts.items():
             before = self.free[fname].get(node, 0)
@@ -263,15 +280,43 @@ class Inventory:
 
     # --- flavors, VMs, namespaces, nodes, leases -----------------------------------------
 
-    def upsert_flavor(self, flavor: PciFlavor) -> None:
+    def upsert_flavor(self, flavor: PciFlavor) -> bool:
+        """False when only its status changed: what it selects and admits is the same, so the
+        index stands (a flavor's status is rewritten as its counts move)."""
+        old = self.flavors.get(flavor.metadata.name)
         self.flavors[flavor.metadata.name] = flavor
+        if (
+            old is not None
+            and old.metadata.generation == flavor.metadata.generation
+            and old.metadata.generation is not None
+            and old.metadata.labels == flavor.metadata.labels
+            and old.metadata.annotations == flavor.metadata.annotations
+        ):
+            return False
         self._reindex_all()
+        return True
+
+    def holds_device(self, body: dict[str, Any]) -> bool:
+        """Whether the inventory already has this very version of a device (a watch event
+        answering our own write, applied from the write's response)."""
+        meta = body.get("metadata") or {}
+        d = self.devices.get(meta.get("name", ""))
+        return d is not None and d.resource_version == meta.get("resourceVersion")
+
+    def held_vm(self, body: dict[str, Any]) -> PassthroughVM | None:
+        """The VM as held when it is this very version of it, else None."""
+        meta = body.get("metadata") or {}
+        vm = self.vms.get((meta.get("namespace", ""), meta.get("name", "")))
+        if vm is not None and vm.metadata.resource_version == meta.get("resourceVersion"):
+            return vm
+        return None
 
     def delete_flavor(self, name: str) -> None:
         self.flavors.pop(name, None)
         self.members.pop(name, None)
         self.free.pop(name, None)
         self.changed = True
+        self.epoch += 1
 
     def _reindex_all(self) -> None:
         self.members.clear()
@@ -295,6 +340,7 @@ class Inventory:
         self._place(old, None)
         self.vms[key] = vm
         self._place(vm, key)
+        self.touched_vms.add(key)
         if old is not None and _gave_back_compute(old, vm):
             self.changed = True  # what a waiting VM needs may be free now: try them all
         return True
@@ -418,6 +464,7 @@ class Inventory:
             if self._alive.get(node) != alive:
                 self._alive[node] = alive
                 self._facts.pop(node, None)
+                self.touched_nodes.add(node)
                 changed.append((node, alive))
                 if alive:
                     for fname, counts in self.free.items():
@@ -425,6 +472,7 @@ class Inventory:
                             self.grown.add(fname)
         if changed:
             self.changed = True
+            self.epoch += 1
         return changed
 
     def facts(self, node: str) -> NodeFacts:

@@ -8,7 +8,7 @@ node is released without waiting for its domain.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from controller.inventory import Inventory
@@ -16,6 +16,7 @@ from controller.statuswriter import VmStatusWriter
 from controller.vmstatus import is_deleting
 from pcipt import clock
 from pcipt import constants as c
+from pcipt.api.v1alpha1 import PassthroughVM
 from pcipt.compute import ANNOTATION as COMPUTE_ANNOTATION
 from pcipt.compute import NodeCompute
 from pcipt.conditions import get_condition
@@ -83,10 +84,10 @@ class NodeLiveness:
             log.info("node %s node=%s", "alive" if alive else "not alive", node)
         return changed
 
-    async def mark_vms(self) -> None:
+    async def mark_vms(self, vms: Iterable[PassthroughVM] | None = None) -> None:
         """Give VMs on a node that stopped renewing its lease a condition saying so (and take
         it back when the node is back)."""
-        for vm in list(self.inventory.vms.values()):
+        for vm in list(self.inventory.vms.values()) if vms is None else vms:
             node = vm.status.node_name
             if not node or is_deleting(vm):
                 continue

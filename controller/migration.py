@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,9 +117,9 @@ class Migrator:
         self.live = live
         self.running: set[str] = set()
 
-    async def check(self) -> None:
+    async def check(self, vms: Iterable[PassthroughVM] | None = None) -> None:
         busy = self.in_flight()
-        for vm in list(self.inventory.vms.values()):
+        for vm in list(self.inventory.vms.values()) if vms is None else vms:
             uid = vm.metadata.uid or ""
             if is_deleting(vm) or uid in busy or uid in self.running:
                 continue

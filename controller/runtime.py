@@ -57,6 +57,11 @@ from pcipt.kubeclient import ApiError, KubeClient, crd_path, retry_transient
 
 log = logging.getLogger("pcipt.controller")
 
+SWEEP_ALL_BELOW = 2000
+"""Up to this many VMs the periodic checks look at every VM every tick."""
+SWEEP_EVERY = 10.0
+"""Past it, every VM is looked at this often (seconds); in between only what changed."""
+
 
 @dataclass
 class ControllerSettings:
@@ -230,6 +235,7 @@ class Runtime:
         self._tick_health = Health(log, "node liveness and flavor counts")
         self._audit_health = Health(log, "the audit")
         self._tasks: list[asyncio.Task[None]] = []
+        self._last_sweep = 0.0
         self._background: set[asyncio.Task[Any]] = set()
         """Binds, refusals and finalizes in flight: awaited on stop."""
 
@@ -322,6 +328,8 @@ class Runtime:
     def on_device(self, event_type: str | None, body: dict[str, Any]) -> None:
         if event_type == "DELETED":
             self.inventory.delete_device(body["metadata"]["name"])
+        elif self.inventory.holds_device(body):
+            return  # the answer to our own write, applied when it came back
         else:
             try:
                 dev = PciDevice.model_validate(body)
@@ -336,8 +344,8 @@ class Runtime:
     def on_flavor(self, event_type: str | None, body: dict[str, Any]) -> None:
         if event_type == "DELETED":
             self.inventory.delete_flavor(body["metadata"]["name"])
-        else:
-            self.inventory.upsert_flavor(PciFlavor.model_validate(body))
+        elif not self.inventory.upsert_flavor(PciFlavor.model_validate(body)):
+            return  # its status only (the counts this controller writes)
         self.scheduler.wake.set()
 
     def on_namespace(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -368,6 +376,10 @@ class Runtime:
             self.inventory.delete_vm(key)
             self.queue.forget(body["metadata"].get("uid", ""))
             return
+        held = self.inventory.held_vm(body)
+        if held is not None:
+            self._consider(held)  # the answer to our own write: nothing new to parse
+            return
         try:
             vm = PassthroughVM.model_validate(body)
         except ValueError as e:
@@ -392,6 +404,18 @@ class Runtime:
 
     # --- periodic work -------------------------------------------------------------------
 
+    def _tick_vms(self) -> list[PassthroughVM]:
+        """The VMs the periodic checks look at: every VM, while there are few; past
+        SWEEP_ALL_BELOW, those that changed or whose node did since the last tick, and every VM
+        once per SWEEP_EVERY seconds (what only time changes, such as a timeout, and what a
+        check passed over while busy with it)."""
+        touched = self.inventory.take_touched()
+        now = time.monotonic()
+        if len(self.inventory.vms) <= SWEEP_ALL_BELOW or now - self._last_sweep >= SWEEP_EVERY:
+            self._last_sweep = now
+            return list(self.inventory.vms.values())
+        return touched
+
     async def _tick_loop(self) -> None:
         last_flavors = 0.0
         while True:
@@ -401,16 +425,17 @@ class Runtime:
             try:
                 if self.liveness.tick() or self.inventory.grown:
                     self.scheduler.wake.set()
-                await self.liveness.mark_vms()
-                await self.evacuator.check()
-                await self.migrator.check()
-                await self.hotplug.check()
-                await self.device_health.mark_vms()
+                vms = self._tick_vms()
+                await self.liveness.mark_vms(vms)
+                await self.evacuator.check(vms)
+                await self.migrator.check(vms)
+                await self.hotplug.check(vms)
+                await self.device_health.mark_vms(vms)
                 if time.monotonic() - last_flavors >= self.settings.flavor_status_interval:
                     last_flavors = time.monotonic()
                     await self.flavor_status.write()
                 # Deleted VMs waiting on a node that has since died can now be released.
-                for vm in list(self.inventory.vms.values()):
+                for vm in vms:
                     node = vm.status.node_name
                     if is_deleting(vm) and node and not self.inventory.is_alive(node):
                         self._consider(vm)

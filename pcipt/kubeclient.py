@@ -230,7 +230,10 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        parse: bool = True,
     ) -> Any:
+        """`parse=False`: a success's body is not decoded (None is returned): for writes whose
+        answer nobody reads, a large object's JSON is the biggest cost on the client."""
         await self.open()
         assert self._session is not None
         url = self.creds.host + path
@@ -245,6 +248,8 @@ class KubeClient:
             self.requests[method] += 1
             async with self._session.request(method, url, data=data, headers=headers) as resp:
                 text = await resp.text()
+                if not parse and resp.status < 400:
+                    return None
                 payload: Any = json.loads(text) if text else None
                 if resp.status == 401 and attempt == 1 and self.creds.reloaded():
                     # The token expired under us: once more with the fresh one.
@@ -286,17 +291,23 @@ class KubeClient:
         patch_type: PatchType = "merge",
         field_manager: str | None = None,
         force: bool = False,
+        parse: bool = True,
     ) -> dict[str, Any]:
+        """The object as written ({} with parse=False)."""
         params: dict[str, str] = {}
         if field_manager:
             params["fieldManager"] = field_manager
         if force:
             params["force"] = "true"
-        return dict(
-            await self.request(
-                "PATCH", path, params=params, body=body, content_type=_CONTENT_TYPES[patch_type]
-            )
+        got = await self.request(
+            "PATCH",
+            path,
+            params=params,
+            body=body,
+            content_type=_CONTENT_TYPES[patch_type],
+            parse=parse,
         )
+        return dict(got) if got is not None else {}
 
     async def delete(self, path: str, *, body: Mapping[str, Any] | None = None) -> Any:
         """DELETE; `body` may carry DeleteOptions, e.g. preconditions on resourceVersion."""

@@ -264,3 +264,39 @@ class InventoryMachine(RuleBasedStateMachine):
 
 TestInventory = InventoryMachine.TestCase
 TestInventory.settings = settings(max_examples=500, stateful_step_count=30, deadline=None)
+
+
+def _vm(name: str, node: str | None, rv: int) -> Any:
+    from pcipt.api.v1alpha1 import PassthroughVM
+
+    return PassthroughVM.model_validate(
+        {
+            "apiVersion": "pcipt.io/v1alpha1",
+            "kind": "PassthroughVM",
+            "metadata": {"name": name, "namespace": "t", "uid": name, "resourceVersion": str(rv)},
+            "spec": {"memory": "1Gi"},
+            "status": {"nodeName": node} if node else {},
+        }
+    )
+
+
+def test_take_touched_names_changed_vms_and_the_vms_of_changed_nodes_once() -> None:
+    """What the periodic checks look at past a few thousand VMs: a VM that changed, every VM
+    on a node whose devices or liveness changed, and nothing twice."""
+    now = [0.0]
+    inv = Inventory(node_dead_after=40.0, clock=lambda: now[0])
+    inv.renew_lease("n1", 0.0)
+    inv.renew_lease("n2", 0.0)
+    for i, node in enumerate(("n1", "n1", "n2")):
+        inv.upsert_vm(_vm(f"vm{i}", node, 1))
+    inv.upsert_vm(_vm("pending", None, 1))
+    assert {v.metadata.name for v in inv.take_touched()} == {"vm0", "vm1", "vm2", "pending"}
+    assert inv.take_touched() == []
+    inv.upsert_device(_device("n2", ADDRESSES[0], 5))
+    assert [v.metadata.name for v in inv.take_touched()] == ["vm2"]
+    inv.upsert_vm(_vm("vm0", "n1", 2))
+    assert {v.metadata.name for v in inv.take_touched()} == {"vm0", "vm1"}  # n1 changed too
+    now[0] = 41.0
+    inv.renew_lease("n2", 41.0)
+    inv.tick()  # n1 dies
+    assert {v.metadata.name for v in inv.take_touched()} == {"vm0", "vm1"}
