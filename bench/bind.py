@@ -1,7 +1,9 @@
 """Bind throughput and latency of the controller against the real local control plane.
 
     .venv/bin/python bench/bind.py [--nodes 500] [--devices 10] [--rate 20] [--steady 30]
-        [--waiting 20] [--r-seconds 4] [--json FILE]
+        [--waiting 20] [--r-seconds 4] [--prefill 0.5] [--fill N] [--no-requeue] [--json FILE]
+
+At 50k devices (issue 14's scale): --nodes 5000 --prefill 0.1 --fill 5000 --no-requeue.
 
 What it does, in order:
 1. starts a local control plane (etcd without fsync, as Kubernetes' integration tests run it;
@@ -9,16 +11,20 @@ What it does, in order:
    node plugins do (create + status), with a Lease per node;
 2. measures R, the rate of conditional PATCHes (merge patch carrying resourceVersion) the API
    server takes from one client, at concurrency 1, 8 and 32, on scratch devices;
-3. starts `pcipt-controller run` as its own process and pre-fills half the devices with VMs;
-4. fill: creates VMs for the other half as fast as one client can and reports binds/s,
-   time-to-Scheduled p50/p95/p99, and API writes per bind from the API server's
-   apiserver_request_total (so every writer is counted, whoever it is);
-5. releases 20% of the VMs (delete + the node plugin's DomainGone) and reports releases/s;
+3. starts `pcipt-controller run` as its own process, creates one VM and reports when it is
+   Scheduled (ready: the whole inventory listed) and the controller's memory then, and
+   pre-fills --prefill of the devices with VMs;
+4. fill: creates --fill VMs (default: the rest) as fast as one client can and reports binds/s,
+   time-to-Scheduled p50/p95/p99, API writes per bind from the API server's
+   apiserver_request_total (so every writer is counted, whoever it is), CPU per process and
+   the controller's memory; then times `kubectl pcipt inventory` on the whole inventory;
+5. releases 20% of the VMs (at most 1000; delete + the node plugin's DomainGone) and reports
+   releases/s;
 6. steady: creates VMs at --rate per second for --steady seconds and reports time-to-Scheduled;
-7. requeue: fills the cluster, adds --waiting VMs that are refused, then frees one device at a
-   time and reports the time from deleting a bound VM (and its DomainGone, as a node plugin
-   reports it) to a waiting VM Scheduled: the queue's reaction to capacity (release, re-plan,
-   claim).
+7. requeue (unless --no-requeue): fills the cluster, adds --waiting VMs that are refused,
+   then frees one device at a time and reports the time from deleting a bound VM (and its
+   DomainGone, as a node plugin reports it) to a waiting VM Scheduled: the queue's reaction to
+   capacity (release, re-plan, claim).
 
 It prints figures (and writes them as JSON with --json); it asserts nothing about speed.
 """
@@ -61,6 +67,34 @@ def cpu_seconds(pid: int) -> float:
     """user + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory now and at its peak (VmRSS, VmHWM), MiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {
+        k: round(int(fields[f].split()[0]) / 1024, 1)
+        for k, f in (("rss", "VmRSS"), ("peak", "VmHWM"))
+    }
+
+
+def inventory_cli(kubeconfig: Path) -> dict[str, Any]:
+    """`kubectl pcipt inventory` as a user runs it, timed from start to exit."""
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+    t0 = time.monotonic()
+    got = subprocess.run(
+        [sys.executable, "-m", "pcipt.cli.kubectl_pcipt", "inventory"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    took = time.monotonic() - t0
+    return {"seconds": round(took, 2), "rows": max(0, len(got.stdout.splitlines()) - 1)}
 
 
 def now_iso() -> str:
@@ -296,18 +330,28 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 tail = (state / "controller.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"the controller exited {ctl.returncode}:\n{tail}")
 
-        half = total // 2
+        half = int(total * args.prefill)
         prefill = [f"pre-{i:05d}" for i in range(half)]
-        await create_vms(api, prefill)
-        await watcher.wait(prefill, timeout=900, check=controller_alive)
+        await create_vms(api, prefill[:1])
+        await watcher.wait(prefill[:1], timeout=900, check=controller_alive)
+        # Ready: it has listed the whole inventory and placed a VM.
+        out["controller_ready_s"] = round(watcher.at[prefill[0]] - t0, 2)
+        out["controller_memory_ready_mib"] = memory_mib(ctl.pid)
+        await create_vms(api, prefill[1:])
+        await watcher.wait(prefill, timeout=1800, check=controller_alive)
         out["controller_start_and_prefill_s"] = round(time.monotonic() - t0, 1)
         print(
+            f"controller ready (inventory listed, first VM placed) {out['controller_ready_s']}s "
+            f"after start, memory {out['controller_memory_ready_mib']} MiB; "
             f"pre-filled {half} VMs in {out['controller_start_and_prefill_s']}s "
             "(controller start included)",
             flush=True,
         )
 
-        fill = [f"fill-{i:05d}" for i in range(total - half)]
+        n_fill = args.fill or total - half
+        if half + n_fill > total:
+            raise SystemExit(f"--fill {n_fill} past the {total - half} devices left")
+        fill = [f"fill-{i:05d}" for i in range(n_fill)]
         before = await request_counts(api)
         st = cluster.state()
         assert st is not None
@@ -345,6 +389,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "fraction_of_R_over_w": round(binds_per_s / (r_best / w), 2),
             "cpu_seconds": cpu,
             "controller_cpu_ms_per_bind": round(cpu["controller"] / len(fill) * 1000, 2),
+            "controller_memory_mib": memory_mib(ctl.pid),
         }
         print(
             f"fill {len(fill)} VMs ({half}->{total} devices): {binds_per_s:.1f} binds/s; "
@@ -356,9 +401,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
 
-        # Release 20%: delete, and report the domain gone as a node plugin would.
+        out["inventory_cli"] = inventory_cli(cluster.kubeconfig)
+        print(
+            f"kubectl pcipt inventory on {total} devices: {out['inventory_cli']['seconds']}s "
+            f"({out['inventory_cli']['rows']} rows)",
+            flush=True,
+        )
+
+        # Release 20% (at most 1000): delete, and report the domain gone as a node plugin would.
         n_steady = int(args.rate * args.steady)
-        victims = prefill[: min(half, max(total // 5, n_steady))]
+        victims = prefill[: min(half, max(min(total // 5, 1000), n_steady))]
         t0 = time.monotonic()
 
         async def release(name: str) -> None:
@@ -422,7 +474,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             f"{pct(lat, 50):.3f}/{pct(lat, 95):.3f}/{pct(lat, 99):.3f}s",
             flush=True,
         )
-        out["requeue"] = await requeue(api, watcher, steady, args.waiting, release)
+        out["controller_memory_end_mib"] = memory_mib(ctl.pid)
+        if args.requeue:
+            out["requeue"] = await requeue(api, watcher, steady, args.waiting, release)
         watcher.stop()
         await api.close()
     finally:
@@ -512,6 +566,16 @@ def main() -> int:
     p.add_argument("--r-seconds", type=float, default=4.0, help="seconds per concurrency for R")
     p.add_argument(
         "--waiting", type=int, default=20, help="refused VMs in the requeue phase (<= steady VMs)"
+    )
+    p.add_argument(
+        "--prefill", type=float, default=0.5, help="fraction of the devices bound before the fill"
+    )
+    p.add_argument("--fill", type=int, default=0, help="VMs in the fill (default: the rest)")
+    p.add_argument(
+        "--requeue",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the requeue phase (it first fills every device left)",
     )
     p.add_argument("--fsync", action="store_true", help="let etcd fsync (slower, like production)")
     p.add_argument("--json", type=Path, help="also write the figures here")

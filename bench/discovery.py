@@ -6,7 +6,9 @@ Builds a simulated host with --pfs PFs of --vfs VFs each (plus their PFs: 8 x 64
 functions), then reports:
 - discovery time (reading the sysfs tree), device-spec decision time, publish-plan time;
 - against the real local control plane, the node plugin's first rescan (publishes every VF)
-  and a quiet rescan after it: API writes each, and wall time.
+  and a quiet rescan after it: API writes each, and wall time;
+- `pcipt-nodeplugin run` as its own process on the same host: resident memory once it has
+  published every device, and after two more rescans.
 It prints figures; it asserts nothing about speed.
 """
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -111,6 +115,54 @@ async def rescans(root: Path, kubeconfig: Path, state: Path, config: Path) -> di
         }
 
 
+def plugin_memory(
+    root: Path, kubeconfig: Path, work: Path, config: Path, expect: int
+) -> dict[str, Any]:
+    """`pcipt-nodeplugin run` as its own process on the simulated host: its resident memory
+    (now and peak, MiB) once it has published every device, and a rescan later."""
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
+    log = open(work / "nodeplugin.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "nodeplugin", "run", "--simulate",
+            "--node-name", "mem", "--sysfs-root", str(root), "--config", str(config),
+            "--libvirt-uri", "test:///default", "--state-dir", str(work / "mem-state"),
+            "--rescan-interval", "2", "--metrics-port", "0", "--log-level", "WARNING",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+    )  # fmt: skip
+    try:
+        custom = client.CustomObjectsApi(k8s_config.new_client_from_config(str(kubeconfig)))
+        deadline = time.monotonic() + 300
+        while True:
+            got = custom.list_cluster_custom_object(
+                c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, label_selector=f"{c.LABEL_NODE}=mem"
+            )
+            if len(got["items"]) >= expect:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (work / "nodeplugin.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the node plugin did not publish {expect} devices:\n{tail}")
+            time.sleep(0.5)
+        published = memory_mib(proc.pid)
+        time.sleep(5)  # two rescans more
+        return {"published": published, "after_rescans": memory_mib(proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory now and at its peak (VmRSS, VmHWM), MiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {
+        k: round(int(fields[f].split()[0]) / 1024, 1)
+        for k, f in (("rss", "VmRSS"), ("peak", "VmHWM"))
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pfs", type=int, default=8)
@@ -164,13 +216,17 @@ def main() -> int:
         out.update(
             asyncio.run(rescans(root, cluster.kubeconfig, work / "state", work / "config.yaml"))
         )
+        out["nodeplugin_memory_mib"] = plugin_memory(
+            root, cluster.kubeconfig, work, work / "config.yaml", out["offered"]
+        )
     finally:
         cluster.down()
     print(
         f"first rescan against the API server: {out['first_rescan']['writes']} writes for "
         f"{out['first_rescan']['devices']} devices in {out['first_rescan']['seconds']} s; "
         f"quiet rescan: {out['quiet_rescan']['writes']} writes "
-        f"in {out['quiet_rescan']['seconds']} s",
+        f"in {out['quiet_rescan']['seconds']} s; the node plugin's own process with "
+        f"{out['functions']} functions: memory {out['nodeplugin_memory_mib']} MiB",
         flush=True,
     )
     print(json.dumps(out, indent=2))
