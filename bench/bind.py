@@ -84,8 +84,9 @@ def inventory_cli(kubeconfig: Path) -> dict[str, Any]:
     """`kubectl pcipt inventory` as a user runs it, timed from start to exit."""
     env = dict(os.environ, KUBECONFIG=str(kubeconfig))
     t0 = time.monotonic()
+    cli = "import sys; from pcipt.cli.kubectl_pcipt import main; sys.exit(main())"
     got = subprocess.run(
-        [sys.executable, "-m", "pcipt.cli.kubectl_pcipt", "inventory"],
+        [sys.executable, "-c", cli, "inventory"],
         env=env,
         cwd=REPO,
         capture_output=True,

@@ -17,11 +17,13 @@ from typing import Any
 
 from controller.scheduling import (
     Device,
+    Eligibility,
     NodeFacts,
     NodeRefusal,
     SchedulingInput,
     ScoringPolicy,
     free_counts,
+    node_eligibility,
 )
 from pcipt.api.v1alpha1 import ComputeStatus, PassthroughVM, PciDevice, PciFlavor
 from pcipt.compute import NodeCompute
@@ -88,6 +90,9 @@ class Inventory:
     flavors: dict[str, PciFlavor] = field(default_factory=dict)
     members: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     free: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
+    free_nodes: dict[str, dict[int, set[str]]] = field(default_factory=lambda: defaultdict(dict))
+    """flavor -> free count -> the nodes with it: `free` inverted, so a decision starts from
+    the nodes with the count it prefers instead of looking at every node."""
     vms: dict[VmKey, PassthroughVM] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     node_labels: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -105,6 +110,12 @@ class Inventory:
     touched_nodes: set[str] = field(default_factory=set)
     """What changed since the periodic checks last looked (take_touched)."""
     epoch: int = 0
+    nodes_epoch: int = 0
+    """Bumped when the set of nodes or any node's facts change (FactsView, eligibility)."""
+    _known: tuple[int, list[str]] = (-1, [])
+    _eligible: dict[tuple[tuple[str, str], ...], tuple[int, Eligibility]] = field(
+        default_factory=dict
+    )
     """Bumped with every node's version and every liveness change: counts computed from the
     inventory at one epoch are the same until the next."""
     """node -> a number bumped by every change its scheduling answer may depend on"""
@@ -158,6 +169,8 @@ class Inventory:
             self._refresh_node(old.node)
         self._account_claim(old, -1)
         self.devices[name] = new
+        if new.node not in self.by_node:
+            self.nodes_epoch += 1
         self.by_node[new.node][name] = new
         self._account_claim(new, +1)
         if new.claim is not None and self.reserved.get(name) == new.claim.uid:
@@ -230,17 +243,31 @@ class Inventory:
         self._bump(node)
         devs = self.by_node.get(node, {})
         if not devs:
-            self.by_node.pop(node, None)
-            for counts in self.free.values():
-                counts.pop(node, None)
+            if self.by_node.pop(node, None) is not None:
+                self.nodes_epoch += 1
+            for fname, counts in self.free.items():
+                if (gone := counts.pop(node, None)) is not None:
+                    self._file(fname, node, gone, None)
             return
         reserved = {n for n in devs if n in self.reserved}
         counts = free_counts(devs.values(), self.flavors, self._labels(node), reserved)
         for fname, n in counts.items():
-            before = self.free[fname].get(node, 0)
+            before = self.free[fname].get(node)
             self.free[fname][node] = n
-            if n > before and note_growth and self.is_alive(node):
+            if before != n:
+                self._file(fname, node, before, n)
+            if n > (before or 0) and note_growth and self.is_alive(node):
                 self.grown.add(fname)
+
+    def _file(self, flavor: str, node: str, before: int | None, now: int | None) -> None:
+        """Keep free_nodes (count -> nodes) in step with free (node -> count)."""
+        buckets = self.free_nodes[flavor]
+        if before is not None and (b := buckets.get(before)) is not None:
+            b.discard(node)
+            if not b:
+                del buckets[before]
+        if now is not None:
+            buckets.setdefault(now, set()).add(node)
 
     # --- reservations for binds in flight ------------------------------------------------
 
@@ -315,6 +342,7 @@ class Inventory:
         self.flavors.pop(name, None)
         self.members.pop(name, None)
         self.free.pop(name, None)
+        self.free_nodes.pop(name, None)
         self.changed = True
         self.epoch += 1
 
@@ -365,11 +393,11 @@ class Inventory:
     def set_compute(self, node: str, compute: NodeCompute | None) -> None:
         if compute is None:
             if self.compute.pop(node, None) is not None:
-                self._facts.pop(node, None)
+                self._forget_facts(node)
             return
         if self.compute.get(node) != compute:
             self.compute[node] = compute
-            self._facts.pop(node, None)
+            self._forget_facts(node)
             self._bump(node)
             self.changed = True
 
@@ -410,7 +438,7 @@ class Inventory:
             self.node_labels.pop(node, None)
         else:
             self.node_labels[node] = dict(labels)
-        self._facts.pop(node, None)
+        self._forget_facts(node)
         for d in self.by_node.get(node, {}).values():
             self._refresh_membership(d)
         self._refresh_node(node)
@@ -424,7 +452,7 @@ class Inventory:
             self.out_of_service.pop(node, None)
         else:
             self.out_of_service[node] = taint
-        self._facts.pop(node, None)
+        self._forget_facts(node)
         self._bump(node)
         self.changed = True
         if taint is None:
@@ -433,13 +461,18 @@ class Inventory:
                     self.grown.add(fname)
 
     def renew_lease(self, node: str, renewed_at: float) -> None:
+        """A node's Lease renewed: that node alone is looked at again (thousands of nodes renew
+        every few seconds; the tick looks at all of them once a second)."""
+        if node not in self.leases:
+            self.nodes_epoch += 1
         self.leases[node] = max(renewed_at, self.leases.get(node, 0.0))
-        self.tick()
+        self._check_alive(node)
 
     def forget_lease(self, node: str) -> None:
         """The node's Lease was deleted: it is not alive, and not known unless it has devices."""
-        self.leases.pop(node, None)
-        self.tick()
+        if self.leases.pop(node, None) is not None:
+            self.nodes_epoch += 1
+        self._check_alive(node)
 
     def is_alive(self, node: str) -> bool:
         renewed = self.leases.get(node)
@@ -458,22 +491,32 @@ class Inventory:
             self.devices[name] = d
             self.by_node[d.node][name] = d
             self._refresh_node(d.node)
-        changed = []
-        for node in set(self.leases) | set(self.by_node):
-            alive = self.is_alive(node)
-            if self._alive.get(node) != alive:
-                self._alive[node] = alive
-                self._facts.pop(node, None)
-                self.touched_nodes.add(node)
-                changed.append((node, alive))
-                if alive:
-                    for fname, counts in self.free.items():
-                        if counts.get(node):
-                            self.grown.add(fname)
-        if changed:
-            self.changed = True
-            self.epoch += 1
+        changed = [
+            (node, alive)
+            for node in set(self.leases) | set(self.by_node)
+            if (alive := self._check_alive(node)) is not None
+        ]
         return changed
+
+    def _check_alive(self, node: str) -> bool | None:
+        """Note whether the node is alive now; its new state when that changed, else None."""
+        alive = self.is_alive(node)
+        if self._alive.get(node) == alive:
+            return None
+        self._alive[node] = alive
+        self._forget_facts(node)
+        self.touched_nodes.add(node)
+        if alive:
+            for fname, counts in self.free.items():
+                if counts.get(node):
+                    self.grown.add(fname)
+        self.changed = True
+        self.epoch += 1
+        return alive
+
+    def _forget_facts(self, node: str) -> None:
+        self._facts.pop(node, None)
+        self.nodes_epoch += 1
 
     def facts(self, node: str) -> NodeFacts:
         f = self._facts.get(node)
@@ -489,7 +532,24 @@ class Inventory:
         return f
 
     def known_nodes(self) -> list[str]:
-        return sorted(set(self.by_node) | set(self.leases))
+        """Nodes with devices or a Lease, sorted (kept until the set changes)."""
+        if self._known[0] != self.nodes_epoch:
+            self._known = (self.nodes_epoch, sorted(set(self.by_node) | set(self.leases)))
+        return self._known[1]
+
+    def eligibility(self, selector: Mapping[str, str]) -> Eligibility:
+        """Which nodes a VM with this nodeSelector may use, as the scheduler decides it, kept
+        until a node's facts (liveness, labels, taint, compute) or the set of nodes change:
+        a decision then costs nothing per node that the free counts rule out."""
+        key = tuple(sorted(selector.items()))
+        hit = self._eligible.get(key)
+        if hit is not None and hit[0] == self.nodes_epoch:
+            return hit[1]
+        got = node_eligibility(FactsView(self), self.known_nodes(), selector)
+        if len(self._eligible) > 256:
+            self._eligible.clear()
+        self._eligible[key] = (self.nodes_epoch, got)
+        return got
 
     def take_news(self) -> tuple[bool, set[str]]:
         """What changed since the scheduler last asked: (everything, the flavors whose free
@@ -558,7 +618,8 @@ class Inventory:
         return SchedulingInput(
             vm=vm,
             flavors=self.flavors,
-            nodes={n: self.facts(n) for n in self.known_nodes()},
+            nodes=FactsView(self),
+            eligibility=self.eligibility,
             namespace_labels=self.namespaces.get(ns, {}),
             namespace_usage=usage,
             reserved=frozenset(n for n, u in self.reserved.items() if u != uid),
@@ -572,6 +633,7 @@ class Inventory:
             # The free counts describe a VM holding nothing; one that holds claims already
             # (an interrupted bind) gets the full search, which counts its own devices as free.
             free=self.free if not own else None,
+            free_nodes=self.free_nodes if not own else None,
         )
 
     def claimed_by(self, uid: str) -> list[Device]:
@@ -601,3 +663,25 @@ def _gave_back_compute(old: PassthroughVM, new: PassthroughVM) -> bool:
         or new.status.node_name != old.status.node_name
         or new.status.compute != old.status.compute
     )
+
+
+class FactsView(Mapping[str, NodeFacts]):
+    """The known nodes' facts, computed when asked (a decision asks for few of thousands)."""
+
+    def __init__(self, inv: Inventory) -> None:
+        self.inv = inv
+        self.names = inv.known_nodes()
+
+    def __getitem__(self, node: str) -> NodeFacts:
+        if node not in self.inv.by_node and node not in self.inv.leases:
+            raise KeyError(node)
+        return self.inv.facts(node)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.inv.by_node or node in self.inv.leases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

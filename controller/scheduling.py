@@ -23,6 +23,7 @@ Policy, in the order it is applied:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import Counter, defaultdict
@@ -208,6 +209,37 @@ class SchedulingInput:
     cluster. Only valid when the VM holds no device yet (it is ignored otherwise)."""
     images: ImageCatalog | None = None
     """What the admins' image catalog says images support (pcipt.images); None: no catalog."""
+    free_nodes: Mapping[str, Mapping[int, Set[str]]] | None = None
+    """`free` inverted (flavor -> count -> nodes), kept with it: a one-flavor decision then
+    visits the nodes with the count it prefers first, without looking at the others."""
+    eligibility: Callable[[Mapping[str, str]], Eligibility] | None = None
+    """nodeSelector -> `node_eligibility` over every known node, as an index keeps it (the
+    controller's, until a node's facts change). None: computed from `nodes` per decision."""
+
+
+Eligibility = tuple[list[str], list[str], dict[str, "NodeRefusal"], frozenset[str]]
+"""(every node name sorted, the eligible ones, why each other one is not, the eligible ones
+as a set)."""
+
+
+def node_eligibility(
+    nodes: Mapping[str, NodeFacts], names: Sequence[str], selector: Mapping[str, str]
+) -> Eligibility:
+    """Which nodes a VM may use whatever their devices: alive, in service, matching its
+    nodeSelector. (A cold migration's exclusions are the VM's own: see schedule.)"""
+    refusals: dict[str, NodeRefusal] = {}
+    eligible: list[str] = []
+    for name in names:
+        facts = nodes.get(name) or NodeFacts(name)
+        if not facts.alive:
+            refusals[name] = NodeRefusal(name, ("not alive",))
+        elif facts.out_of_service:
+            refusals[name] = NodeRefusal(name, ("out of service",))
+        elif selector and any(facts.effective_labels().get(k) != v for k, v in selector.items()):
+            refusals[name] = NodeRefusal(name, ("didn't match the VM's nodeSelector",))
+        else:
+            eligible.append(name)
+    return list(names), eligible, refusals, frozenset(eligible)
 
 
 def free_counts(
@@ -1266,23 +1298,23 @@ def schedule(inp: SchedulingInput) -> Result:
         for d in inp.devices:
             grouped[d.node].append(d)
         by_node = grouped
-    node_names = sorted(set(inp.nodes) | set(by_node))
     selector = inp.vm.spec.node_selector or {}
-
-    refusals: dict[str, NodeRefusal] = {}
-    eligible: list[str] = []
-    for name in node_names:
-        facts = inp.nodes.get(name) or NodeFacts(name)
-        if not facts.alive:
-            refusals[name] = NodeRefusal(name, ("not alive",))
-        elif facts.out_of_service:
-            refusals[name] = NodeRefusal(name, ("out of service",))
-        elif (why := _migration_excludes(inp.vm, name)) is not None:
-            refusals[name] = NodeRefusal(name, (why,))
-        elif any(facts.effective_labels().get(k) != v for k, v in selector.items()):
-            refusals[name] = NodeRefusal(name, ("didn't match the VM's nodeSelector",))
-        else:
-            eligible.append(name)
+    if inp.eligibility is not None:
+        node_names, eligible, kept, eligible_set = inp.eligibility(selector)
+    else:
+        names = sorted(set(inp.nodes) | set(by_node))
+        node_names, eligible, kept, eligible_set = node_eligibility(inp.nodes, names, selector)
+    refusals = dict(kept)
+    mig = inp.vm.status.migration
+    if mig is not None and mig.phase == "Placing":
+        # A cold migration's own exclusions, in the order the nodes were judged.
+        keep = []
+        for name in eligible:
+            if (why := _migration_excludes(inp.vm, name)) is not None:
+                refusals[name] = NodeRefusal(name, (why,))
+            else:
+                keep.append(name)
+        eligible, eligible_set = keep, frozenset(keep)
 
     demand = Demand.of(inp.vm)
 
@@ -1312,6 +1344,7 @@ def schedule(inp: SchedulingInput) -> Result:
             reqs,
             skipped_vm=skipped_vm,
             eligible=eligible,
+            eligible_set=eligible_set,
             evaluate=evaluate,
             refusals=refusals,
         )
@@ -1331,12 +1364,27 @@ def schedule(inp: SchedulingInput) -> Result:
     )
 
 
+def _bucketed(
+    by_bound: Mapping[int, list[int]],
+    buckets: Mapping[int, Set[str]],
+    eligible: Set[str],
+) -> Iterator[tuple[int, str]]:
+    """(bound, node) in ascending order from the inverted free counts: the buckets of one
+    bound merged and ordered by name, read only when the search reaches them."""
+    for bound in sorted(by_bound):
+        names = [n for k in by_bound[bound] for n in buckets.get(k, ()) if n in eligible]
+        heapq.heapify(names)
+        while names:
+            yield bound, heapq.heappop(names)
+
+
 def _indexed_search(
     inp: SchedulingInput,
     reqs: list[_Req],
     *,
     skipped_vm: Mapping[str, str],
     eligible: list[str],
+    eligible_set: Set[str] | None = None,
     evaluate: Callable[[str], Placement | None],
     refusals: dict[str, NodeRefusal],
 ) -> Placement | None:
@@ -1361,16 +1409,51 @@ def _indexed_search(
     sign = 1 if inp.policy == "best-fit" else -1
     bounds: list[tuple[int, str]] = []
     short: list[str] = []
-    for name in eligible:
-        counts = {f: free.get(f, {}).get(name, 0) for f in flavors}
-        if any(not r.optional and counts[r.flavor] < mandatory[r.flavor] for r in active):
-            short.append(name)
-            continue
-        left = sum(max(0, counts[f] - wanted[f]) for f in flavors)
-        bounds.append((sign * left, name))
-    bounds.sort()
+    lazy: Iterator[tuple[int, str]] | None = None
+    short_of: Callable[[], list[str]] | None = None
+    if (
+        len(flavors) == 1
+        and inp.free_nodes is not None
+        and eligible_set is not None
+        and mandatory[flavors[0]] > 0  # a node without the flavor has no bucket
+    ):
+        # The common case, one flavor, with the inverted index: nodes come bucket by bucket
+        # in the order of their bound; a bucket is read only if the search gets to it.
+        (f,) = flavors
+        by = free.get(f, {})
+        need, want = mandatory[f], wanted[f]
+        buckets = inp.free_nodes.get(f, {})
+        by_bound: dict[int, list[int]] = defaultdict(list)
+        for k in buckets:
+            if k >= need:
+                by_bound[sign * (k - want if k > want else 0)].append(k)
+        lazy = _bucketed(by_bound, buckets, eligible_set)
+        short_of = lambda: [n for n in eligible if by.get(n, 0) < need]  # noqa: E731
+    elif len(flavors) == 1:
+        # One flavor without the index: the same bounds without a dict per node.
+        (f,) = flavors
+        by = free.get(f, {})
+        need, want = mandatory[f], wanted[f]
+        for name in eligible:
+            n = by.get(name, 0)
+            if n < need:
+                short.append(name)
+            else:
+                bounds.append((sign * (n - want if n > want else 0), name))
+    else:
+        for name in eligible:
+            counts = {f: free.get(f, {}).get(name, 0) for f in flavors}
+            if any(not r.optional and counts[r.flavor] < mandatory[r.flavor] for r in active):
+                short.append(name)
+                continue
+            left = sum(max(0, counts[f] - wanted[f]) for f in flavors)
+            bounds.append((sign * left, name))
+    # Visited in order, usually only the first few: a heap, not a sort of every node.
+    heapq.heapify(bounds)
+    if lazy is None:
+        lazy = (heapq.heappop(bounds) for _ in range(len(bounds)))
     best: Placement | None = None
-    for bound, name in bounds:
+    for bound, name in lazy:
         if (
             best is not None
             and best.score[:3] == (0, 0, 0)
@@ -1380,6 +1463,8 @@ def _indexed_search(
         got = evaluate(name)
         if got is not None and (best is None or (got.score, name) < (best.score, best.node)):
             best = got
+    if best is None and short_of is not None:
+        short = short_of()
     if best is None:
         # A refusal: the nodes the counts ruled out are looked at device by device after all,
         # so each says why (claimed, reserved, blocked by its IOMMU group, ...), not only how

@@ -231,6 +231,18 @@ class InventoryMachine(RuleBasedStateMachine):
         return fresh
 
     @invariant()
+    def the_inverted_free_counts_mirror_the_free_counts(self) -> None:
+        inv = self.inv
+        mirrored = {
+            (f, node): n
+            for f, buckets in inv.free_nodes.items()
+            for n, nodes in buckets.items()
+            for node in nodes
+        }
+        assert mirrored == {(f, node): n for f, by in inv.free.items() for node, n in by.items()}
+        assert all(nodes for buckets in inv.free_nodes.values() for nodes in buckets.values())
+
+    @invariant()
     def counts_equal_a_recount(self) -> None:
         fresh = self._recount()
         inv = self.inv

@@ -899,6 +899,17 @@ def _indexed(case: SchedulingInput) -> SchedulingInput:
     return replace(case, devices=(), by_node=by_node, free=free)
 
 
+def _bucketed(case: SchedulingInput) -> SchedulingInput:
+    """The indexed form plus the inverted free counts (count -> nodes) the controller keeps."""
+    indexed = _indexed(case)
+    assert indexed.free is not None
+    buckets: dict[str, dict[int, set[str]]] = {}
+    for f, by in indexed.free.items():
+        for node, n in by.items():
+            buckets.setdefault(f, {}).setdefault(n, set()).add(node)
+    return replace(indexed, free_nodes=buckets)
+
+
 @settings(max_examples=300, deadline=None)
 @given(clusters())
 def test_indexed_search_finds_the_same_placement(case: SchedulingInput) -> None:
@@ -910,13 +921,14 @@ def test_indexed_search_finds_the_same_placement(case: SchedulingInput) -> None:
                 for d in case.devices
             ],
         )
-    plain, indexed = schedule(case), schedule(_indexed(case))
-    assert type(plain) is type(indexed)
-    if isinstance(plain, Placement):
-        assert indexed == plain
-    else:
-        assert isinstance(indexed, Refusal)
-        assert {n.node for n in indexed.nodes} == {n.node for n in plain.nodes}
+    plain = schedule(case)
+    for indexed in (schedule(_indexed(case)), schedule(_bucketed(case))):
+        assert type(plain) is type(indexed)
+        if isinstance(plain, Placement):
+            assert indexed == plain
+        else:
+            assert isinstance(indexed, Refusal)
+            assert {n.node for n in indexed.nodes} == {n.node for n in plain.nodes}
 
 
 def test_indexed_search_visits_few_nodes_in_a_big_cluster() -> None:
@@ -930,12 +942,12 @@ def test_indexed_search_visits_few_nodes_in_a_big_cluster() -> None:
         for n in range(500)
         for i in range(10)
     ]
-    case = _indexed(inp(vm(GPU), devices))
-    with nodes_visited() as visited:
-        got = schedule(case)
-    assert isinstance(got, Placement)
-    assert got == schedule(replace(case, free=None))
-    assert len(visited) <= 3, visited
+    for case in (_indexed(inp(vm(GPU), devices)), _bucketed(inp(vm(GPU), devices))):
+        with nodes_visited() as visited:
+            got = schedule(case)
+        assert isinstance(got, Placement)
+        assert got == schedule(replace(case, free=None, free_nodes=None))
+        assert len(visited) <= 3, visited
 
 
 # --- the search: backtracking finds a fit whenever one exists -------------------------------
