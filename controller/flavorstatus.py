@@ -44,3 +44,64 @@ def compute_flavor_status(inv: Inventory, flavor: str) -> dict[str, Any]:
         "nodes": [{"nodeName": n, **per_node[n]} for n in sorted(per_node)],
         "observedGeneration": f.metadata.generation if f else None,
     }
+
+
+COLUMNS = ("total", "allocatable", "allocated", "free", "unhealthy")
+
+
+class FlavorCounts:
+    """compute_flavor_status kept per node: a node's row is counted again only when the node
+    changed (its version, or whether it is alive), so the status of a flavor over thousands
+    of nodes costs the nodes that moved, not every device, each second."""
+
+    def __init__(self, inv: Inventory) -> None:
+        self.inv = inv
+        self._rows: dict[str, dict[str, tuple[tuple[int, bool], dict[str, int] | None]]] = {}
+
+    def forget(self, flavor: str) -> None:
+        self._rows.pop(flavor, None)
+
+    def _row(self, flavor: str, node: str, alive: bool) -> dict[str, int] | None:
+        inv = self.inv
+        members = inv.members.get(flavor, ())
+        row = dict.fromkeys(COLUMNS, 0)
+        for d in inv.by_node.get(node, {}).values():
+            if d.name not in members:
+                continue
+            row["total"] += 1
+            if not d.healthy:
+                row["unhealthy"] += 1
+            elif not d.unschedulable and not d.reserved_after_use and alive:
+                row["allocatable"] += 1
+            if d.claim is not None:
+                row["allocated"] += 1
+        if not row["total"]:
+            return None
+        row["free"] = inv.free.get(flavor, {}).get(node, 0) if alive else 0
+        return row
+
+    def status(self, flavor: str) -> dict[str, Any]:
+        inv = self.inv
+        if flavor not in inv.flavors:
+            self.forget(flavor)  # its members are gone without any node changing
+        cache = self._rows.setdefault(flavor, {})
+        versions = inv.node_versions
+        for node in list(cache):
+            if node not in inv.by_node:
+                del cache[node]
+        nodes = []
+        for node in sorted(inv.by_node):
+            alive = inv.is_alive(node)
+            key = (versions.get(node, 0), alive)
+            hit = cache.get(node)
+            if hit is None or hit[0] != key:
+                hit = (key, self._row(flavor, node, alive))
+                cache[node] = hit
+            if hit[1] is not None:
+                nodes.append({"nodeName": node, **hit[1]})
+        f = inv.flavors.get(flavor)
+        return {
+            **{k: sum(r[k] for r in nodes) for k in COLUMNS},
+            "nodes": nodes,
+            "observedGeneration": f.metadata.generation if f else None,
+        }

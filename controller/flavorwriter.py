@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.flavorstatus import compute_flavor_status
+from controller.flavorstatus import FlavorCounts
 from controller.inventory import Inventory
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PciFlavor
@@ -18,14 +18,18 @@ class FlavorStatusWriter:
         self.inventory = inventory
         self._written: dict[str, dict[str, Any]] = {}
         self._epoch = -1
+        self.counts = FlavorCounts(inventory)
 
     async def write(self) -> None:
         inv = self.inventory
         if inv.epoch == self._epoch and self._written.keys() >= inv.flavors.keys():
             return  # nothing counted has changed since the last pass
         self._epoch = inv.epoch
+        for gone in set(self._written) - set(inv.flavors):
+            del self._written[gone]
+            self.counts.forget(gone)
         for name in list(self.inventory.flavors):
-            status = compute_flavor_status(self.inventory, name)
+            status = self.counts.status(name)
             if self._written.get(name) == status:
                 continue
             current = self.inventory.flavors.get(name)

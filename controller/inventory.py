@@ -90,7 +90,9 @@ class Inventory:
     flavors: dict[str, PciFlavor] = field(default_factory=dict)
     members: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     free: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
-    free_nodes: dict[str, dict[int, set[str]]] = field(default_factory=lambda: defaultdict(dict))
+    free_nodes: dict[str, dict[int, SortedBucket]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
     """flavor -> free count -> the nodes with it: `free` inverted, so a decision starts from
     the nodes with the count it prefers instead of looking at every node."""
     vms: dict[VmKey, PassthroughVM] = field(default_factory=dict)
@@ -267,7 +269,7 @@ class Inventory:
             if not b:
                 del buckets[before]
         if now is not None:
-            buckets.setdefault(now, set()).add(node)
+            buckets.setdefault(now, SortedBucket()).add(node)
 
     # --- reservations for binds in flight ------------------------------------------------
 
@@ -322,6 +324,21 @@ class Inventory:
             return False
         self._reindex_all()
         return True
+
+    def same_flavor(self, body: dict[str, Any]) -> bool:
+        """Whether a flavor's object differs from the one held only in its status (its
+        counts, rewritten as they move: thousands of rows on a big cluster)."""
+        meta = body.get("metadata") or {}
+        held = self.flavors.get(meta.get("name", ""))
+        return (
+            held is not None
+            and held.metadata.generation is not None
+            and held.metadata.generation == meta.get("generation")
+            and held.metadata.labels == (meta.get("labels") or {})
+            and held.metadata.annotations == (meta.get("annotations") or {})
+            and held.metadata.deletion_timestamp is None
+            and not meta.get("deletionTimestamp")
+        )
 
     def holds_device(self, body: dict[str, Any]) -> bool:
         """Whether the inventory already has this very version of a device (a watch event
@@ -685,3 +702,33 @@ class FactsView(Mapping[str, NodeFacts]):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+class SortedBucket:
+    """Nodes with one free count: a set that iterates in name order, sorted again only after
+    it changed (a node moves between buckets once per bind; a decision reads the first few)."""
+
+    __slots__ = ("_nodes", "_sorted")
+
+    def __init__(self) -> None:
+        self._nodes: set[str] = set()
+        self._sorted: list[str] | None = None
+
+    def add(self, node: str) -> None:
+        self._nodes.add(node)
+        self._sorted = None
+
+    def discard(self, node: str) -> None:
+        self._nodes.discard(node)
+        self._sorted = None
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._nodes
+
+    def __iter__(self) -> Iterator[str]:
+        if self._sorted is None:
+            self._sorted = sorted(self._nodes)
+        return iter(self._sorted)

@@ -344,8 +344,10 @@ class Runtime:
     def on_flavor(self, event_type: str | None, body: dict[str, Any]) -> None:
         if event_type == "DELETED":
             self.inventory.delete_flavor(body["metadata"]["name"])
-        elif not self.inventory.upsert_flavor(PciFlavor.model_validate(body)):
-            return  # its status only (the counts this controller writes)
+        elif self.inventory.same_flavor(body):
+            return  # its status only (the counts this controller writes): nothing to parse
+        else:
+            self.inventory.upsert_flavor(PciFlavor.model_validate(body))
         self.scheduler.wake.set()
 
     def on_namespace(self, event_type: str | None, body: dict[str, Any]) -> None:

@@ -209,9 +209,10 @@ class SchedulingInput:
     cluster. Only valid when the VM holds no device yet (it is ignored otherwise)."""
     images: ImageCatalog | None = None
     """What the admins' image catalog says images support (pcipt.images); None: no catalog."""
-    free_nodes: Mapping[str, Mapping[int, Set[str]]] | None = None
-    """`free` inverted (flavor -> count -> nodes), kept with it: a one-flavor decision then
-    visits the nodes with the count it prefers first, without looking at the others."""
+    free_nodes: Mapping[str, Mapping[int, Iterable[str]]] | None = None
+    """`free` inverted (flavor -> count -> nodes, each iterating in name order), kept with it:
+    a one-flavor decision then visits the nodes with the count it prefers first, without
+    looking at the others."""
     eligibility: Callable[[Mapping[str, str]], Eligibility] | None = None
     """nodeSelector -> `node_eligibility` over every known node, as an index keeps it (the
     controller's, until a node's facts change). None: computed from `nodes` per decision."""
@@ -1366,16 +1367,18 @@ def schedule(inp: SchedulingInput) -> Result:
 
 def _bucketed(
     by_bound: Mapping[int, list[int]],
-    buckets: Mapping[int, Set[str]],
+    buckets: Mapping[int, Iterable[str]],
     eligible: Set[str],
 ) -> Iterator[tuple[int, str]]:
-    """(bound, node) in ascending order from the inverted free counts: the buckets of one
-    bound merged and ordered by name, read only when the search reaches them."""
+    """(bound, node) in ascending order from the inverted free counts (each bucket iterates
+    its nodes in name order): the buckets of one bound merged, read only as far as the search
+    gets, so a decision costs the nodes it visits, not the size of the bucket."""
     for bound in sorted(by_bound):
-        names = [n for k in by_bound[bound] for n in buckets.get(k, ()) if n in eligible]
-        heapq.heapify(names)
-        while names:
-            yield bound, heapq.heappop(names)
+        runs = [buckets.get(k, ()) for k in by_bound[bound]]
+        merged = runs[0] if len(runs) == 1 else heapq.merge(*runs)
+        for name in merged:
+            if name in eligible:
+                yield bound, name
 
 
 def _indexed_search(

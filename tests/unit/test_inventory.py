@@ -17,6 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from controller.flavorstatus import FlavorCounts, compute_flavor_status
 from controller.inventory import Inventory
 from pcipt.api.v1alpha1 import PciDevice, PciFlavor, pcidevice_name
 
@@ -81,6 +82,7 @@ class InventoryMachine(RuleBasedStateMachine):
         super().__init__()
         self.now = 1000.0
         self.inv = Inventory(node_dead_after=40.0, clock=lambda: self.now)
+        self.counts = FlavorCounts(self.inv)
         self.rv = 0
         # The truth, as the API server would hold it.
         self.devices: dict[str, PciDevice] = {}
@@ -229,6 +231,11 @@ class InventoryMachine(RuleBasedStateMachine):
         for uid, names in self.reservations.items():
             fresh.reserve(names, uid, usage=(f"ns-{uid}", Counter({"gpu": len(names)})))
         return fresh
+
+    @invariant()
+    def flavor_status_kept_per_node_equals_a_full_count(self) -> None:
+        for f in FLAVORS:
+            assert self.counts.status(f) == compute_flavor_status(self.inv, f), f
 
     @invariant()
     def the_inverted_free_counts_mirror_the_free_counts(self) -> None:

@@ -903,10 +903,10 @@ def _bucketed(case: SchedulingInput) -> SchedulingInput:
     """The indexed form plus the inverted free counts (count -> nodes) the controller keeps."""
     indexed = _indexed(case)
     assert indexed.free is not None
-    buckets: dict[str, dict[int, set[str]]] = {}
-    for f, by in indexed.free.items():
-        for node, n in by.items():
-            buckets.setdefault(f, {}).setdefault(n, set()).add(node)
+    buckets: dict[str, dict[int, list[str]]] = {}
+    for f, by in sorted(indexed.free.items()):
+        for node, n in sorted(by.items()):
+            buckets.setdefault(f, {}).setdefault(n, []).append(node)
     return replace(indexed, free_nodes=buckets)
 
 
