@@ -1,6 +1,7 @@
 """pcipt against its peer, side by side: bench/bind.py and bench/peer_dra.py (raised client
 limits, and at the scheduler's defaults) run in turn, `--rounds` times, on the same machine and
-sizes; prints each round's fill throughput and time to placement, and the ratio of the medians.
+sizes; prints each round's fill throughput, time to placement, writes and CPU per placement
+(with the rate that CPU allows on this machine's cores), and the ratio of the medians.
 Interleaving keeps a slow stretch of the machine from favouring one side.
 
     .venv/bin/python bench/peer_compare.py --nodes 500 --devices 10 --rounds 2 [--json F]
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,14 +47,32 @@ def main() -> int:
         for side, results in sides.items():
             if side == "pcipt":
                 got = run("bind.py", pcipt_args)["fill"]
-                rate, lat = got["binds_per_s"], got["time_to_scheduled_s"]
+                rate, lat, n = got["binds_per_s"], got["time_to_scheduled_s"], got["vms"]
+                writes = got["controller_writes_per_bind"]
             else:
                 extra = ["--default-limits"] if side == "dra-defaults" else []
                 got = run("peer_dra.py", [*size, *extra])["fill"]
-                rate, lat = got["pods_per_s"], got["time_to_bound_s"]
-            results.append({"per_s": rate, **{f"p{k[1:]}": v for k, v in lat.items()}})
+                rate, lat, n = got["pods_per_s"], got["time_to_bound_s"], got["pods"]
+                writes = got["scheduler_writes_per_placement"]
+            # CPU per placement, every process of the fill (the workload's creates included):
+            # on a machine this small the sum bounds the rate (cores / CPU per placement).
+            cpu_ms = {k: round(v / n * 1000, 2) for k, v in got["cpu_seconds"].items()}
+            total_ms = sum(cpu_ms.values())
+            bound = (os.cpu_count() or 1) * 1000 / total_ms if total_ms else 0.0
+            results.append(
+                {
+                    "per_s": rate,
+                    **{f"p{k[1:]}": v for k, v in lat.items()},
+                    "writes_per_placement": writes,
+                    "cpu_ms_per_placement": cpu_ms,
+                    "cpu_bound_per_s": round(bound, 1),
+                }
+            )
             print(
-                f"round {i + 1} {side}: {rate}/s, p50/p99 {lat['p50']}/{lat['p99']} s", flush=True
+                f"round {i + 1} {side}: {rate}/s, p50/p99 {lat['p50']}/{lat['p99']} s; "
+                f"{writes} writes per placement; CPU ms per placement {cpu_ms} = {total_ms:.1f} "
+                f"ms: at most {bound:.0f}/s on {os.cpu_count()} cores",
+                flush=True,
             )
     med = {k: statistics.median(r["per_s"] for r in v) for k, v in sides.items()}
     out = {

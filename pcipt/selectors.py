@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pcipt.api.v1alpha1 import DeviceSelector, LabelSelector, PciDevice, SelectorRequirement
 from pcipt.pci import normalize_hex_id
@@ -63,6 +64,22 @@ class DeviceFacts:
     sriov_role: str = "None"
     physical_network: str | None = None
     attributes: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_object(cls, obj: Mapping[str, Any]) -> DeviceFacts:
+        """The same facts read from a PciDevice as the API server returns it (a listing of
+        tens of thousands is not worth a model each)."""
+        st = obj.get("status") or {}
+        return cls(
+            address=(obj.get("spec") or {}).get("address", ""),
+            vendor_id=st.get("vendorID") or "",
+            product_id=st.get("productID") or "",
+            class_code=st.get("classCode") or "",
+            driver=st.get("driver"),
+            sriov_role=(st.get("sriov") or {}).get("role", "None"),
+            physical_network=st.get("physicalNetwork"),
+            attributes=dict(st.get("attributes") or {}),
+        )
 
     @classmethod
     def of(cls, dev: PciDevice) -> DeviceFacts:

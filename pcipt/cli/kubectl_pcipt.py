@@ -60,17 +60,24 @@ def _api(args: argparse.Namespace) -> client.ApiClient:
         raise PluginError(f"no usable kubeconfig: {e}") from e
 
 
-def _list(api: client.ApiClient, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+def _list(
+    api: client.ApiClient, plural: str, namespace: str | None = None, *, raw: bool = False
+) -> list[dict[str, Any]]:
+    """Every object of a kind. raw: the response's JSON decoded directly, without the
+    client's per-call machinery (several times faster on 50k objects)."""
     custom = client.CustomObjectsApi(api)
+    kw: dict[str, Any] = {"_preload_content": False} if raw else {}
     try:
         if namespace is None:
-            got = custom.list_cluster_custom_object(c.GROUP, c.VERSION, plural)
+            got = custom.list_cluster_custom_object(c.GROUP, c.VERSION, plural, **kw)
         else:
-            got = custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, plural)
+            got = custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, plural, **kw)
     except client.ApiException as e:
         if e.status == 404:
             raise PluginError(NOT_INSTALLED.format(what=plural)) from e
         raise PluginError(f"listing {plural} failed: {e.status} {e.reason}") from e
+    if raw:
+        got = json.loads(got.data)  # type: ignore[attr-defined]
     items: list[dict[str, Any]] = dict(got).get("items", [])  # type: ignore[call-overload]
     return items
 
@@ -120,22 +127,43 @@ def _state(d: PciDevice, alive: bool) -> str:
     return "free"
 
 
+def _raw_state(obj: dict[str, Any], alive: bool) -> str:
+    """_state from the object as listed; a device with a release record (scrub, quarantine)
+    is read into its model for that."""
+    spec, st = obj.get("spec") or {}, obj.get("status") or {}
+    if spec.get("release") is not None:
+        return _state(PciDevice.model_validate(obj), alive)
+    if spec.get("claimRef") is not None:
+        return "allocated"
+    if st.get("health", "Healthy") != "Healthy":
+        return "unhealthy"
+    if spec.get("unschedulable"):
+        return "cordoned"
+    if spec.get("reserved") is not None:
+        return "reserved"
+    return "free" if alive else "node-not-alive"
+
+
 def inventory(args: argparse.Namespace) -> int:
     api = _api(args)
-    devices = [PciDevice.model_validate(o) for o in _list(api, c.PLURAL_PCIDEVICE)]
-    flavors = [PciFlavor.model_validate(o) for o in _list(api, c.PLURAL_PCIFLAVOR)]
+    # Tens of thousands of devices: read as listed, not a model each (see _raw_state).
+    devices = _list(api, c.PLURAL_PCIDEVICE, raw=True)
+    flavors = [PciFlavor.model_validate(o) for o in _list(api, c.PLURAL_PCIFLAVOR, raw=True)]
     alive = _alive_nodes(api, args.operator_namespace, args.dead_after)
     labels = _node_labels(api)
     rows: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    node_labels: dict[str, dict[str, str]] = {}
     for d in devices:
-        node = d.spec.node_name
-        node_labels = {"kubernetes.io/hostname": node, **labels.get(node, {})}
+        node = (d.get("spec") or {}).get("nodeName", "")
+        if node not in node_labels:
+            node_labels[node] = {"kubernetes.io/hostname": node, **labels.get(node, {})}
+        facts = DeviceFacts.of_object(d)
         member_of = [
             f.metadata.name
             for f in flavors
-            if device_selector_matches(f.spec.selector, DeviceFacts.of(d), node_labels)
+            if device_selector_matches(f.spec.selector, facts, node_labels[node])
         ] or [NO_FLAVOR]
-        state = _state(d, alive.get(node, False))
+        state = _raw_state(d, alive.get(node, False))
         for flavor in member_of:
             row = rows[(node, flavor)]
             row["total"] += 1
