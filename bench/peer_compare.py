@@ -41,7 +41,7 @@ def main() -> int:
     args = p.parse_args()
     size = ["--nodes", str(args.nodes), "--devices", str(args.devices)]
     # bind.py's own phases after the fill are kept short: only the fill is compared.
-    pcipt_args = [*size, "--steady", "2", "--rate", "5", "--waiting", "4", "--r-seconds", "1"]
+    pcipt_args = [*size, "--steady", "1", "--rate", "2", "--no-requeue", "--r-seconds", "1"]
     sides: dict[str, list[dict[str, Any]]] = {"pcipt": [], "dra-raised": [], "dra-defaults": []}
     for i in range(args.rounds):
         for side, results in sides.items():

@@ -41,6 +41,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "crds"
 CHART_OUT = REPO_ROOT / "charts" / "pcipt" / "templates" / "crds"
 CHART_GUARD = ("{{- if .Values.crds.enabled }}\n", "{{- end }}\n")
+# MutatingAdmissionPolicy is GA (admissionregistration.k8s.io/v1) from Kubernetes 1.36; on an
+# older cluster the chart leaves it out and the controller adds the finalizer in the bind.
+_MAP_API = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"
+ADMISSION_GUARD = (
+    f'{{{{- if and .Values.crds.enabled (.Capabilities.APIVersions.Has "{_MAP_API}") }}}}\n',
+    "{{- end }}\n",
+)
 
 _DROP_KEYS = {"title", "$defs", "discriminator"}
 
@@ -285,7 +292,7 @@ def rendered_files(*, chart: bool = False) -> dict[str, str]:
         admission_policies(), Dumper=_Dumper, sort_keys=True, width=100, allow_unicode=True
     )
     files[ADMISSION_FILE] = (
-        CHART_GUARD[0] + HEADER + body + CHART_GUARD[1] if chart else HEADER + body
+        ADMISSION_GUARD[0] + HEADER + body + ADMISSION_GUARD[1] if chart else HEADER + body
     )
     return files
 

@@ -15,6 +15,7 @@ It finds the cluster as kubectl does (--kubeconfig, --context, $KUBECONFIG, ~/.k
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -32,6 +33,7 @@ from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
 from pcipt.compute import describe
 from pcipt.images import CATALOG_KEY, CATALOG_LABEL, ImageCatalog, supported_flavors
+from pcipt.kubeclient import ApiError, KubeClient, NotFound, crd_path, load_credentials
 from pcipt.release import HELD_QUARANTINE, held_back
 from pcipt.selectors import DeviceFacts, device_selector_matches
 from pcipt.usage import LEDGER_LABEL as USAGE_LABEL
@@ -60,24 +62,17 @@ def _api(args: argparse.Namespace) -> client.ApiClient:
         raise PluginError(f"no usable kubeconfig: {e}") from e
 
 
-def _list(
-    api: client.ApiClient, plural: str, namespace: str | None = None, *, raw: bool = False
-) -> list[dict[str, Any]]:
-    """Every object of a kind. raw: the response's JSON decoded directly, without the
-    client's per-call machinery (several times faster on 50k objects)."""
+def _list(api: client.ApiClient, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
     custom = client.CustomObjectsApi(api)
-    kw: dict[str, Any] = {"_preload_content": False} if raw else {}
     try:
         if namespace is None:
-            got = custom.list_cluster_custom_object(c.GROUP, c.VERSION, plural, **kw)
+            got = custom.list_cluster_custom_object(c.GROUP, c.VERSION, plural)
         else:
-            got = custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, plural, **kw)
+            got = custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, plural)
     except client.ApiException as e:
         if e.status == 404:
             raise PluginError(NOT_INSTALLED.format(what=plural)) from e
         raise PluginError(f"listing {plural} failed: {e.status} {e.reason}") from e
-    if raw:
-        got = json.loads(got.data)  # type: ignore[attr-defined]
     items: list[dict[str, Any]] = dict(got).get("items", [])  # type: ignore[call-overload]
     return items
 
@@ -127,6 +122,54 @@ def _state(d: PciDevice, alive: bool) -> str:
     return "free"
 
 
+def _fetch_inventory(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
+    """Devices, flavors, node Leases and Nodes as listed, all four asked at once through
+    pcipt's asyncio client: it reads a listing of tens of thousands (60 MB at 50k devices)
+    several times faster than the generated client and hands back the JSON as it is. Leases
+    and Nodes one may not read count as none (every node not alive, no labels)."""
+
+    async def fetch() -> list[dict[str, Any]]:
+        creds = load_credentials(args.kubeconfig, args.context)
+        async with KubeClient(creds) as kube:
+
+            async def optional(path: str) -> dict[str, Any]:
+                try:
+                    return await kube.list(path)
+                except ApiError:
+                    return {}
+
+            leases = f"/apis/coordination.k8s.io/v1/namespaces/{args.operator_namespace}/leases"
+            return list(
+                await asyncio.gather(
+                    kube.list(crd_path(c.PLURAL_PCIDEVICE)),
+                    kube.list(crd_path(c.PLURAL_PCIFLAVOR)),
+                    optional(leases),
+                    optional("/api/v1/nodes"),
+                )
+            )
+
+    try:
+        got = asyncio.run(fetch())
+    except NotFound as e:
+        raise PluginError(NOT_INSTALLED.format(what=c.PLURAL_PCIDEVICE)) from e
+    except ApiError as e:
+        raise PluginError(f"listing failed: {e.status} {e.reason}") from e
+    return tuple(list(g.get("items") or []) for g in got)
+
+
+def _alive_of(leases: list[dict[str, Any]], dead_after: float) -> dict[str, bool]:
+    """_alive_nodes from Leases as listed."""
+    now = datetime.now(UTC)
+    out = {}
+    for lease in leases:
+        name = (lease.get("metadata") or {}).get("name", "")
+        renewed = (lease.get("spec") or {}).get("renewTime")
+        if name.startswith(c.NODE_LEASE_PREFIX) and renewed:
+            age = (now - clock.parse(renewed)).total_seconds()
+            out[name[len(c.NODE_LEASE_PREFIX) :]] = age <= dead_after
+    return out
+
+
 def _raw_state(obj: dict[str, Any], alive: bool) -> str:
     """_state from the object as listed; a device with a release record (scrub, quarantine)
     is read into its model for that."""
@@ -145,12 +188,15 @@ def _raw_state(obj: dict[str, Any], alive: bool) -> str:
 
 
 def inventory(args: argparse.Namespace) -> int:
-    api = _api(args)
     # Tens of thousands of devices: read as listed, not a model each (see _raw_state).
-    devices = _list(api, c.PLURAL_PCIDEVICE, raw=True)
-    flavors = [PciFlavor.model_validate(o) for o in _list(api, c.PLURAL_PCIFLAVOR, raw=True)]
-    alive = _alive_nodes(api, args.operator_namespace, args.dead_after)
-    labels = _node_labels(api)
+    devices, flavor_objs, leases, nodes = _fetch_inventory(args)
+    flavors = [PciFlavor.model_validate(o) for o in flavor_objs]
+    alive = _alive_of(leases, args.dead_after)
+    labels = {
+        str(n["metadata"]["name"]): dict(n["metadata"].get("labels") or {})
+        for n in nodes
+        if n.get("metadata")
+    }
     rows: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     node_labels: dict[str, dict[str, str]] = {}
     for d in devices:

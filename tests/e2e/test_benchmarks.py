@@ -120,3 +120,15 @@ def test_peer_dra_benchmark_fills_with_the_real_kube_scheduler(tmp_path: Path) -
     writes = fill["writes_by_kind"]
     assert writes.get("POST/pods/binding") == 8, writes
     assert fill["scheduler_writes_per_placement"] >= 2, writes
+
+
+def test_peer_comparison_runs_both_sides_and_says_what_bounds_them(tmp_path: Path) -> None:
+    """bench/peer_compare.py at the smallest size: both sides in turn, the ratio, and each
+    side's writes and CPU per placement with the rate that CPU allows on this machine."""
+    f = run_bench(tmp_path, "peer_compare.py", "--nodes", "2", "--devices", "4", "--rounds", "1")
+    assert f["pcipt_over_dra_raised"] > 0 and f["pcipt_over_dra_defaults"] > 0
+    for side in ("pcipt", "dra-raised", "dra-defaults"):
+        (r,) = f["rounds"][side]
+        assert r["per_s"] > 0 and r["cpu_bound_per_s"] > 0, (side, r)
+        assert sum(r["cpu_ms_per_placement"].values()) > 0, (side, r)
+    assert f["rounds"]["pcipt"][0]["writes_per_placement"] >= 3  # claim, status, Event

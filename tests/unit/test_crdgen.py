@@ -42,7 +42,8 @@ def test_the_charts_crds_are_the_same_crds_kept_on_uninstall() -> None:
     plain, chart = crdgen.rendered_files(), crdgen.rendered_files(chart=True)
     assert plain.keys() == chart.keys()
     for name, text in chart.items():
-        guard_open, guard_close = crdgen.CHART_GUARD
+        guard = crdgen.ADMISSION_GUARD if name == crdgen.ADMISSION_FILE else crdgen.CHART_GUARD
+        guard_open, guard_close = guard
         assert text.startswith(guard_open) and text.endswith(guard_close)
         docs = list(yaml.safe_load_all(text.removeprefix(guard_open).removesuffix(guard_close)))
         if name == crdgen.ADMISSION_FILE:
