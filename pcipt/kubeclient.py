@@ -250,7 +250,12 @@ class KubeClient:
                 text = await resp.text()
                 if not parse and resp.status < 400:
                     return None
-                payload: Any = json.loads(text) if text else None
+                try:
+                    payload: Any = json.loads(text) if text else None
+                except ValueError:
+                    if resp.status < 400:
+                        raise
+                    payload = None  # an error in plain text ("404 page not found")
                 if resp.status == 401 and attempt == 1 and self.creds.reloaded():
                     # The token expired under us: once more with the fresh one.
                     headers = {**headers, **self.creds.auth_headers()}
