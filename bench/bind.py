@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from kubernetes import config as k8s_config  # noqa: E402
 
-from bench.common import FirstSeen, pct, scheduled  # noqa: E402
+from bench.common import FirstSeen, memory_mib, pct, scheduled  # noqa: E402
 from pcipt import constants as c  # noqa: E402
 from pcipt.api.v1alpha1 import pcidevice_name  # noqa: E402
 from pcipt.devcluster import LocalCluster  # noqa: E402
@@ -67,17 +67,6 @@ def cpu_seconds(pid: int) -> float:
     """user + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def memory_mib(pid: int) -> dict[str, float]:
-    """Resident memory now and at its peak (VmRSS, VmHWM), MiB."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return {
-        k: round(int(fields[f].split()[0]) / 1024, 1)
-        for k, f in (("rss", "VmRSS"), ("peak", "VmHWM"))
-    }
 
 
 def inventory_cli(kubeconfig: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pcipt import constants as c
@@ -93,3 +94,14 @@ def scheduled(vm: dict[str, Any]) -> bool:
 
 def running(vm: dict[str, Any]) -> bool:
     return (vm.get("status") or {}).get("phase") == "Running"
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory now and at its peak (VmRSS, VmHWM), MiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {
+        k: round(int(fields[f].split()[0]) / 1024, 1)
+        for k, f in (("rss", "VmRSS"), ("peak", "VmHWM"))
+    }

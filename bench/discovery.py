@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from kubernetes import client  # noqa: E402
 from kubernetes import config as k8s_config  # noqa: E402
 
+from bench.common import memory_mib  # noqa: E402
 from nodeplugin.agent import AgentSettings, NodeAgent  # noqa: E402
 from nodeplugin.devicespec import decide, load_specs  # noqa: E402
 from nodeplugin.discovery import discover  # noqa: E402
@@ -150,17 +151,6 @@ def plugin_memory(
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-
-
-def memory_mib(pid: int) -> dict[str, float]:
-    """Resident memory now and at its peak (VmRSS, VmHWM), MiB."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return {
-        k: round(int(fields[f].split()[0]) / 1024, 1)
-        for k, f in (("rss", "VmRSS"), ("peak", "VmHWM"))
-    }
 
 
 def main() -> int:
