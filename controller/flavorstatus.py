@@ -90,7 +90,9 @@ class FlavorCounts:
             if node not in inv.by_node:
                 del cache[node]
         nodes = []
-        for node in sorted(inv.by_node):
+        for node in inv.known_nodes():  # sorted, and kept until the set of nodes changes
+            if node not in inv.by_node:
+                continue
             alive = inv.is_alive(node)
             key = (versions.get(node, 0), alive)
             hit = cache.get(node)

@@ -59,6 +59,8 @@ log = logging.getLogger("pcipt.controller")
 
 SWEEP_ALL_BELOW = 2000
 """Up to this many VMs the periodic checks look at every VM every tick."""
+SWEEP_CHUNK = 500
+"""VMs the periodic checks look at before they let other work run."""
 SWEEP_EVERY = 10.0
 """Past it, every VM is looked at this often (seconds); in between only what changed."""
 
@@ -428,11 +430,14 @@ class Runtime:
                 if self.liveness.tick() or self.inventory.grown:
                     self.scheduler.wake.set()
                 vms = self._tick_vms()
-                await self.liveness.mark_vms(vms)
-                await self.evacuator.check(vms)
-                await self.migrator.check(vms)
-                await self.hotplug.check(vms)
-                await self.device_health.mark_vms(vms)
+                for i in range(0, len(vms), SWEEP_CHUNK):
+                    part = vms[i : i + SWEEP_CHUNK]
+                    await self.liveness.mark_vms(part)
+                    await self.evacuator.check(part)
+                    await self.migrator.check(part)
+                    await self.hotplug.check(part)
+                    await self.device_health.mark_vms(part)
+                    await asyncio.sleep(0)  # binds go on between parts of a long sweep
                 if time.monotonic() - last_flavors >= self.settings.flavor_status_interval:
                     last_flavors = time.monotonic()
                     await self.flavor_status.write()
