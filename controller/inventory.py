@@ -309,21 +309,11 @@ class Inventory:
 
     # --- flavors, VMs, namespaces, nodes, leases -----------------------------------------
 
-    def upsert_flavor(self, flavor: PciFlavor) -> bool:
-        """False when only its status changed: what it selects and admits is the same, so the
-        index stands (a flavor's status is rewritten as its counts move)."""
-        old = self.flavors.get(flavor.metadata.name)
+    def upsert_flavor(self, flavor: PciFlavor) -> None:
+        """A flavor's spec or metadata changed (the runtime drops status-only events first,
+        see same_flavor): re-index every device."""
         self.flavors[flavor.metadata.name] = flavor
-        if (
-            old is not None
-            and old.metadata.generation == flavor.metadata.generation
-            and old.metadata.generation is not None
-            and old.metadata.labels == flavor.metadata.labels
-            and old.metadata.annotations == flavor.metadata.annotations
-        ):
-            return False
         self._reindex_all()
-        return True
 
     def same_flavor(self, body: dict[str, Any]) -> bool:
         """Whether a flavor's object differs from the one held only in its status (its
