@@ -1,5 +1,9 @@
 """kopf wiring: @kopf.on.* only. Each handler hands the raw event to the runtime.
 
+PciDevices and PassthroughVMs are not watched here: they change three times a bind, and the
+runtime watches them with pcipt's lean informer (controller/runtime.py), which costs a fraction
+of kopf's per-event machinery. Flavors, namespaces and nodes, which change seldom, come here.
+
 Low-level event handlers (`on.event`) are used throughout on purpose: they write no progress
 annotations and keep no diffbase, so watching costs no API writes, and the runtime's own queue
 decides what to do (see controller/runtime.py). kopf's own per-handler Events are off; the
@@ -170,19 +174,9 @@ def _runtime(memo: kopf.Memo) -> Runtime:
     return runtime
 
 
-@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL_PCIDEVICE, registry=registry)
-async def pcidevice_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _runtime(memo).on_device(event["type"], dict(event["object"]))
-
-
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL_PCIFLAVOR, registry=registry)
 async def pciflavor_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _runtime(memo).on_flavor(event["type"], dict(event["object"]))
-
-
-@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL_PASSTHROUGHVM, registry=registry)
-async def passthroughvm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _runtime(memo).on_vm(event["type"], dict(event["object"]))
 
 
 @kopf.on.event("", "v1", "namespaces", registry=registry)

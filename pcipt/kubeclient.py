@@ -327,7 +327,28 @@ class KubeClient:
         field_selector: str | None = None,
         timeout: int = 300,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream watch events from resource_version on (simple watchers; kopf does the rest)."""
+        """Stream watch events from resource_version on, decoded."""
+        async for line in self.watch_lines(
+            path,
+            resource_version=resource_version,
+            label_selector=label_selector,
+            field_selector=field_selector,
+            timeout=timeout,
+        ):
+            yield json.loads(line)
+
+    async def watch_lines(
+        self,
+        path: str,
+        *,
+        resource_version: str,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout: int = 300,
+    ) -> AsyncIterator[bytes]:
+        """Stream watch events from resource_version on, one undecoded JSON line each (with
+        bookmarks), so that a caller may pass over one without decoding it. Lines are as long
+        as the objects they carry (no line-length cap: an object may be up to 1.5 MB)."""
         await self.open()
         assert self._session is not None
         params = {
@@ -348,9 +369,15 @@ class KubeClient:
         ) as resp:
             if resp.status >= 400:
                 raise _error(resp.status, await resp.text())
-            async for line in resp.content:
-                if line.strip():
-                    yield json.loads(line)
+            rest = b""
+            async for chunk in resp.content.iter_any():
+                lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        yield line
+            if rest.strip():
+                yield rest
 
 
 async def retry_transient(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
