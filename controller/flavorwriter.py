@@ -56,6 +56,7 @@ def _says(flavor: PciFlavor, status: dict[str, Any]) -> bool:
         "allocated": st.allocated,
         "free": st.free,
         "unhealthy": st.unhealthy,
+        "nodeCount": st.node_count,
         "nodes": [n.to_dict() for n in st.nodes],
         "observedGeneration": st.observed_generation,
     }

@@ -319,3 +319,39 @@ def test_take_touched_names_changed_vms_and_the_vms_of_changed_nodes_once() -> N
     inv.renew_lease("n2", 41.0)
     inv.tick()  # n1 dies
     assert {v.metadata.name for v in inv.take_touched()} == {"vm0", "vm1"}
+
+
+def test_a_flavor_status_lists_at_most_the_nodes_with_most_free_and_counts_them_all() -> None:
+    """Past MAX_NODES nodes, status.nodes keeps the ones with the most free devices (sorted by
+    name), while the totals and nodeCount still cover every node: the status no longer grows
+    with the cluster."""
+    from controller.flavorstatus import MAX_NODES
+
+    now = 1000.0
+    inv = Inventory(node_dead_after=40.0, clock=lambda: now)
+    inv.upsert_flavor(_flavor("gpu"))
+    n_nodes = MAX_NODES + 8
+    rv = 0
+    for i in range(n_nodes):
+        node = f"node-{i:03d}"
+        inv.renew_lease(node, now)
+        # node i has (i % 4) of its 4 devices claimed: free 4, 3, 2, 1, 4, 3, ...
+        for j, address in enumerate(ADDRESSES):
+            rv += 1
+            claim = "vm-1" if j < i % 4 else None
+            inv.upsert_device(_device(node, address, rv, claim=claim))
+    status = FlavorCounts(inv).status("gpu")
+    assert status == compute_flavor_status(inv, "gpu")
+    assert status["nodeCount"] == n_nodes
+    assert status["total"] == 4 * n_nodes
+    assert status["free"] == sum(4 - i % 4 for i in range(n_nodes))
+    rows = status["nodes"]
+    assert len(rows) == MAX_NODES
+    assert [r["nodeName"] for r in rows] == sorted(r["nodeName"] for r in rows)
+    kept_free = sorted((r["free"] for r in rows), reverse=True)
+    every_free = sorted((4 - i % 4 for i in range(n_nodes)), reverse=True)
+    assert kept_free == every_free[:MAX_NODES]
+    # Ties at the cut go to the first names: of the ten nodes with one free, the first two.
+    ones = [f"node-{i:03d}" for i in range(n_nodes) if i % 4 == 3]
+    dropped = {f"node-{i:03d}" for i in range(n_nodes)} - {r["nodeName"] for r in rows}
+    assert dropped == set(ones[2:])

@@ -7,7 +7,7 @@ Types only; the controller keeps status current.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -150,6 +150,10 @@ class PciFlavorSpec(ApiModel):
         return self
 
 
+MAX_STATUS_NODES: Final = 32
+"""Rows in a flavor's status.nodes at most (the status would otherwise grow with the cluster)."""
+
+
 class NodeCounts(ApiModel):
     """Device counts of a flavor on one node."""
 
@@ -180,10 +184,15 @@ class PciFlavorStatus(ApiModel):
     """Allocatable devices not bound to any VM: what a new VM can get now."""
     unhealthy: int = 0
     """Devices that are Unhealthy or Missing."""
+    node_count: int = 0
+    """Nodes with devices of the flavor."""
     nodes: list[NodeCounts] = Field(
-        default_factory=list, json_schema_extra=k8s(list_map_keys=["nodeName"])
+        default_factory=list,
+        max_length=MAX_STATUS_NODES,
+        json_schema_extra=k8s(list_map_keys=["nodeName"]),
     )
-    """The same counts per node."""
+    """The same counts per node: every node while there are at most 32, else the 32 with the
+    most free devices (`kubectl pcipt inventory --flavor` lists every node)."""
     conditions: Conditions
     """Details of the flavor's state."""
     observed_generation: int | None = None
