@@ -27,6 +27,10 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, aiohttp.ClientError | OSError | asyncio.TimeoutError | TimeoutError)
 
 
+_RNG = random.Random()
+"""Shared: seeding a generator per Backoff (one per pending VM) cost more than the backoff."""
+
+
 class Backoff:
     """Delays base, 2*base, 4*base ... up to cap; each drawn from its upper half (so never
     shorter than half the nominal delay), reset after a success."""
@@ -37,7 +41,7 @@ class Backoff:
         self.base = base
         self.cap = cap
         self.attempt = 0
-        self._rng = rng or random.Random()
+        self._rng = rng or _RNG
 
     def next(self) -> float:
         nominal = min(self.cap, self.base * (2**self.attempt))

@@ -134,6 +134,16 @@ class EventCorrelator:
         return spam_key
 
 
+_last_ns = [0]
+
+
+def _event_name(name: str | None) -> str:
+    """<object>.<nanoseconds in hex>, never the same twice from this process."""
+    _last_ns[0] = max(time.time_ns(), _last_ns[0] + 1)
+    suffix = f".{_last_ns[0]:x}"
+    return ((name or "pcipt")[: 253 - len(suffix)].rstrip(".-") or "pcipt") + suffix
+
+
 class EventRecorder:
     def __init__(
         self,
@@ -154,8 +164,16 @@ class EventRecorder:
     def record(self, obj: dict[str, Any] | Any, type_: str, reason: str, message: str) -> None:
         """Post an Event about obj (a raw object, a model with metadata, or an object
         reference with apiVersion, kind, name and optionally namespace/uid) without waiting."""
-        raw = obj if isinstance(obj, dict) else obj.model_dump(by_alias=True, mode="json")
-        meta = raw.get("metadata") or {k: raw.get(k) for k in ("name", "namespace", "uid")}
+        if isinstance(obj, dict):
+            raw = obj
+            meta = raw.get("metadata") or {k: raw.get(k) for k in ("name", "namespace", "uid")}
+        elif hasattr(obj, "metadata"):  # a model: its reference only, not a dump of it all
+            raw = {"apiVersion": obj.api_version, "kind": obj.kind}
+            m = obj.metadata
+            meta = {"name": m.name, "namespace": m.namespace, "uid": m.uid}
+        else:
+            raw = obj.model_dump(by_alias=True, mode="json")
+            meta = {k: raw.get(k) for k in ("name", "namespace", "uid")}
         ns = meta.get("namespace") or CLUSTER_SCOPED_EVENTS_NAMESPACE
         now = clock.timestamp()
         source: dict[str, str] = {"component": self.component}
@@ -172,7 +190,9 @@ class EventRecorder:
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta.get('name') or 'pcipt'}.", "namespace": ns},
+            # Named here, as client-go names them (object name, then the time in hex), so
+            # that the answer to the create need not be read.
+            "metadata": {"name": _event_name(meta.get("name")), "namespace": ns},
             "involvedObject": involved,
             "reason": reason,
             "message": message[:1024],
@@ -206,9 +226,11 @@ class EventRecorder:
         self, ns: str, body: dict[str, Any], key: tuple[Any, ...], entry: _Posted
     ) -> None:
         try:
-            got = await self.api.create(f"/api/v1/namespaces/{ns}/events", body)
+            await self.api.request(
+                "POST", f"/api/v1/namespaces/{ns}/events", body=body, parse=False
+            )
             self.posted += 1
-            entry.name = got.get("metadata", {}).get("name")
+            entry.name = body["metadata"]["name"]
             if entry.count > 1 and entry.name:
                 await self._bump(key, entry, clock.timestamp())  # repeats while in flight
         except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as e:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pcipt.events import COMBINED_PREFIX, EventCorrelator
+import re
+
+from pcipt.events import COMBINED_PREFIX, EventCorrelator, _event_name
 
 
 def event(
@@ -61,3 +63,16 @@ def test_more_than_ten_messages_about_one_object_fold_into_one_combined_event() 
     assert combined["message"] == COMBINED_PREFIX + "refused on try 12"
     clock.now += 601  # a quiet window later, messages stand alone again
     assert corr.admit(event("refused on try 13")) != key
+
+
+def test_event_names_are_unique_valid_names_after_the_object() -> None:
+    """Events are named client-side (so the create's answer need not be read): the object's
+    name, a dot, the time in hex; never twice the same; a valid name however long the
+    object's."""
+    dns = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    names = [_event_name("vm-1") for _ in range(1000)]
+    assert len(set(names)) == 1000
+    assert all(n.startswith("vm-1.") and dns.match(n) for n in names)
+    long = _event_name("a" * 235 + "-" + "b" * 17)  # cut right after the dash
+    assert len(long) <= 253 and dns.match(long), long
+    assert dns.match(_event_name(None))
