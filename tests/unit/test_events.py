@@ -3,9 +3,8 @@ spam bucket), with a clock the test moves. The API server's side is tests/integr
 
 from __future__ import annotations
 
-from typing import Any
-
 import re
+from typing import Any
 
 from pcipt.events import COMBINED_PREFIX, EventCorrelator, _event_name
 
