@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import multiprocessing
+import os
+import re
 import sys
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
+from urllib.parse import quote
 
 import yaml
 from kubernetes import client, config
@@ -122,31 +128,24 @@ def _state(d: PciDevice, alive: bool) -> str:
     return "free"
 
 
-def _fetch_inventory(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
-    """Devices, flavors, node Leases and Nodes as listed, all four asked at once through
-    pcipt's asyncio client: it reads a listing of tens of thousands (60 MB at 50k devices)
-    several times faster than the generated client and hands back the JSON as it is. Leases
-    and Nodes one may not read count as none (every node not alive, no labels)."""
+def _list_all(args: argparse.Namespace, paths: Sequence[tuple[str, bool]]) -> list[list[Any]]:
+    """Items of each path, all asked at once through pcipt's asyncio client (it reads a listing
+    of tens of thousands several times faster than the generated client and hands back the
+    JSON as it is); an optional path one may not read counts as empty."""
 
     async def fetch() -> list[dict[str, Any]]:
         creds = load_credentials(args.kubeconfig, args.context)
         async with KubeClient(creds) as kube:
 
-            async def optional(path: str) -> dict[str, Any]:
+            async def one(path: str, optional: bool) -> dict[str, Any]:
                 try:
                     return await kube.list(path)
                 except ApiError:
-                    return {}
+                    if optional:
+                        return {}
+                    raise
 
-            leases = f"/apis/coordination.k8s.io/v1/namespaces/{args.operator_namespace}/leases"
-            return list(
-                await asyncio.gather(
-                    kube.list(crd_path(c.PLURAL_PCIDEVICE)),
-                    kube.list(crd_path(c.PLURAL_PCIFLAVOR)),
-                    optional(leases),
-                    optional("/api/v1/nodes"),
-                )
-            )
+            return list(await asyncio.gather(*(one(p, o) for p, o in paths)))
 
     try:
         got = asyncio.run(fetch())
@@ -154,7 +153,29 @@ def _fetch_inventory(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ..
         raise PluginError(NOT_INSTALLED.format(what=c.PLURAL_PCIDEVICE)) from e
     except ApiError as e:
         raise PluginError(f"listing failed: {e.status} {e.reason}") from e
-    return tuple(list(g.get("items") or []) for g in got)
+    return [list(g.get("items") or []) for g in got]
+
+
+LABEL_VALUE: Final = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+SHARD_ABOVE: Final = 500
+"""Nodes (Leases) past which the device listing is split between processes."""
+_MAX_SELECTOR: Final = 512 * 1024
+
+
+def _shard_selectors(nodes: Sequence[str], shards: int) -> list[str] | None:
+    """Label selectors that split every PciDevice between `shards` listings by node: the
+    first shards-1 take a share of the nodes with Leases each, the last every other device
+    (the nodes without a Lease, and devices without the node label, included). None when the
+    names cannot be label values or the selectors would be unreasonably long."""
+    if any(len(n) > 63 or not LABEL_VALUE.match(n) for n in nodes):
+        return None
+    per = len(nodes) // shards
+    parts = [sorted(nodes)[i * per : (i + 1) * per] for i in range(shards - 1)]
+    sels = [f"{c.LABEL_NODE} in ({','.join(p)})" for p in parts]
+    sels.append(f"{c.LABEL_NODE} notin ({','.join(n for p in parts for n in p)})")
+    if max(len(x) for x in sels) > _MAX_SELECTOR:
+        return None
+    return sels
 
 
 def _alive_of(leases: list[dict[str, Any]], dead_after: float) -> dict[str, bool]:
@@ -187,33 +208,110 @@ def _raw_state(obj: dict[str, Any], alive: bool) -> str:
     return "free" if alive else "node-not-alive"
 
 
-def inventory(args: argparse.Namespace) -> int:
-    # Tens of thousands of devices: read as listed, not a model each (see _raw_state).
-    devices, flavor_objs, leases, nodes = _fetch_inventory(args)
-    flavors = [PciFlavor.model_validate(o) for o in flavor_objs]
-    alive = _alive_of(leases, args.dead_after)
-    labels = {
-        str(n["metadata"]["name"]): dict(n["metadata"].get("labels") or {})
-        for n in nodes
-        if n.get("metadata")
-    }
-    rows: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+Rows = dict[tuple[str, str], Counter[str]]
+
+
+@dataclass
+class _Counting:
+    """What counting a device needs besides the device."""
+
+    flavors: list[PciFlavor]
+    alive: dict[str, bool]
+    labels: dict[str, dict[str, str]]
+
+
+def _count(devices: list[dict[str, Any]], ctx: _Counting) -> Rows:
+    rows: Rows = defaultdict(Counter)
     node_labels: dict[str, dict[str, str]] = {}
     for d in devices:
         node = (d.get("spec") or {}).get("nodeName", "")
         if node not in node_labels:
-            node_labels[node] = {"kubernetes.io/hostname": node, **labels.get(node, {})}
+            node_labels[node] = {"kubernetes.io/hostname": node, **ctx.labels.get(node, {})}
         facts = DeviceFacts.of_object(d)
         member_of = [
             f.metadata.name
-            for f in flavors
+            for f in ctx.flavors
             if device_selector_matches(f.spec.selector, facts, node_labels[node])
         ] or [NO_FLAVOR]
-        state = _raw_state(d, alive.get(node, False))
+        state = _raw_state(d, ctx.alive.get(node, False))
         for flavor in member_of:
             row = rows[(node, flavor)]
             row["total"] += 1
             row[state] += 1
+    return rows
+
+
+_SHARD: list[Any] = []
+"""(args, _Counting) for the shard processes, which inherit it by fork."""
+
+
+def _count_shard(selector: str) -> Rows:
+    """In a forked process: list one shard of the devices, decode and count it there."""
+    args, ctx = _SHARD
+    gc.disable()  # millions of objects decoded, none of them cyclic: no collector passes
+
+    async def fetch() -> list[dict[str, Any]]:
+        async with KubeClient(load_credentials(args.kubeconfig, args.context)) as kube:
+            got = await kube.list(crd_path(c.PLURAL_PCIDEVICE), label_selector=selector)
+            return list(got.get("items") or [])
+
+    return _count(asyncio.run(fetch()), ctx)
+
+
+def _count_devices(args: argparse.Namespace, ctx: _Counting) -> Rows:
+    """Every device counted. On a large cluster (past SHARD_ABOVE nodes, on Linux) the
+    listing is split by node between processes, each decoding and counting its share: at
+    50 000 devices one listing is 60 MB of JSON, and decoding it in one process took longer
+    than the API server took to send it."""
+    shards = min(4, max(2, (os.cpu_count() or 1) // 2))
+    selectors = None
+    if len(ctx.alive) > SHARD_ABOVE and not args.node and sys.platform == "linux":
+        selectors = _shard_selectors(list(ctx.alive), shards)
+    if args.node:
+        # One node's devices: selected by the API server (the node plugin labels them).
+        path = crd_path(c.PLURAL_PCIDEVICE)
+        if len(args.node) <= 63 and LABEL_VALUE.match(args.node):
+            path += "?labelSelector=" + quote(f"{c.LABEL_NODE}={args.node}")
+        (devices,) = _list_all(args, [(path, False)])
+        devices = [d for d in devices if (d.get("spec") or {}).get("nodeName") == args.node]
+        return _count(devices, ctx)
+    if selectors is None:
+        (devices,) = _list_all(args, [(crd_path(c.PLURAL_PCIDEVICE), False)])
+        return _count(devices, ctx)
+    _SHARD[:] = [args, ctx]
+    try:
+        with multiprocessing.get_context("fork").Pool(len(selectors)) as pool:
+            parts = pool.map(_count_shard, selectors)
+    except ApiError as e:
+        raise PluginError(f"listing failed: {e.status} {e.reason}") from e
+    finally:
+        _SHARD.clear()
+    rows: Rows = defaultdict(Counter)
+    for part in parts:
+        for key, counts in part.items():
+            rows[key].update(counts)
+    return rows
+
+
+def inventory(args: argparse.Namespace) -> int:
+    # Tens of thousands of devices: read as listed, not a model each (see _raw_state).
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{args.operator_namespace}/leases"
+    flavor_objs, lease_objs, nodes = _list_all(
+        args,
+        [(crd_path(c.PLURAL_PCIFLAVOR), False), (leases, True), ("/api/v1/nodes", True)],
+    )
+    ctx = _Counting(
+        flavors=[PciFlavor.model_validate(o) for o in flavor_objs],
+        alive=_alive_of(lease_objs, args.dead_after),
+        labels={
+            str(n["metadata"]["name"]): dict(n["metadata"].get("labels") or {})
+            for n in nodes
+            if n.get("metadata")
+        },
+    )
+    gc.disable()  # (as in _count_shard) a short-lived command that decodes a large listing
+    rows = _count_devices(args, ctx)
+    alive = ctx.alive
     if args.node:
         rows = {k: v for k, v in rows.items() if k[0] == args.node}
     if args.flavor:
