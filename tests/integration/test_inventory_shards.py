@@ -40,6 +40,7 @@ def _inventory(
 
 def test_the_sharded_listing_counts_what_one_listing_counts(
     kube: KubeCluster,
+    *,
     world: World,
     operator_namespace: str,
     leases: Callable[..., LeaseKeeper],
