@@ -263,10 +263,6 @@ def _count_devices(args: argparse.Namespace, ctx: _Counting) -> Rows:
     listing is split by node between processes, each decoding and counting its share: at
     50 000 devices one listing is 60 MB of JSON, and decoding it in one process took longer
     than the API server took to send it."""
-    shards = min(4, max(2, (os.cpu_count() or 1) // 2))
-    selectors = None
-    if len(ctx.alive) > SHARD_ABOVE and not args.node and sys.platform == "linux":
-        selectors = _shard_selectors(list(ctx.alive), shards)
     if args.node:
         # One node's devices: selected by the API server (the node plugin labels them).
         path = crd_path(c.PLURAL_PCIDEVICE)
@@ -275,6 +271,10 @@ def _count_devices(args: argparse.Namespace, ctx: _Counting) -> Rows:
         (devices,) = _list_all(args, [(path, False)])
         devices = [d for d in devices if (d.get("spec") or {}).get("nodeName") == args.node]
         return _count(devices, ctx)
+    selectors = None
+    if len(ctx.alive) > SHARD_ABOVE and sys.platform == "linux":
+        shards = min(4, max(2, (os.cpu_count() or 1) // 2))
+        selectors = _shard_selectors(list(ctx.alive), shards)
     if selectors is None:
         (devices,) = _list_all(args, [(crd_path(c.PLURAL_PCIDEVICE), False)])
         return _count(devices, ctx)

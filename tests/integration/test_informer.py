@@ -164,3 +164,46 @@ def _compact_etcd(cluster: LocalCluster) -> None:
 
     revision = int(call("kv/range", {"key": "Lw=="})["header"]["revision"])
     call("kv/compaction", {"revision": revision, "physical": True})
+
+
+def test_a_lean_informer_keeps_stubs_and_reports_what_a_relist_finds_gone(
+    kube: KubeCluster, namespace: str
+) -> None:
+    """The controller's informers (keep=False) hold only names, uids and versions; a relist
+    (after 410, or on resuming leadership) reports only what changed, and a deletion with the
+    uid the controller forgets the VM by."""
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+
+    async def scenario() -> None:
+        async with KubeClient(load_credentials(str(kube.kubeconfig))) as api:
+            seen: list[tuple[str, str, str]] = []
+            inf = Informer(
+                api,
+                path,
+                keep=False,
+                on_event=lambda k, o: seen.append(
+                    (k, o["metadata"]["name"], o["metadata"].get("uid", ""))
+                ),
+            )
+            kept = await api.create(path, _cm("kept", "1"))
+            gone = await api.create(path, _cm("gone", "1"))
+            await inf.relist()
+            assert {(k, n) for k, n, _ in seen} == {("ADDED", "kept"), ("ADDED", "gone")}
+            assert inf.items[f"{namespace}/kept"] == {
+                "metadata": {
+                    k: kept["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion")
+                }
+            }
+            seen.clear()
+            await api.delete(f"{path}/gone")
+            await api.replace(f"{path}/kept", {**kept, "data": {"v": "2"}})
+            await inf.relist()
+            assert sorted(seen) == [
+                ("DELETED", "gone", gone["metadata"]["uid"]),
+                ("MODIFIED", "kept", kept["metadata"]["uid"]),
+            ]
+            seen.clear()
+            await inf.relist()  # nothing changed: nothing reported
+            assert seen == []
+
+    _run(scenario())
