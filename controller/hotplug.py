@@ -28,7 +28,13 @@ from controller.binding import Binder, LostRace, vm_path
 from controller.inventory import Inventory
 from controller.scheduling import Placement, Refusal, ScoringPolicy, schedule
 from controller.statuswriter import VmStatusWriter
-from controller.vmstatus import is_deleting, is_placed, migration_under_way, scheduled_status
+from controller.vmstatus import (
+    condition_status,
+    is_deleting,
+    is_placed,
+    migration_under_way,
+    scheduled_status,
+)
 from pcipt import clock
 from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM
@@ -403,14 +409,25 @@ class Hotplugger:
             msg = "hot-plugged " + ", ".join(
                 f"{a.request}={a.address}" for a in placement.assignments if not a.companion
             )
-            body: dict[str, Any] = {
-                "metadata": {"resourceVersion": vm.metadata.resource_version},
-                "status": {
+            # The bindings and the condition saying so in one write: nobody reads one without
+            # the other.
+            st = condition_status(
+                vm,
+                c.COND_DEVICES_BOUND,
+                True,
+                c.REASON_HOTPLUGGED,
+                f"{msg}; {summary} bound",
+                clock.now(),
+                {
                     "devices": devices,
                     "networks": networks,
                     "skipped": skipped,
                     "deviceSummary": summary,
                 },
+            )
+            body: dict[str, Any] = {
+                "metadata": {"resourceVersion": vm.metadata.resource_version},
+                "status": st,
             }
             try:
                 got = await self.api.patch(
@@ -418,13 +435,7 @@ class Hotplugger:
                 )
             except (Conflict, NotFound) as e:
                 raise LostRace(f"VM changed while hot-plugging ({e.status})") from e
-            bound = PassthroughVM.model_validate(got)
-            self.inventory.upsert_vm(bound)
-            await self.status.patch(
-                bound,
-                {},
-                cond=(c.COND_DEVICES_BOUND, True, c.REASON_HOTPLUGGED, f"{msg}; {summary} bound"),
-            )
+            self.inventory.upsert_vm(PassthroughVM.model_validate(got))
             log.info("hot-plug vm=%s/%s %s", vm.metadata.namespace, vm.metadata.name, msg)
             self.events.record(vm, "Normal", c.REASON_HOTPLUGGED, msg)
         except LostRace:
