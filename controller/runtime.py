@@ -8,7 +8,8 @@ Where things happen:
 - releases on deletion: controller.finalizer;
 - node liveness, from the node plugins' Leases: controller.liveness;
 - repairs of half-done states: controller.audit;
-- flavor counts: controller.flavorwriter.
+- flavor counts: controller.flavorwriter; every device's count for `kubectl pcipt inventory`:
+  controller.invsummary.
 
 kopf delivers flavor, namespace and node events (controller/handlers.py); devices and VMs,
 which change with every bind, come from the lean informers started here. Tests and benchmarks
@@ -36,6 +37,7 @@ from controller.health import DeviceHealth
 from controller.hotplug import Hotplugger
 from controller.imagecatalog import ImageCatalogWatch
 from controller.inventory import Inventory
+from controller.invsummary import InventorySummaryWriter
 from controller.leader import LeaderElector
 from controller.ledger import ComputeLedger, QuotaLedger
 from controller.livemigration import LiveMigrator
@@ -84,6 +86,9 @@ class ControllerSettings:
     """Shared vCPUs per host CPU."""
     flavor_status_interval: float = 1.0
     """Seconds between flavor count writes (at most)."""
+    inventory_summary_interval: float = 5.0
+    """Seconds between writes of every device's count for `kubectl pcipt inventory` (at most;
+    0: never)."""
     tick_interval: float = 1.0
     """Seconds between liveness checks."""
     leader_lease: str | None = None
@@ -220,6 +225,7 @@ class Runtime:
         )
         self.device_health = DeviceHealth(self.inventory, self.status, self.events)
         self.flavor_status = FlavorStatusWriter(api, self.inventory)
+        self.inventory_summary = InventorySummaryWriter(api, self.inventory, settings.namespace)
         self.elector = (
             LeaderElector(
                 api,
@@ -256,6 +262,7 @@ class Runtime:
         self._usage_rv = ""
         self._tick_health = Health(log, "node liveness and flavor counts")
         self._audit_health = Health(log, "the audit")
+        self._summary_health = Health(log, "the inventory counts")
         self._tasks: list[asyncio.Task[None]] = []
         self._last_sweep = 0.0
         self._background: set[asyncio.Task[Any]] = set()
@@ -439,7 +446,7 @@ class Runtime:
         return touched
 
     async def _tick_loop(self) -> None:
-        last_flavors = 0.0
+        last_flavors = last_summary = 0.0
         while True:
             await asyncio.sleep(self.settings.tick_interval)
             if not self.active.is_set():
@@ -472,6 +479,21 @@ class Runtime:
                     self._tick_health.failed(e)
                 continue
             self._tick_health.ok()
+            interval = self.settings.inventory_summary_interval
+            if interval > 0 and time.monotonic() - last_summary >= interval:
+                last_summary = time.monotonic()
+                await self._write_inventory_summary()
+
+    async def _write_inventory_summary(self) -> None:
+        """Apart from the tick's work: a view for readers, whose failure must not hold up
+        liveness, evacuation or releases."""
+        try:
+            await self.inventory_summary.write()
+        except Exception as e:  # logged once per change, like the API server being away
+            self.metrics.error("inventory-summary")
+            self._summary_health.failed(e)
+            return
+        self._summary_health.ok()
 
     async def _audit_loop(self) -> None:
         first = True

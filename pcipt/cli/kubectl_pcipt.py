@@ -39,6 +39,9 @@ from pcipt import constants as c
 from pcipt.api.v1alpha1 import PassthroughVM, PciDevice, PciFlavor
 from pcipt.compute import describe
 from pcipt.images import CATALOG_KEY, CATALOG_LABEL, ImageCatalog, supported_flavors
+from pcipt.invsummary import INDEX, NO_FLAVOR, STATES, Rows, Unusable, device_state
+from pcipt.invsummary import LABEL as SUMMARY_LABEL
+from pcipt.invsummary import decode as decode_summary
 from pcipt.kubeclient import ApiError, KubeClient, NotFound, crd_path, load_credentials
 from pcipt.release import HELD_QUARANTINE, held_back
 from pcipt.selectors import DeviceFacts, device_selector_matches
@@ -51,7 +54,6 @@ NOT_INSTALLED = (
     "pcipt is not installed in this cluster (the API server serves no {what}.pcipt.io): "
     "install it with `helm install pcipt charts/pcipt`, or `kubectl apply -f crds/`"
 )
-NO_FLAVOR = "<none>"
 
 
 class PluginError(Exception):
@@ -112,20 +114,15 @@ def _node_labels(api: client.ApiClient) -> dict[str, dict[str, str]]:
 
 
 def _state(d: PciDevice, alive: bool) -> str:
-    if d.spec.claim_ref is not None:
-        return "allocated"
-    if d.status.health != "Healthy":
-        return "unhealthy"
-    if d.spec.unschedulable:
-        return "cordoned"
-    if d.spec.reserved is not None:
-        return "reserved"
-    held = held_back(d, time.time())
-    if held is not None:
-        return "quarantined" if held == HELD_QUARANTINE else "scrubbing"
-    if not alive:
-        return "node-not-alive"
-    return "free"
+    return device_state(
+        d.spec.claim_ref is not None,
+        d.status.health,
+        d.spec.unschedulable,
+        d.spec.reserved is not None,
+        held_back(d, time.time()),
+        alive,
+        HELD_QUARANTINE,
+    )
 
 
 def _list_all(args: argparse.Namespace, paths: Sequence[tuple[str, bool]]) -> list[list[Any]]:
@@ -159,6 +156,9 @@ def _list_all(args: argparse.Namespace, paths: Sequence[tuple[str, bool]]) -> li
 LABEL_VALUE: Final = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 SHARD_ABOVE: Final = 500
 """Nodes (Leases) past which the device listing is split between processes."""
+SUMMARY_ABOVE: Final = 500
+"""Nodes (Leases) past which inventory reads the controller's counts (pcipt.invsummary)
+unless told to --recount."""
 _MAX_SELECTOR: Final = 512 * 1024
 
 
@@ -197,18 +197,15 @@ def _raw_state(obj: dict[str, Any], alive: bool) -> str:
     spec, st = obj.get("spec") or {}, obj.get("status") or {}
     if spec.get("release") is not None:
         return _state(PciDevice.model_validate(obj), alive)
-    if spec.get("claimRef") is not None:
-        return "allocated"
-    if st.get("health", "Healthy") != "Healthy":
-        return "unhealthy"
-    if spec.get("unschedulable"):
-        return "cordoned"
-    if spec.get("reserved") is not None:
-        return "reserved"
-    return "free" if alive else "node-not-alive"
-
-
-Rows = dict[tuple[str, str], Counter[str]]
+    return device_state(
+        spec.get("claimRef") is not None,
+        st.get("health", "Healthy"),
+        bool(spec.get("unschedulable")),
+        spec.get("reserved") is not None,
+        None,
+        alive,
+        HELD_QUARANTINE,
+    )
 
 
 @dataclass
@@ -295,10 +292,17 @@ def _count_devices(args: argparse.Namespace, ctx: _Counting) -> Rows:
 
 def inventory(args: argparse.Namespace) -> int:
     # Tens of thousands of devices: read as listed, not a model each (see _raw_state).
-    leases = f"/apis/coordination.k8s.io/v1/namespaces/{args.operator_namespace}/leases"
-    flavor_objs, lease_objs, nodes = _list_all(
+    ns = args.operator_namespace
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+    summary = f"/api/v1/namespaces/{ns}/configmaps?labelSelector={quote(SUMMARY_LABEL)}%3Dtrue"
+    flavor_objs, lease_objs, nodes, summary_objs = _list_all(
         args,
-        [(crd_path(c.PLURAL_PCIFLAVOR), False), (leases, True), ("/api/v1/nodes", True)],
+        [
+            (crd_path(c.PLURAL_PCIFLAVOR), False),
+            (leases, True),
+            ("/api/v1/nodes", True),
+            (summary, True),
+        ],
     )
     ctx = _Counting(
         flavors=[PciFlavor.model_validate(o) for o in flavor_objs],
@@ -309,24 +313,35 @@ def inventory(args: argparse.Namespace) -> int:
             if n.get("metadata")
         },
     )
-    gc.disable()  # (as in _count_shard) a short-lived command that decodes a large listing
-    rows = _count_devices(args, ctx)
+    counted_by, counted_at = "kubectl-pcipt", clock.now()
+    rows: Rows | None = None
     alive = ctx.alive
+    if not args.node and not args.recount and len(ctx.alive) > SUMMARY_ABOVE:
+        try:
+            got = decode_summary(
+                summary_objs,
+                {f.metadata.name: f.metadata.generation for f in ctx.flavors},
+                clock.now(),
+                args.max_age,
+            )
+        except Unusable as e:
+            print(f"counting every device: {e}", file=sys.stderr)
+        else:
+            rows, alive, counted_by, counted_at = got.rows, got.alive, "controller", got.counted_at
+            age = (clock.now() - got.counted_at).total_seconds()
+            print(
+                f"as counted by the controller {age:.0f}s ago (configmap {ns}/{INDEX}); "
+                "--recount counts every device now",
+                file=sys.stderr,
+            )
+    if rows is None:
+        gc.disable()  # (as in _count_shard) a short-lived command that decodes a large listing
+        rows = _count_devices(args, ctx)
     if args.node:
         rows = {k: v for k, v in rows.items() if k[0] == args.node}
     if args.flavor:
         rows = {k: v for k, v in rows.items() if k[1] == args.flavor}
-    cols = (
-        "total",
-        "free",
-        "allocated",
-        "unhealthy",
-        "cordoned",
-        "reserved",
-        "scrubbing",
-        "quarantined",
-        "node-not-alive",
-    )
+    cols = ("total", *STATES)
     records: list[dict[str, Any]] = [
         {
             "node": node,
@@ -337,7 +352,10 @@ def inventory(args: argparse.Namespace) -> int:
         for (node, flavor), row in sorted(rows.items())
     ]
     if args.output in ("yaml", "json"):
-        _dump({"items": records}, args.output)
+        _dump(
+            {"countedBy": counted_by, "countedAt": clock.timestamp(counted_at), "items": records},
+            args.output,
+        )
         return 0
     table = [
         (
@@ -781,6 +799,18 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
     inv.add_argument("--node")
     inv.add_argument("--flavor")
+    inv.add_argument(
+        "--recount",
+        action="store_true",
+        help=f"count every device now, also past {SUMMARY_ABOVE} nodes (where the controller's "
+        "counts, at most a few seconds old, are read instead)",
+    )
+    inv.add_argument(
+        "--max-age",
+        type=float,
+        default=45.0,
+        help="seconds since the controller last checked its counts past which they are not used",
+    )
     ex = sub.add_parser("explain", help="where a VM is and why, or why it is not placed")
     ex.add_argument("vm")
     ex.add_argument("-n", "--namespace")

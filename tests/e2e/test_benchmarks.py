@@ -54,7 +54,8 @@ def test_bind_benchmark_reports_every_phase(tmp_path: Path) -> None:
     writes = fill["writes_by_kind"]
     for kind in ("PATCH/pcidevices", "PATCH/passthroughvms/status"):
         assert writes[kind] == 8, writes
-    late = {"POST/events", "PATCH/pciflavors/status"}
+    # Behind the binds: Events, flavor counts, every device's count for inventory.
+    late = {"POST/events", "PATCH/pciflavors/status", "PUT/configmaps", "POST/configmaps"}
     assert set(writes) <= {"POST/passthroughvms", "PATCH/pcidevices",
                            "PATCH/passthroughvms/status", *late}, writes  # fmt: skip
     assert 8 <= writes["POST/events"] <= 16, writes
@@ -62,6 +63,8 @@ def test_bind_benchmark_reports_every_phase(tmp_path: Path) -> None:
     assert f["controller_ready_s"] > 0 and f["controller_memory_ready_mib"]["rss"] > 0
     assert fill["controller_memory_mib"]["peak"] >= fill["controller_memory_mib"]["rss"] > 0
     assert f["inventory_cli"]["rows"] >= 4 and f["inventory_cli"]["seconds"] > 0
+    assert f["inventory_cli"]["counted_by"] == "kubectl-pcipt"  # 500 nodes or fewer
+    assert f["inventory_cli_recount"]["rows"] == f["inventory_cli"]["rows"]
     assert f["release"]["vms"] == 5 and positive(f["release"]["releases_per_s"])
     assert f["steady"]["vms"] == 5
     assert f["requeue"]["waiting"] == 3

@@ -1,11 +1,14 @@
-"""`kubectl pcipt inventory` on a large cluster splits the device listing by node between
-processes; against the real API server, the split counts exactly what one listing counts,
-devices on nodes without a Lease and devices without the node label included."""
+"""`kubectl pcipt inventory` on a large cluster: it reads the controller's published counts,
+and when it counts every device itself (--recount, or counts it cannot use) it splits the
+listing by node between processes. Against the real API server: the split counts exactly what
+one listing counts, devices on nodes without a Lease and devices without the node label
+included; a real controller's counts are what a recount finds, and follow a claim."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,14 +17,14 @@ from kubernetes import client
 from pcipt import constants as c
 from pcipt.cli import kubectl_pcipt
 from tests.integration.conftest import KubeCluster
-from tests.integration.ctlfix import LeaseKeeper, World
+from tests.integration.ctlfix import ControllerProcess, LeaseKeeper, World, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def _inventory(
-    kube: KubeCluster, operator_namespace: str, capsys: pytest.CaptureFixture[str]
-) -> list[dict[str, Any]]:
+def _inventory_doc(
+    kube: KubeCluster, operator_namespace: str, capsys: pytest.CaptureFixture[str], *extra: str
+) -> dict[str, Any]:
     capsys.readouterr()
     rc = kubectl_pcipt.main(
         [
@@ -32,10 +35,17 @@ def _inventory(
             "inventory",
             "-o",
             "json",
+            *extra,
         ]
     )
     assert rc == 0
-    return list(json.loads(capsys.readouterr().out)["items"])
+    return dict(json.loads(capsys.readouterr().out))
+
+
+def _inventory(
+    kube: KubeCluster, operator_namespace: str, capsys: pytest.CaptureFixture[str]
+) -> list[dict[str, Any]]:
+    return list(_inventory_doc(kube, operator_namespace, capsys)["items"])
 
 
 def test_the_sharded_listing_counts_what_one_listing_counts(
@@ -88,3 +98,53 @@ def test_the_sharded_listing_counts_what_one_listing_counts(
         assert mine[n]["cordoned"] == 1 and mine[n]["unhealthy"] == 1 and mine[n]["alive"]
     gone = mine[lost.split(".")[0]]
     assert gone["total"] == 2 and gone["node-not-alive"] == 2 and not gone["alive"]
+
+
+def test_past_the_threshold_inventory_reads_the_controllers_counts_which_a_recount_confirms(
+    kube: KubeCluster,
+    *,
+    world: World,
+    operator_namespace: str,
+    leases: Callable[..., LeaseKeeper],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    flavor = world.flavor("summary")
+    attrs = {"test": world.test_id}
+    nodes = (world.node("m1"), world.node("m2"))
+    leases(*nodes)
+    for n in ("m1", "m2"):
+        world.device(n, "0000:10:00.0", attributes=attrs)
+        world.device(n, "0000:11:00.0", attributes=attrs, unschedulable=True)
+    monkeypatch.setattr(kubectl_pcipt, "SUMMARY_ABOVE", 0)
+
+    def agreed(allocated: int) -> list[dict[str, Any]] | None:
+        """The controller's counts of these nodes, once a recount finds the same."""
+        got = _inventory_doc(kube, operator_namespace, capsys)
+        again = _inventory_doc(kube, operator_namespace, capsys, "--recount")
+        assert again["countedBy"] == "kubectl-pcipt"
+        mine = [r for r in got["items"] if r["node"] in nodes]
+        if got["countedBy"] != "controller" or mine != [
+            r for r in again["items"] if r["node"] in nodes
+        ]:
+            return None
+        return mine if sum(r["allocated"] for r in mine) == allocated else None
+
+    ctl = ControllerProcess(kube.kubeconfig, tmp_path).start()
+    try:
+        rows = wait_for(lambda: agreed(0), 30, interval=0.5, what="the controller's counts")
+        assert [(r["node"], r["flavor"]) for r in rows] == [(n, flavor) for n in nodes]
+        for r in rows:
+            assert (r["total"], r["free"], r["cordoned"], r["alive"]) == (2, 1, 1, True), r
+
+        world.vm("vm1", [{"name": "gpu", "flavor": flavor}])
+        rows = wait_for(lambda: agreed(1), 30, interval=0.5, what="the claim counted")
+        assert sum(r["free"] for r in rows) == 1
+        cms = client.CoreV1Api(kube.api).list_namespaced_config_map(
+            operator_namespace, label_selector="pcipt.io/inventory-summary=true"
+        )
+        names = sorted(cm.metadata.name for cm in cms.items)
+        assert names == ["pcipt-inventory", "pcipt-inventory-0"], names
+    finally:
+        ctl.stop()

@@ -19,7 +19,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from controller.flavorstatus import FlavorCounts, compute_flavor_status
 from controller.inventory import Inventory
+from controller.invsummary import InventorySummaryWriter
 from pcipt.api.v1alpha1 import PciDevice, PciFlavor, pcidevice_name
+from pcipt.cli import kubectl_pcipt
 
 NODES = ("n1", "n2")
 ADDRESSES = ("0000:3b:00.0", "0000:3b:00.1", "0000:5e:00.0", "0000:af:00.0")
@@ -83,6 +85,7 @@ class InventoryMachine(RuleBasedStateMachine):
         self.now = 1000.0
         self.inv = Inventory(node_dead_after=40.0, clock=lambda: self.now)
         self.counts = FlavorCounts(self.inv)
+        self.summary = InventorySummaryWriter(None, self.inv, "ops")  # type: ignore[arg-type]
         self.rv = 0
         # The truth, as the API server would hold it.
         self.devices: dict[str, PciDevice] = {}
@@ -236,6 +239,20 @@ class InventoryMachine(RuleBasedStateMachine):
     def flavor_status_kept_per_node_equals_a_full_count(self) -> None:
         for f in FLAVORS:
             assert self.counts.status(f) == compute_flavor_status(self.inv, f), f
+
+    @invariant()
+    def the_published_counts_kept_per_node_equal_what_the_plugin_counts(self) -> None:
+        """What `kubectl pcipt inventory` reads from the controller on a large cluster is what
+        it counts from every device on a small one."""
+        rows, alive = self.summary.count()
+        ctx = kubectl_pcipt._Counting(
+            flavors=[_flavor(n) for n in sorted(self.flavors)],
+            alive={n: self.now - at <= 40.0 for n, at in self.leases.items()},
+            labels=self.labels,
+        )
+        counted = kubectl_pcipt._count([d.to_dict() for d in self.devices.values()], ctx)
+        assert rows == dict(counted)
+        assert alive == {n: ctx.alive.get(n, False) for n, _ in counted}
 
     @invariant()
     def the_inverted_free_counts_mirror_the_free_counts(self) -> None:
