@@ -6,7 +6,10 @@ included; a real controller's counts are what a recount finds, and follow a clai
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,14 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+import controller.invsummary
+from controller.inventory import Inventory
+from controller.invsummary import InventorySummaryWriter
+from pcipt import clock, invsummary
 from pcipt import constants as c
+from pcipt.api.v1alpha1 import PciDevice, PciFlavor, pcidevice_name
 from pcipt.cli import kubectl_pcipt
+from pcipt.kubeclient import KubeClient, load_credentials
 from tests.integration.conftest import KubeCluster
 from tests.integration.ctlfix import ControllerProcess, LeaseKeeper, World, wait_for
 
@@ -148,3 +157,88 @@ def test_past_the_threshold_inventory_reads_the_controllers_counts_which_a_recou
         assert names == ["pcipt-inventory", "pcipt-inventory-0"], names
     finally:
         ctl.stop()
+
+
+def _published(kube: KubeCluster, namespace: str) -> dict[str, dict[str, Any]]:
+    cms = client.CoreV1Api(kube.api).list_namespaced_config_map(
+        namespace, label_selector=f"{invsummary.LABEL}=true"
+    )
+    return {cm.metadata.name: json.loads(cm.data[invsummary.KEY]) for cm in cms.items}
+
+
+def test_the_published_counts_are_written_in_parts_emptied_when_fewer_and_renewed(
+    kube: KubeCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer against the real API server: parts, the index last, parts a smaller count
+    no longer needs emptied (the controller may not delete ConfigMaps), the index renewed
+    while nothing moves; what a reader decodes is what was counted."""
+    monkeypatch.setattr(invsummary, "ROWS_PER_PART", 2)
+    now = time.time()
+    inv = Inventory(node_dead_after=40.0, clock=lambda: now)
+    inv.upsert_flavor(
+        PciFlavor.model_validate(
+            {
+                "apiVersion": c.API_VERSION,
+                "kind": "PciFlavor",
+                "metadata": {"name": "gpu", "generation": 1},
+                "spec": {"deviceType": "gpu", "selector": {"vendorIDs": ["10de"]}},
+            }
+        )
+    )
+    names = []
+    for n in range(5):
+        inv.renew_lease(f"w{n}", now)
+        for addr in ("0000:10:00.0", "0000:11:00.0"):
+            dev = PciDevice.model_validate(
+                {
+                    "apiVersion": c.API_VERSION,
+                    "kind": "PciDevice",
+                    "metadata": {"name": pcidevice_name(f"w{n}", addr), "resourceVersion": "1"},
+                    "spec": {"nodeName": f"w{n}", "address": addr},
+                    "status": {"vendorID": "10de", "productID": "20b0", "health": "Healthy"},
+                }
+            )
+            inv.upsert_device(dev)
+            names.append(dev.metadata.name)
+
+    def read() -> invsummary.Summary:
+        cms = client.CoreV1Api(kube.api).list_namespaced_config_map(
+            namespace, label_selector=f"{invsummary.LABEL}=true"
+        )
+        raw = [{"metadata": {"name": cm.metadata.name}, "data": cm.data} for cm in cms.items]
+        return invsummary.decode(raw, {"gpu": 1}, clock.now(), max_age=45)
+
+    async def scenario() -> None:
+        async with KubeClient(load_credentials(str(kube.kubeconfig))) as api:
+            writer = InventorySummaryWriter(api, inv, namespace)
+            await writer.write()
+            got = _published(kube, namespace)
+            # A row per node (one flavor), two rows a part: three parts.
+            assert sorted(got) == ["pcipt-inventory", *(f"pcipt-inventory-{i}" for i in range(3))]
+            assert got["pcipt-inventory"]["parts"] == 3
+            assert read().rows == writer.count()[0]
+            assert read().rows[("w3", "gpu")] == Counter(total=2, free=2)
+
+            for name in names[2:]:  # one node left
+                inv.delete_device(name)
+            await writer.write()
+            got = _published(kube, namespace)
+            assert got["pcipt-inventory"]["parts"] == 1
+            assert all(got[f"pcipt-inventory-{i}"]["nodes"] == {} for i in (1, 2))
+            assert read().rows == {("w0", "gpu"): Counter(total=2, free=2)}
+            stamp = got["pcipt-inventory"]["stamp"]
+            checked = got["pcipt-inventory"]["checkedAt"]
+
+            await writer.write()  # nothing moved, renewal not due: no write
+            assert _published(kube, namespace)["pcipt-inventory"]["checkedAt"] == checked
+            monkeypatch.setattr(controller.invsummary, "HEARTBEAT", 0.0)
+            await writer.write()
+            index = _published(kube, namespace)["pcipt-inventory"]
+            assert index["stamp"] == stamp and index["checkedAt"] > checked
+
+            # A restarted controller learns the parts left and writes over them.
+            again = InventorySummaryWriter(api, inv, namespace)
+            await again.write()
+            assert read().rows == {("w0", "gpu"): Counter(total=2, free=2)}
+
+    asyncio.run(scenario())
