@@ -328,10 +328,10 @@ def inventory(args: argparse.Namespace) -> int:
             print(f"counting every device: {e}", file=sys.stderr)
         else:
             rows, alive, counted_by, counted_at = got.rows, got.alive, "controller", got.counted_at
-            age = (clock.now() - got.counted_at).total_seconds()
+            checked = (clock.now() - got.checked_at).total_seconds()
             print(
-                f"as counted by the controller {age:.0f}s ago (configmap {ns}/{INDEX}); "
-                "--recount counts every device now",
+                f"as counted by the controller, current {checked:.0f}s ago (configmap "
+                f"{ns}/{INDEX}); --recount counts every device now",
                 file=sys.stderr,
             )
     if rows is None:
