@@ -29,7 +29,6 @@ from pcipt.invsummary import (
     part_name,
 )
 from pcipt.kubeclient import Conflict, KubeClient, NotFound
-from pcipt.release import HELD_QUARANTINE
 
 HEARTBEAT: Final = 15.0
 """Seconds between renewals of the index while the counts stay the same (readers give up on
@@ -90,7 +89,6 @@ class InventorySummaryWriter:
                 d.reserved_after_use,
                 d.held_back,
                 alive,
-                HELD_QUARANTINE,
             )
             for flavor in [f for f, m in members if d.name in m] or [NO_FLAVOR]:
                 row = out.setdefault(flavor, Counter())
@@ -104,18 +102,19 @@ class InventorySummaryWriter:
         now = time.monotonic()
         if self._parts is None:
             await self._learn_parts()
+        flavors = self.flavors()
         moved = False
-        if inv.epoch != self._epoch or self.flavors() != self._flavors or not self._stamp:
+        if inv.epoch != self._epoch or flavors != self._flavors:
             epoch = inv.epoch
             rows, alive = self.count()
             written = (rows, alive, self._flavors)
-            moved = written != self._written or not self._stamp
+            moved = written != self._written
             if moved:
                 await self._write_counts(rows, alive)
                 self._written = written
             self._epoch = epoch  # only once written: a failed write is tried again
         if not moved and now - self._checked >= HEARTBEAT:
-            index = index_data(self._stamp, self._parts or 0, self.flavors(), clock.now())
+            index = index_data(self._stamp, self._parts or 0, flavors, clock.now())
             await self._put(INDEX, index)
         if moved or now - self._checked >= HEARTBEAT:
             self._checked = now

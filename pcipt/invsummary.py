@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from pcipt import clock
+from pcipt.release import HELD_QUARANTINE
 
 LABEL: Final = "pcipt.io/inventory-summary"
 INDEX: Final = "pcipt-inventory"
@@ -58,11 +59,10 @@ def device_state(  # noqa: PLR0917 - a device's facts, in the order they decide
     reserved: bool,
     held: str | None,
     alive: bool,
-    quarantine: str,
 ) -> str:
     """What inventory calls a device: the first that holds of allocated (claimed), unhealthy,
-    cordoned, reserved (kept after use), quarantined or scrubbing (held back after a release;
-    `quarantine` is the held_back value meaning quarantine), node-not-alive, free."""
+    cordoned, reserved (kept after use), quarantined or scrubbing (held back after a release:
+    pcipt.release.held_back's answer), node-not-alive, free."""
     if claimed:
         return "allocated"
     if health != "Healthy":
@@ -72,7 +72,7 @@ def device_state(  # noqa: PLR0917 - a device's facts, in the order they decide
     if reserved:
         return "reserved"
     if held is not None:
-        return "quarantined" if held == quarantine else "scrubbing"
+        return "quarantined" if held == HELD_QUARANTINE else "scrubbing"
     if not alive:
         return "node-not-alive"
     return "free"

@@ -43,7 +43,7 @@ from pcipt.invsummary import INDEX, NO_FLAVOR, STATES, Rows, Unusable, device_st
 from pcipt.invsummary import LABEL as SUMMARY_LABEL
 from pcipt.invsummary import decode as decode_summary
 from pcipt.kubeclient import ApiError, KubeClient, NotFound, crd_path, load_credentials
-from pcipt.release import HELD_QUARANTINE, held_back
+from pcipt.release import held_back
 from pcipt.selectors import DeviceFacts, device_selector_matches
 from pcipt.usage import LEDGER_LABEL as USAGE_LABEL
 from pcipt.usage import LEDGER_PREFIX as USAGE_PREFIX
@@ -121,7 +121,6 @@ def _state(d: PciDevice, alive: bool) -> str:
         d.spec.reserved is not None,
         held_back(d, time.time()),
         alive,
-        HELD_QUARANTINE,
     )
 
 
@@ -204,7 +203,6 @@ def _raw_state(obj: dict[str, Any], alive: bool) -> str:
         spec.get("reserved") is not None,
         None,
         alive,
-        HELD_QUARANTINE,
     )
 
 
